@@ -1,0 +1,31 @@
+# One venv for everything; torch's CPU build goes in first so nothing pulls a CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgeward-installed
+DEMO_OUT ?= demo-out
+
+.PHONY: install test test-slow demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[audit,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+demo: $(STAMP)
+	PY=$(PY) OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

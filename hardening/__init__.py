@@ -1,0 +1,1 @@
+"""Release-time analysis: compression, profiling, audits, OOD fitting, packaging, reports."""

@@ -1,0 +1,3 @@
+from hardening.cli import main
+
+main()

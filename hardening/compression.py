@@ -1,0 +1,182 @@
+"""Compressed variants of a float model: int8 static (QDQ), int8 dynamic, magnitude pruning.
+
+Quantization is onnxruntime's own (``onnxruntime.quantization``) and pruning is
+``torch.nn.utils.prune``; we only choose settings and record them, so every
+variant says how it was made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hardening.data import load_dataset
+from hardening.errors import InputError
+from hardening.intake import check_fits, load_model, sha256_file
+
+KINDS = ("float", "int8_static", "int8_dynamic", "pruned_unstructured", "pruned_structured")
+VARIANTS_FILE = "variants.json"
+
+
+@dataclass
+class Variant:
+    """One model file and the recipe that produced it."""
+
+    name: str
+    path: str
+    kind: str
+    parent: str | None
+    recipe: dict = field(default_factory=dict)
+    sha256: str = ""
+    torch_source: str | None = None  # float parent's PyTorch source, for white-box attacks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _CalibrationReader:
+    """Feeds the calibration split to ``quantize_static`` in small batches."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by MinMax calibration
+        raise NotImplementedError
+
+
+def _quantize_static(src: Path, dst: Path, input_name: str, x_cal: np.ndarray, per_channel: bool) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(dst),
+            _CalibrationReader(input_name, x_cal),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    return {
+        "tool": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "pre_process": "quant_pre_process",
+        "activations": "uint8",
+        "weights": "int8",
+        "per_channel": per_channel,
+        "calibration": "MinMax",
+        "calibration_samples": int(len(x_cal)),
+    }
+
+
+def _quantize_dynamic(src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", "activations": "dynamic uint8"}
+
+
+def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, structured: bool) -> dict:
+    import torch
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from hardening.torch_source import export_onnx, load_torch_source
+
+    model = copy.deepcopy(load_torch_source(torch_source))
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        raise InputError(f"{torch_source}: no Conv2d/Linear layers to prune")
+    if structured:
+        # Whole output channels/neurons, by L2 norm; the classifier head keeps all its classes.
+        for m in layers[:-1]:
+            prune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)
+    else:
+        prune.global_unstructured([(m, "weight") for m in layers], prune.L1Unstructured, amount=sparsity)
+    for m in layers:
+        if prune.is_pruned(m):
+            prune.remove(m, "weight")
+    total = sum(m.weight.numel() for m in layers)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers)
+    export_onnx(model, torch.from_numpy(sample[:2]), dst)
+    return {
+        "tool": "torch.nn.utils.prune." + ("ln_structured(n=2, dim=0)" if structured else "global_unstructured(L1)"),
+        "target_sparsity": sparsity,
+        "achieved_weight_sparsity": zeros / total,
+        "layers": len(layers) - (1 if structured else 0),
+    }
+
+
+def compress(
+    model_path: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    torch_source: str | Path | None = None,
+    kinds: tuple[str, ...] = KINDS,
+    sparsity: float = 0.5,
+    per_channel: bool = True,
+) -> list[Variant]:
+    """Write every requested variant to ``out_dir`` plus ``variants.json``; return them."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise InputError(f"unknown variant kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if not 0.0 < sparsity < 1.0:
+        raise InputError(f"sparsity must be in (0, 1), got {sparsity}")
+    info = load_model(model_path)
+    ds = load_dataset(data_path)
+    check_fits(info, ds)
+    x_cal, _ = ds.calibration()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pruning = [k for k in kinds if k.startswith("pruned")]
+    if pruning and torch_source is None:
+        raise InputError(f"variants {pruning} need the PyTorch source (--torch-source)")
+    src = str(torch_source) if torch_source else None
+
+    variants: list[Variant] = []
+    float_path = out / "float.onnx"
+    shutil.copyfile(model_path, float_path)
+    for kind in kinds:
+        dst = out / f"{kind}.onnx"
+        if kind == "float":
+            recipe = {"tool": "copy", "source": str(model_path)}
+        elif kind == "int8_static":
+            recipe = _quantize_static(float_path, dst, info.input_name, x_cal, per_channel)
+        elif kind == "int8_dynamic":
+            recipe = _quantize_dynamic(float_path, dst)
+        else:
+            recipe = _prune(src, ds.x, dst, sparsity, structured=kind == "pruned_structured")  # type: ignore[arg-type]
+        load_model(dst)  # every variant must pass intake itself
+        variants.append(
+            Variant(kind, str(dst), kind, None if kind == "float" else "float", recipe, sha256_file(dst), src)
+        )
+    (out / VARIANTS_FILE).write_text(json.dumps([v.to_dict() for v in variants], indent=2))
+    return variants
+
+
+def load_variants(path: str | Path) -> list[Variant]:
+    """Read a ``variants.json``; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text())
+        variants = [Variant(**r) for r in rows]
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise InputError(f"{path}: not a valid variants file ({e})") from None
+    for v in variants:
+        p = Path(v.path)
+        if not p.is_absolute():
+            v.path = str(path.parent / p)
+    return variants
