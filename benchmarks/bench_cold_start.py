@@ -1,0 +1,120 @@
+"""Cold start: plain onnxruntime load vs signed+encrypted bundle load.
+
+Plain:  InferenceSession(path) + first inference.
+Bundle: read + verify signature + decrypt/authenticate + admission checks
+        + InferenceSession(from bytes) + first inference.
+Both use the same thread settings and CPUExecutionProvider. Median over
+repeats, alternating the two paths so drift hits both equally.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_cold_start.py [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime_guard.admission import AdmissionLimits, admit_model, open_session
+from runtime_guard.bundle import build_bundle, generate_kek, generate_signing_keypair, open_bundle
+
+
+def gemm_model(dim: int, seed: int = 0) -> bytes:
+    """x[N, dim] @ W[dim, dim] + B -> Softmax; ~4*dim^2 bytes of weights."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((dim, dim)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal((dim,)).astype(np.float32), "B")
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["z"]),
+         helper.make_node("Softmax", ["z"], ["y"], axis=1)], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, dim])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def plain(path: Path, x: np.ndarray, threads: int) -> tuple[float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"x": x})
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def bundled(path: Path, x: np.ndarray, threads: int, pub, kek, parts: dict) -> tuple[float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    opened = open_bundle(path, pub, kek)
+    t1 = time.perf_counter()
+    admit_model(opened.model_bytes, AdmissionLimits(), full_proto=False)  # = open_session()
+    t2 = time.perf_counter()
+    sess = open_session(opened.model_bytes, intra_op_threads=threads)
+    t3 = time.perf_counter()
+    sess.run(None, {"x": x})
+    t4 = time.perf_counter()
+    for k, v in (("verify+decrypt", t1 - t0), ("admission", t2 - t1),
+                 ("session", t3 - t2), ("first_run", t4 - t3)):
+        parts.setdefault(k, []).append(v)
+    return t4 - t0, time.process_time() - c0
+
+
+def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path) -> dict:
+    model = gemm_model(dim)
+    priv, pub = generate_signing_keypair()
+    kek = generate_kek()
+    onnx_path, bundle_path = workdir / f"{name}.onnx", workdir / f"{name}.ewb"
+    onnx_path.write_bytes(model)
+    blob, _ = build_bundle({"model": model}, {}, priv, kek, 1)
+    bundle_path.write_bytes(blob)
+    del blob
+    x = np.ones((1, dim), np.float32)
+    # warm-up (imports, page cache, allocator), not measured
+    plain(onnx_path, x, threads)
+    bundled(bundle_path, x, threads, pub, kek, {})
+    p, b, parts = [], [], {}
+    for _ in range(repeats):
+        gc.collect()
+        p.append(plain(onnx_path, x, threads))
+        gc.collect()
+        b.append(bundled(bundle_path, x, threads, pub, kek, parts))
+    med = lambda xs, i: 1e3 * statistics.median(v[i] for v in xs)  # noqa: E731
+    res = {"name": name, "model_mb": len(model) / 1e6,
+           "plain_ms": med(p, 0), "bundle_ms": med(b, 0),
+           "plain_cpu_ms": med(p, 1), "bundle_cpu_ms": med(b, 1),
+           "parts_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items()}}
+    res["ratio"] = res["bundle_ms"] / res["plain_ms"]
+    res["cpu_ratio"] = res["bundle_cpu_ms"] / res["plain_cpu_ms"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--big-dim", type=int, default=3584)  # 3584^2 * 4 B = ~51 MB
+    ap.add_argument("--small-dim", type=int, default=256)  # ~0.26 MB
+    args = ap.parse_args()
+    print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, threads={args.threads}, "
+          f"repeats={args.repeats}")
+    with tempfile.TemporaryDirectory() as d:
+        for name, dim in (("small", args.small_dim), ("large", args.big_dim)):
+            r = bench(name, dim, args.repeats, args.threads, Path(d))
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
+            print(f"{r['name']:5s} {r['model_mb']:6.2f} MB | wall: plain {r['plain_ms']:7.1f} ms  "
+                  f"bundle {r['bundle_ms']:7.1f} ms  ratio {r['ratio']:.2f}x | cpu: plain "
+                  f"{r['plain_cpu_ms']:7.1f} ms  bundle {r['bundle_cpu_ms']:7.1f} ms  ratio "
+                  f"{r['cpu_ratio']:.2f}x | bundle wall parts: {parts}")
+
+
+if __name__ == "__main__":
+    main()

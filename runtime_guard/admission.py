@@ -1,0 +1,343 @@
+"""Model admission: decide whether decrypted ONNX bytes are safe to hand to
+onnxruntime, and open a locked-down CPU session from memory.
+
+A signed model can still be dangerous if the publisher's pipeline was fooled,
+so we refuse the ONNX features that reach outside the model bytes: external
+data (file reads relative to the process), ``_ORT_MEM_ADDR_`` markers (raw
+pointers into process memory), custom-op domains (native code we did not
+vet), model-local functions, and opsets outside the tested range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import ModelRejected
+
+__all__ = ["AdmissionLimits", "admit_model", "open_session", "session_options"]
+
+ORT_MEM_ADDR_MARKER = b"_ORT_MEM_ADDR_"
+MAX_THREADS = 64
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Policy knobs. Defaults are deliberately tight for edge models."""
+
+    max_model_bytes: int = 512 * 1024 * 1024
+    max_nodes: int = 20_000  # summed over the main graph and all subgraphs
+    max_subgraph_depth: int = 8
+    allowed_domains: frozenset[str] = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+    # inclusive opset ranges per domain; "" and "ai.onnx" are the same domain
+    opset_ranges: dict[str, tuple[int, int]] = field(default_factory=lambda: {
+        "": (13, 23), "ai.onnx.ml": (1, 5), "com.microsoft": (1, 1)})
+    ir_version_range: tuple[int, int] = (7, onnx.IR_VERSION)
+    # Initializers at least this big are left out of the copy that
+    # onnx.checker sees (declared as typed graph inputs instead), so the
+    # checker + strict shape inference cost does not scale with weight bytes.
+    # onnxruntime still validates every tensor's data size when it loads them.
+    checker_strip_bytes: int = 64 * 1024
+
+
+def _norm(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+class _Walker:
+    def __init__(self, limits: AdmissionLimits) -> None:
+        self.limits = limits
+        self.nodes = 0
+
+    def tensor(self, t: onnx.TensorProto, where: str) -> None:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0:
+            raise ModelRejected(f"tensor {t.name!r} in {where} references external data",
+                                check="external-data")
+
+    def sparse(self, s: onnx.SparseTensorProto, where: str) -> None:
+        self.tensor(s.values, where)
+        self.tensor(s.indices, where)
+
+    def graph(self, g: onnx.GraphProto, depth: int) -> None:
+        if depth > self.limits.max_subgraph_depth:
+            raise ModelRejected("subgraphs nested too deeply", check="subgraph-depth")
+        where = f"graph {g.name!r}"
+        names: set[str] = set()
+        for t in g.initializer:
+            self.tensor(t, where)
+            if t.name in names:
+                raise ModelRejected(f"duplicate initializer {t.name!r} in {where}",
+                                    check="duplicate-initializer")
+            names.add(t.name)
+        for s in g.sparse_initializer:
+            self.sparse(s, where)
+        for node in g.node:
+            self.nodes += 1
+            if self.nodes > self.limits.max_nodes:
+                raise ModelRejected(f"more than {self.limits.max_nodes} nodes", check="node-count")
+            if node.domain not in self.limits.allowed_domains:
+                raise ModelRejected(f"op {node.op_type!r} uses disallowed domain {node.domain!r}",
+                                    check="op-domain")
+            for a in node.attribute:
+                at = f"attribute {a.name!r} of {node.op_type!r}"
+                if a.HasField("t"):
+                    self.tensor(a.t, at)
+                for t in a.tensors:
+                    self.tensor(t, at)
+                if a.HasField("sparse_tensor"):
+                    self.sparse(a.sparse_tensor, at)
+                for s in a.sparse_tensors:
+                    self.sparse(s, at)
+                if a.HasField("g"):
+                    self.graph(a.g, depth + 1)
+                for sg in a.graphs:
+                    self.graph(sg, depth + 1)
+
+
+def _check_opsets(model: onnx.ModelProto, limits: AdmissionLimits) -> None:
+    seen: dict[str, int] = {}
+    for imp in model.opset_import:
+        dom = _norm(imp.domain)
+        if imp.domain not in limits.allowed_domains:
+            raise ModelRejected(f"opset import of disallowed domain {imp.domain!r}", check="op-domain")
+        if dom in seen:
+            raise ModelRejected(f"duplicate opset import for domain {imp.domain!r}", check="opset")
+        seen[dom] = imp.version
+        lo, hi = limits.opset_ranges.get(dom, (1, 0))
+        if not lo <= imp.version <= hi:
+            raise ModelRejected(f"opset {imp.version} for domain {imp.domain!r} outside {lo}..{hi}",
+                                check="opset")
+    if "" not in seen:
+        raise ModelRejected("model does not import the default ONNX opset", check="opset")
+
+
+def _nominal_bytes(t: onnx.TensorProto) -> int:
+    """Size implied by dims and dtype, or -1 if it has no fixed-width encoding."""
+    if t.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return -1
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return -1
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            return -1
+        n *= d
+    if t.data_type in _SUB_BYTE_TYPES:  # 4-bit / 2-bit types pack several per byte
+        return -1
+    return n * itemsize
+
+
+_SUB_BYTE_TYPES = frozenset(
+    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, n))
+
+
+# --- weight stripping on the protobuf wire format -----------------------------
+# Parsing a 50 MB model in Python copies every weight byte just so we can look
+# at a few KB of graph structure. Instead we copy the serialized model minus
+# the raw_data of large top-level initializers, byte-for-byte otherwise, and
+# parse that. Only TensorProto.raw_data (field 9) of ModelProto.graph (7)
+# .initializer (5) entries is ever removed; anything unusual is refused.
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ModelRejected("malformed protobuf varint", check="parse")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes, pos: int, end: int):
+    """Yield (field, wire_type, field_start, value_start, field_end)."""
+    while pos < end:
+        start = pos
+        tag, pos = _varint(buf, pos, end)
+        field, wt = tag >> 3, tag & 7
+        if wt == 0:
+            _, pos = _varint(buf, pos, end)
+            vstart = pos
+        elif wt == 1:
+            vstart, pos = pos, pos + 8
+        elif wt == 5:
+            vstart, pos = pos, pos + 4
+        elif wt == 2:
+            n, vstart = _varint(buf, pos, end)
+            pos = vstart + n
+        else:  # groups (3/4) and invalid types: never emitted for ONNX
+            raise ModelRejected(f"unsupported protobuf wire type {wt}", check="parse")
+        if pos > end or field == 0:
+            raise ModelRejected("malformed protobuf field", check="parse")
+        yield field, wt, start, vstart, pos
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, int]]:
+    """(model bytes without large initializer raw_data, {initializer index: stripped length})."""
+    out, stripped, graphs = [], {}, 0
+    for field, wt, start, vstart, end in _fields(buf, 0, len(buf)):
+        if field != _MODEL_GRAPH or wt != 2:
+            out.append(buf[start:end])
+            continue
+        graphs += 1
+        if graphs > 1:
+            raise ModelRejected("model has more than one graph field", check="parse")
+        gparts, index = [], 0
+        for gf, gwt, gs, gv, ge in _fields(buf, vstart, end):
+            if gf != _GRAPH_INITIALIZER or gwt != 2:
+                gparts.append(buf[gs:ge])
+                continue
+            raws = [(s, v, e) for f, w, s, v, e in _fields(buf, gv, ge) if f == _TENSOR_RAW_DATA]
+            if len(raws) > 1:
+                raise ModelRejected("initializer repeats raw_data", check="parse")
+            if raws and raws[0][2] - raws[0][1] >= threshold:
+                rs, rv, re_ = raws[0]
+                stripped[index] = re_ - rv
+                gparts.append(_len_field(_GRAPH_INITIALIZER, buf[gv:rs] + buf[re_:ge]))
+            else:
+                gparts.append(buf[gs:ge])
+            index += 1
+        out.append(_len_field(_MODEL_GRAPH, b"".join(gparts)))
+    return (buf if not stripped else b"".join(out)), stripped
+
+
+def _check_stripped(model: onnx.ModelProto, stripped: dict[int, int]) -> None:
+    """Stripped tensors must hold exactly the bytes their dims/dtype imply and
+    no second data field (what onnx.checker's tensor check would enforce)."""
+    inits = model.graph.initializer
+    for index, length in stripped.items():
+        t = inits[index]
+        others = [f.name for f, _ in t.ListFields() if f.name.endswith("_data")]
+        if others or _nominal_bytes(t) != length:
+            raise ModelRejected(f"initializer {t.name!r} data does not match its shape/type",
+                                check="tensor-data")
+
+
+def _checker_view(model: onnx.ModelProto, stripped: dict[int, int]) -> onnx.ModelProto:
+    """The weight-stripped model with stripped initializers declared as typed
+    graph inputs, so onnx.checker (full_check: strict shape inference with
+    constant propagation through the small, shape-like initializers that are
+    kept) sees a valid model whose size does not scale with the weights."""
+    if not stripped:
+        return model
+    view = onnx.ModelProto()
+    view.CopyFrom(model)  # cheap: large raw_data is already gone
+    g = view.graph
+    declared = {i.name for i in g.input}
+    moved = [g.initializer[i] for i in sorted(stripped)]
+    for t in moved:
+        if t.name not in declared:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    keep = [t for i, t in enumerate(g.initializer) if i not in stripped]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return view
+
+
+def _parse(data: bytes) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError; protobuf itself is not a declared dependency
+        raise ModelRejected("bytes are not a parseable ONNX model", check="parse") from None
+    return model
+
+
+def admit_model(model_bytes: bytes, limits: AdmissionLimits | None = None, *,
+                full_proto: bool = True) -> onnx.ModelProto:
+    """Run every admission check; return the parsed model or raise ModelRejected.
+
+    Cheap byte-level checks run first, then structural walks, and
+    onnx.checker (full_check) last. Checks run on a weight-stripped copy, so
+    their cost does not grow with weight size; with ``full_proto=False`` that
+    copy is returned (large initializers have no data) and the full parse is
+    skipped -- what the load path uses.
+    """
+    limits = limits or AdmissionLimits()
+    if not isinstance(model_bytes, (bytes, bytearray)):
+        raise ModelRejected("model must be bytes", check="type")
+    model_bytes = bytes(model_bytes)
+    if len(model_bytes) > limits.max_model_bytes:
+        raise ModelRejected(f"model is {len(model_bytes)} bytes, over the {limits.max_model_bytes} cap",
+                            check="size")
+    if ORT_MEM_ADDR_MARKER in model_bytes:
+        raise ModelRejected("model contains an _ORT_MEM_ADDR_ marker", check="ort-mem-addr")
+    skeleton, stripped = _strip_weights(model_bytes, limits.checker_strip_bytes)
+    model = _parse(skeleton)
+    if not model.HasField("graph"):
+        raise ModelRejected("model has no graph", check="parse")
+    lo, hi = limits.ir_version_range
+    if not lo <= model.ir_version <= hi:
+        raise ModelRejected(f"IR version {model.ir_version} outside {lo}..{hi}", check="ir-version")
+    if len(model.functions):
+        raise ModelRejected("model-local functions are not allowed", check="functions")
+    if len(model.training_info):
+        raise ModelRejected("training_info is not allowed", check="training-info")
+    _check_opsets(model, limits)
+    _Walker(limits).graph(model.graph, 0)
+    _check_stripped(model, stripped)
+    try:
+        onnx.checker.check_model(_checker_view(model, stripped), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError, ...
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelRejected(f"onnx.checker failed: {type(exc).__name__}: {msg}",
+                            check="checker") from None
+    if full_proto and stripped:
+        return _parse(model_bytes)
+    return model
+
+
+def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1) -> ort.SessionOptions:
+    """SessionOptions that write nothing to disk and load nothing extra."""
+    for n in (intra_op_threads, inter_op_threads):
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"thread counts must be integers in 1..{MAX_THREADS}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_profiling = False
+    so.optimized_model_filepath = ""  # never dump the (decrypted) optimized model
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.load_model_format", "ONNX")
+    so.add_session_config_entry("session.use_env_allocators", "0")
+    so.add_session_config_entry("session.allow_released_opsets_only", "1")
+    # No register_custom_ops_library(): custom-op shared objects are never loaded.
+    return so
+
+
+def open_session(model_bytes: bytes, intra_op_threads: int = 1,
+                 inter_op_threads: int = 1) -> ort.InferenceSession:
+    """CPU-only InferenceSession from in-memory bytes. Call admit_model first."""
+    so = session_options(intra_op_threads, inter_op_threads)
+    try:
+        return ort.InferenceSession(bytes(model_bytes), sess_options=so,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelRejected(f"onnxruntime refused the model: {type(exc).__name__}",
+                            check="session") from None

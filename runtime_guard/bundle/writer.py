@@ -1,0 +1,117 @@
+"""Publisher side: encrypt payloads, sign header + manifest, write one file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Union
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
+
+from .format import (
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    KEY_LEN,
+    MAGIC,
+    MAX_MANIFEST_LEN,
+    MLEN,
+    PREFIX,
+    SIG_CONTEXT,
+)
+from .keys import DEFAULT_SCRYPT_LOG2N, KekLike, wrap_data_key
+from .manifest import build_manifest, canonical_json, manifest_digest
+from .stream import derive_payload_key, encrypt_chunks, payload_aad
+
+
+def _signing_key(key: Union[Ed25519PrivateKey, bytes]) -> Ed25519PrivateKey:
+    if isinstance(key, Ed25519PrivateKey):
+        return key
+    obj = serialization.load_pem_private_key(bytes(key), password=None)
+    if not isinstance(obj, Ed25519PrivateKey):
+        raise TypeError("signing key must be Ed25519")
+    return obj
+
+
+def build_bundle(
+    payloads: dict[str, bytes],
+    manifest_fields: dict[str, Any],
+    signing_key: Union[Ed25519PrivateKey, bytes],
+    kek: KekLike,
+    version: int,
+    expires_in_s: int | None = None,
+    *,
+    now: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    scrypt_log2n: int = DEFAULT_SCRYPT_LOG2N,
+) -> tuple[bytes, dict[str, Any]]:
+    """Build a bundle in memory; returns (bundle bytes, manifest)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError("version must be a non-negative integer")
+    if expires_in_s is not None and (not isinstance(expires_in_s, int) or expires_in_s <= 0):
+        raise ValueError("expires_in_s must be a positive integer or None")
+    if not payloads:
+        raise ValueError("at least one payload is required")
+    created = int(time.time() if now is None else now)
+    names = sorted(payloads)  # on-disk order = manifest order
+    table = [{"name": n, "size": len(payloads[n]),
+              "sha256": hashlib.sha256(payloads[n]).hexdigest()} for n in names]
+    salt = os.urandom(32)
+    manifest = build_manifest(
+        manifest_fields, version=version, created_at=created,
+        expires_at=None if expires_in_s is None else created + expires_in_s,
+        payloads=table, chunk_size=chunk_size, salt=salt)
+    mbytes = canonical_json(manifest)
+    if len(mbytes) > MAX_MANIFEST_LEN:
+        raise ValueError("manifest too large")
+
+    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0)
+    data_key = os.urandom(KEY_LEN)
+    kek_block = wrap_data_key(kek, data_key, prefix, scrypt_log2n).pack()
+    signed = prefix + kek_block + MLEN.pack(len(mbytes)) + mbytes
+    signature = _signing_key(signing_key).sign(SIG_CONTEXT + signed)
+
+    digest = manifest_digest(mbytes)
+    parts = [signed, signature]
+    for n in names:
+        key = derive_payload_key(data_key, salt, n)
+        parts.extend(encrypt_chunks(key, payload_aad(digest, n), payloads[n], chunk_size))
+    return b"".join(parts), manifest
+
+
+def write_bundle(
+    out_path: Union[str, os.PathLike],
+    payloads: dict[str, bytes],
+    manifest_fields: dict[str, Any],
+    signing_key: Union[Ed25519PrivateKey, bytes],
+    kek: KekLike,
+    version: int,
+    expires_in_s: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Build and atomically write a bundle; returns the signed manifest.
+
+    Options: ``now``, ``chunk_size``, ``scrypt_log2n`` (see build_bundle).
+    Only ciphertext touches the disk.
+    """
+    blob, manifest = build_bundle(payloads, manifest_fields, signing_key, kek, version,
+                                  expires_in_s, **options)
+    out = Path(out_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # ciphertext + public metadata only
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return manifest
