@@ -1,0 +1,241 @@
+"""Single OOD detectors with a scikit-learn-like interface.
+
+Convention (differs from scikit-learn's ``score_samples``!): **higher score =
+more anomalous**. Every detector reads one *view* of an input:
+``"logits"`` (model output), ``"features"`` (penultimate activations) or
+``"input"`` (the raw input, flattened). ``fit`` learns from in-distribution
+training data only; ``calibrate`` sets ``threshold_`` (split-conformal) so that
+``predict`` can say "anomalous" (1) or "in distribution" (0).
+
+Each detector can ``export()`` its fitted state as plain float arrays plus a
+small JSON-able dict; ``runtime_guard.anomaly`` re-implements the scoring with
+numpy only, and a parity test holds both to 1e-5.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+from sklearn.base import BaseEstimator
+from sklearn.covariance import EmpiricalCovariance, LedoitWolf
+from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+from sklearn.neighbors import NearestNeighbors
+
+from hardening.errors import DataError
+from hardening.ood.calibration import conformal_threshold
+
+
+def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim < 2 or X.shape[0] == 0:
+        raise DataError(f"{name}: expected a non-empty (n, ...) array, got shape {X.shape}")
+    X = X.reshape(len(X), -1)
+    if not np.all(np.isfinite(X)):
+        raise DataError(f"{name}: array holds NaN/Inf values")
+    return X
+
+
+class Detector(BaseEstimator):
+    """Base class: subclasses set ``kind``/``view`` and implement ``fit``/``score_samples``/``export``."""
+
+    kind: ClassVar[str] = ""
+    view: ClassVar[str] = ""
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "n_features_in_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted; call fit() first")
+
+    def _check_X(self, X: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        X = _as_2d(X, f"{self.kind} {self.view}")
+        if X.shape[1] != self.n_features_in_:
+            raise DataError(f"{self.kind}: {self.view} has {X.shape[1]} values per sample, fitted on {self.n_features_in_}")
+        return X
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> Detector:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Fitted state as (float arrays, JSON-able params) for the numpy runtime."""
+        raise NotImplementedError  # pragma: no cover
+
+    def calibrate(self, X: np.ndarray, alpha: float) -> Detector:
+        """Set ``threshold_`` to the split-conformal quantile of in-distribution scores."""
+        self.calibration_ = conformal_threshold(self.score_samples(X), alpha)
+        self.threshold_ = self.calibration_.threshold
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """1 = anomalous (score above ``threshold_``), 0 = in distribution."""
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError(f"{type(self).__name__} has no threshold_; call calibrate() first")
+        return (self.score_samples(X) > self.threshold_).astype(np.int64)
+
+
+class MSPDetector(Detector):
+    """1 - maximum softmax probability (Hendrycks & Gimpel 2017)."""
+
+    kind = "msp"
+    view = "logits"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> MSPDetector:
+        self.n_features_in_ = _as_2d(X, "msp logits").shape[1]
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = self._check_X(X)
+        return 1.0 - softmax(X / self.temperature, axis=1).max(axis=1)
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {}, {"temperature": float(self.temperature)}
+
+
+class EnergyDetector(Detector):
+    """Negative free energy ``-T logsumexp(logits / T)`` (Liu et al. 2020)."""
+
+    kind = "energy"
+    view = "logits"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> EnergyDetector:
+        self.n_features_in_ = _as_2d(X, "energy logits").shape[1]
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = self._check_X(X)
+        return -self.temperature * logsumexp(X / self.temperature, axis=1)
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {}, {"temperature": float(self.temperature)}
+
+
+class MahalanobisDetector(Detector):
+    """Min over classes of the Mahalanobis distance with one tied covariance (Lee et al. 2018)."""
+
+    kind = "mahalanobis"
+    view = "features"
+
+    def __init__(self, covariance: str = "ledoit_wolf") -> None:
+        self.covariance = covariance
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> MahalanobisDetector:
+        X = _as_2d(X, "mahalanobis features")
+        if y is None or len(y) != len(X):
+            raise DataError("mahalanobis: needs one class label per training sample (y_train)")
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 1:
+            raise DataError("mahalanobis: no classes in training labels")
+        self.means_ = np.stack([X[y == c].mean(axis=0) for c in self.classes_])
+        centred = X - self.means_[np.searchsorted(self.classes_, y)]
+        est = {"ledoit_wolf": LedoitWolf, "empirical": EmpiricalCovariance}.get(self.covariance)
+        if est is None:
+            raise DataError(f"mahalanobis: covariance must be 'ledoit_wolf' or 'empirical', got {self.covariance!r}")
+        self.precision_ = est(assume_centered=True).fit(centred).precision_
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = self._check_X(X)
+        d = X[:, None, :] - self.means_[None, :, :]
+        return np.einsum("ncd,de,nce->nc", d, self.precision_, d).min(axis=1)
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {"means": self.means_, "precision": self.precision_}, {}
+
+
+class _KNNBase(Detector):
+    """Distance to the k-th nearest training sample, from a bounded reference bank."""
+
+    normalize: ClassVar[bool] = False
+
+    def __init__(self, n_neighbors: int = 1, max_bank: int = 1000, random_state: int = 0) -> None:
+        self.n_neighbors = n_neighbors
+        self.max_bank = max_bank
+        self.random_state = random_state
+
+    def _prep(self, X: np.ndarray) -> np.ndarray:
+        if self.normalize:
+            return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        return X
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> _KNNBase:
+        X = _as_2d(X, f"{self.kind} {self.view}")
+        if not 1 <= self.n_neighbors <= min(len(X), self.max_bank):
+            raise DataError(f"{self.kind}: n_neighbors={self.n_neighbors} needs 1..{min(len(X), self.max_bank)}")
+        if len(X) > self.max_bank:  # bounded bank keeps batch-1 runtime cost fixed
+            idx = np.random.default_rng(self.random_state).choice(len(X), self.max_bank, replace=False)
+            X = X[np.sort(idx)]
+        self.bank_ = self._prep(X)
+        self.nn_ = NearestNeighbors(n_neighbors=self.n_neighbors, algorithm="brute").fit(self.bank_)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = self._check_X(X)
+        dist, _ = self.nn_.kneighbors(self._prep(X))
+        return dist[:, -1]
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {"bank": self.bank_}, {"n_neighbors": int(self.n_neighbors), "normalize": self.normalize}
+
+
+class KNNDetector(_KNNBase):
+    """k-NN distance on L2-normalised penultimate features (Sun et al. 2022)."""
+
+    kind = "knn"
+    view = "features"
+    normalize = True
+
+
+class InputKNNDetector(_KNNBase):
+    """k-NN Euclidean distance in raw input space: catches inputs unlike any training sample."""
+
+    kind = "input_knn"
+    view = "input"
+    normalize = False
+
+
+class PCAReconstructionDetector(Detector):
+    """Squared PCA reconstruction error of the flattened input (input-space detector)."""
+
+    kind = "pca"
+    view = "input"
+
+    def __init__(self, n_components: float | int = 0.9) -> None:
+        self.n_components = n_components
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> PCAReconstructionDetector:
+        X = _as_2d(X, "pca input")
+        self.pca_ = PCA(n_components=self.n_components, svd_solver="full").fit(X)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = self._check_X(X)
+        rec = self.pca_.inverse_transform(self.pca_.transform(X))
+        return ((X - rec) ** 2).sum(axis=1)
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {"mean": self.pca_.mean_, "components": self.pca_.components_}, {}
+
+
+DETECTORS: dict[str, type[Detector]] = {
+    d.kind: d for d in (MSPDetector, EnergyDetector, MahalanobisDetector, KNNDetector, InputKNNDetector, PCAReconstructionDetector)
+}
+
+
+def default_detectors() -> dict[str, Detector]:
+    """One of each kind, with the settings the docs justify."""
+    return {kind: cls() for kind, cls in DETECTORS.items()}
