@@ -1,0 +1,55 @@
+"""edgeward on-device runtime: signed bundles, admission, and the guarded predict path.
+
+Exports are resolved lazily so ``import runtime_guard`` stays cheap and never
+pulls anything beyond numpy / onnxruntime / cryptography / limits (and only
+when the symbol is used). torch, ART and scikit-learn are never imported here.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "GuardedModel": "guard",
+    "PredictionResult": "guard",
+    "GuardConfig": "config",
+    "GuardConfigError": "config",
+    "InputSchema": "config",
+    "RateLimitConfig": "config",
+    "AnomalyGateConfig": "config",
+    "OutputPolicyConfig": "config",
+    "ExtractionMonitorConfig": "config",
+    "TelemetryConfig": "config",
+    "SanitizerError": "sanitizer",
+    "RateLimitStatus": "ratelimit",
+    "MonitorState": "extraction_monitor",
+    "shapiro_wilk": "extraction_monitor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import (
+        AnomalyGateConfig,
+        ExtractionMonitorConfig,
+        GuardConfig,
+        GuardConfigError,
+        InputSchema,
+        OutputPolicyConfig,
+        RateLimitConfig,
+        TelemetryConfig,
+    )
+    from .extraction_monitor import MonitorState, shapiro_wilk
+    from .guard import GuardedModel, PredictionResult
+    from .ratelimit import RateLimitStatus
+    from .sanitizer import SanitizerError
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'runtime_guard' has no attribute {name!r}")
+    value = getattr(import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

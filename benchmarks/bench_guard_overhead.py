@@ -1,0 +1,165 @@
+"""Overhead of GuardedModel.predict over a bare InferenceSession.run (batch 1, digits demo).
+
+Both run in the same process on the same session and the same input,
+interleaved call by call so CPU frequency drift hits both equally. Reports
+p50/p99 per variant, the p50 ratio and the added microseconds.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_guard_overhead.py [--demo-dir /tmp/demo/digits] [-n 20000]
+
+Without --demo-dir the digits demo is built into a temp dir first (~8 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime_guard.anomaly import FORMAT, AnomalyScorer
+from runtime_guard.config import AnomalyGateConfig, ExtractionMonitorConfig, GuardConfig, InputSchema, RateLimitConfig
+from runtime_guard.guard import GuardedModel
+
+
+def _msp_scorer(threshold: float) -> AnomalyScorer:
+    """A real exported-format detector set: MSP + energy on logits, fused by mean z."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf)
+    meta = {
+        "format": FORMAT,
+        "threshold": threshold,
+        "fusion": {"rule": "mean_z", "members": ["msp", "energy"]},
+        "detectors": [
+            {"name": "msp", "kind": "msp", "view": "logits", "norm": {"mean": 0.0, "std": 1.0}},
+            {"name": "energy", "kind": "energy", "view": "logits", "norm": {"mean": 0.0, "std": 10.0}},
+        ],
+    }
+    return AnomalyScorer.from_bytes(buf.getvalue(), meta)
+
+
+def _variants(model_bytes: bytes) -> dict[str, GuardedModel]:
+    """Defences switched on one after another, so each row's delta is that defence's cost."""
+    schema = InputSchema(value_range=(0.0, 1.0))
+    # per-client moving window as deployed; clients rotate every 500 calls (below the limit)
+    limited = RateLimitConfig(per_client="1000/minute")
+    unlimited = RateLimitConfig(per_client=None)
+    no_mon, mon = ExtractionMonitorConfig(enabled=False), ExtractionMonitorConfig(enabled=True)
+    gate = AnomalyGateConfig(action="flag")
+    scorer = _msp_scorer(10.0)
+    return {
+        "sanitizer+policy+telemetry": GuardedModel(
+            model_bytes, GuardConfig(input=schema, rate_limit=unlimited, extraction=no_mon)
+        ),
+        "+ rate limit (gate off)": GuardedModel(model_bytes, GuardConfig(input=schema, rate_limit=limited, extraction=no_mon)),
+        "+ gate on": GuardedModel(
+            model_bytes, GuardConfig(input=schema, rate_limit=limited, extraction=no_mon, anomaly=gate), scorer
+        ),
+        "+ gate on + PRADA monitor": GuardedModel(
+            model_bytes, GuardConfig(input=schema, rate_limit=limited, extraction=mon, anomaly=gate), scorer
+        ),
+    }
+
+
+def _pct(a: list[int], q: float) -> float:
+    return float(np.percentile(np.asarray(a, dtype=np.float64), q)) / 1e3  # ns -> us
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo-dir", type=Path, default=None, help="folder with model.onnx + data.npz of the digits demo")
+    ap.add_argument("-n", type=int, default=20000, help="timed calls per variant")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    if args.demo_dir is None:
+        from hardening.demo import build_demo  # only the benchmark setup uses hardening
+
+        demo = build_demo("digits", tempfile.mkdtemp(prefix="bench_guard_"))
+        model_path, data_path = Path(demo.model_path), Path(demo.data_path)
+    else:
+        model_path, data_path = args.demo_dir / "model.onnx", args.demo_dir / "data.npz"
+    model_bytes = model_path.read_bytes()
+    with np.load(data_path, allow_pickle=False) as d:
+        xs = [np.ascontiguousarray(d["x"][i : i + 1]) for i in range(len(d["x"]))]
+
+    guards = _variants(model_bytes)
+    bare = next(iter(guards.values())).session  # same admitted session type for the bare baseline
+    name_in = bare.get_inputs()[0].name
+    feeds = [{name_in: x} for x in xs]
+    rows = []
+    for v, (name, g) in enumerate(guards.items()):
+        for i in range(500):
+            bare.run(None, feeds[i % len(xs)])
+            g.predict(xs[i % len(xs)], "warmup")
+        t_bare, t_guard = [], []
+        clock = time.perf_counter_ns
+        for i in range(args.n):
+            j = i % len(xs)  # cycle through the test set: same input for both in each pair
+            t0 = clock()
+            bare.run(None, feeds[j])
+            t1 = clock()
+            # a new client every 500 calls: stays under its rate limit, monitor history stays realistic
+            r = g.predict(xs[j], "client-%d-%d" % (v, i // 500))
+            t2 = clock()
+            t_bare.append(t1 - t0)
+            t_guard.append(t2 - t1)
+        assert r.ok, r
+        b50, g50 = _pct(t_bare, 50), _pct(t_guard, 50)
+        rows.append(
+            {
+                "variant": name,
+                "bare_p50_us": round(b50, 1),
+                "bare_p99_us": round(_pct(t_bare, 99), 1),
+                "guard_p50_us": round(g50, 1),
+                "guard_p99_us": round(_pct(t_guard, 99), 1),
+                "ratio_p50": round(g50 / b50, 2),
+                "added_p50_us": round(g50 - b50, 1),
+            }
+        )
+    parts = _components(guards["+ gate on + PRADA monitor"], xs, args.n // 4)
+    if args.json:
+        print(json.dumps({"end_to_end": rows, "components_p50_us": parts}, indent=2))
+        return
+    cols = list(rows[0])
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    print("\ncomponent | p50_us")
+    for k, v in parts.items():
+        print(f"{k} | {v}")
+
+
+def _components(g: GuardedModel, xs: list[np.ndarray], n: int) -> dict[str, float]:
+    """Each stage alone at batch 1 (p50 us), to attribute the end-to-end overhead."""
+    sess, name = g.session, g.input_name
+    logits = [sess.run([g.logits_name], {name: x})[0] for x in xs]
+    labels = [lg.argmax(1) for lg in logits]
+    ood = [g.anomaly.score(x, lg, None) for x, lg in zip(xs, logits)]
+    stages = {
+        "rate limit hit (per-client moving window, memory://)": lambda i, j: g.limiter.hit("c%d" % (i // 500)),
+        "sanitizer": lambda i, j: g.sanitizer(xs[j]),
+        "anomaly score (MSP + energy, fused)": lambda i, j: g.anomaly.score(xs[j], logits[j], None),
+        "PRADA observe (incl. amortised Shapiro-Wilk)": lambda i, j: g.monitor.observe("m%d" % (i // 500), xs[j], labels[j]),
+        "output policy (full softmax)": lambda i, j: g.policy.apply(logits[j]),
+        "telemetry record": lambda i, j: g.telemetry.record("accepted", [], 1e-4, labels[j], ood[j]),
+    }
+    out = {}
+    clock = time.perf_counter_ns
+    for label, fn in stages.items():
+        ts = []
+        for i in range(n):
+            j = i % len(xs)
+            t0 = clock()
+            fn(i, j)
+            ts.append(clock() - t0)
+        out[label] = round(_pct(ts, 50), 1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""GuardedModel: one ``predict`` call that runs every runtime defence in order.
+
+rate limit -> sanitizer -> onnxruntime -> anomaly gate -> output policy ->
+extraction monitor -> telemetry. Cheap refusals come first so abusive traffic
+costs the device as little as possible; the model runs on exactly the array the
+sanitizer returned, so valid inputs give bit-identical logits to a bare
+``InferenceSession.run``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import GuardConfig
+from .extraction_monitor import ExtractionMonitor, MonitorState
+from .output_policy import OutputPolicy
+from .ratelimit import RateLimiter, RateLimitStatus
+from .sanitizer import Sanitizer, SanitizerError
+from .telemetry import DECISIONS, Telemetry
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from .admission import AdmissionLimits
+    from .anomaly import AnomalyScorer
+
+__all__ = ["GuardedModel", "PredictionResult", "DECISIONS"]
+
+MAX_CLIENT_ID_LEN = 256
+DETECTORS_PAYLOAD = "detectors.npz"
+
+
+@dataclass
+class PredictionResult:
+    """Outcome of one guarded request.
+
+    ``labels``/``scores`` are None when the request was refused. ``scores`` are
+    [N, C] after the output policy. ``logits`` are the raw model outputs for
+    in-process callers (audits, tests); ``to_dict()`` never includes them.
+    """
+
+    decision: str
+    reasons: list[str]
+    labels: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    ood_scores: np.ndarray | None = None
+    latency_s: float = 0.0
+    retry_after: float | None = None
+    rate_limit: RateLimitStatus | None = None
+    logits: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when an answer was produced (accepted or flagged)."""
+        return self.labels is not None
+
+    @property
+    def label(self) -> int | None:
+        """Top-1 label of the first (often only) sample."""
+        return None if self.labels is None else int(self.labels[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view for an API (no logits)."""
+        return {
+            "decision": self.decision,
+            "reasons": list(self.reasons),
+            "labels": None if self.labels is None else self.labels.tolist(),
+            "scores": None if self.scores is None else self.scores.tolist(),
+            "ood_scores": None if self.ood_scores is None else self.ood_scores.tolist(),
+            "latency_ms": self.latency_s * 1e3,
+            "retry_after": self.retry_after,
+        }
+
+
+def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None]:
+    """(logits, features) output names, same convention as release-time intake:
+    an output named "features" (else the second output) is features, the other
+    first output is logits."""
+    names = [o.name for o in session.get_outputs()]
+    feats = "features" if "features" in names else (names[1] if len(names) > 1 else None)
+    logits = next(n for n in names if n != feats)
+    return logits, feats
+
+
+class GuardedModel:
+    """An ONNX classifier wrapped in the runtime defences of a ``GuardConfig``.
+
+    ``model`` is an ``onnxruntime.InferenceSession`` or ONNX bytes (bytes go
+    through admission checks first). ``storage_uri`` picks the rate-limit
+    storage (``memory://`` or e.g. ``redis://127.0.0.1:6379``).
+    """
+
+    def __init__(
+        self,
+        model: "ort.InferenceSession | bytes",
+        config: GuardConfig | None = None,
+        anomaly: "AnomalyScorer | None" = None,
+        storage_uri: str = "memory://",
+        *,
+        admission_limits: "AdmissionLimits | None" = None,
+        threads: int = 1,
+    ) -> None:
+        self.config = config = config or GuardConfig()
+        self.manifest: dict[str, Any] | None = None  # set by load()
+        if isinstance(model, (bytes, bytearray, memoryview)):
+            from .admission import admit_model, open_session
+
+            admit_model(bytes(model), admission_limits)
+            model = open_session(bytes(model), threads, 1)
+        self.session = model
+        inputs = model.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"model must have exactly one input, has {len(inputs)}")
+        self.input_name = inputs[0].name
+        model_shape = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape[1:]]
+        self.logits_name, self.features_name = _outputs(model)
+        n_classes = dict((o.name, o.shape) for o in model.get_outputs())[self.logits_name][-1]
+        if not isinstance(n_classes, int):
+            raise ValueError("model logits must have a fixed number of classes")
+        self.num_classes = n_classes
+
+        if config.anomaly.action != "off" and anomaly is None:
+            raise ValueError(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
+        self.anomaly = anomaly if config.anomaly.action != "off" else None
+        needs = self.anomaly.needs if self.anomaly is not None else frozenset()
+        if "features" in needs and self.features_name is None:
+            raise ValueError("the anomaly detectors need a 'features' output the model does not have")
+        self._run_names = [self.logits_name] + ([self.features_name] if "features" in needs else [])
+
+        self.sanitizer = Sanitizer(config.input, model_shape)
+        self.limiter = RateLimiter(config.rate_limit, storage_uri)
+        self._limit = self.limiter.hit if self.limiter.enabled else None
+        self.policy = OutputPolicy(config.output)
+        self.monitor = ExtractionMonitor(config.extraction) if config.extraction.enabled else None
+        self.telemetry = Telemetry(config.telemetry, n_classes)
+        self._gate_reject = config.anomaly.action == "reject"
+        self._throttle = config.extraction.enabled and config.extraction.action == "throttle"
+        self.smoke_test()  # a model/detector mismatch fails here, not on the first request
+
+    @classmethod
+    def load(
+        cls,
+        bundle: Any,
+        public_key: Any,
+        kek: Any,
+        rollback_state: Any = None,
+        *,
+        storage_uri: str = "memory://",
+        now: int | None = None,
+        admission_limits: "AdmissionLimits | None" = None,
+        threads: int = 1,
+        accept: bool = True,
+    ) -> GuardedModel:
+        """Verify + decrypt a bundle in memory and build the guard from its signed parts.
+
+        Payload ``model`` is the ONNX model, optional ``detectors.npz`` the OOD
+        detector arrays; the manifest's ``runtime`` dict is the ``GuardConfig``
+        (its ``anomaly.detector_meta`` is the detectors' JSON). With ``accept``
+        the anti-rollback state is advanced once the guard answered a smoke
+        request; BundleError subtypes, ModelRejected and GuardConfigError
+        propagate.
+        """
+        from .bundle import open_bundle
+
+        opened = open_bundle(bundle, public_key, kek, rollback_state=rollback_state, now=now)
+        config = GuardConfig.from_dict(opened.manifest.get("runtime", {}))
+        scorer = None
+        if config.anomaly.action != "off":
+            from .anomaly import AnomalyScorer
+
+            if DETECTORS_PAYLOAD not in opened.payloads or config.anomaly.detector_meta is None:
+                raise ValueError(
+                    f"runtime.anomaly.action={config.anomaly.action!r} but the bundle lacks "
+                    f"'{DETECTORS_PAYLOAD}' or runtime.anomaly.detector_meta"
+                )
+            scorer = AnomalyScorer.from_bytes(opened.payloads[DETECTORS_PAYLOAD], config.anomaly.detector_meta)
+        guard = cls(
+            opened.model_bytes, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads
+        )
+        guard.manifest = opened.manifest
+        if accept:  # the constructor's smoke test passed
+            opened.accept()
+        return guard
+
+    def smoke_test(self) -> None:
+        """Run one mid-range sample through model and detectors (no limits, no telemetry).
+
+        Raises ValueError (or the scorer's AnomalyInputError) if the parts do not fit.
+        """
+        shape = [1] + [d or 1 for d in self.sanitizer.sample_shape]
+        rng = self.config.input.value_range or (0.0, 1.0)
+        x = np.full(shape, (rng[0] + rng[1]) / 2, dtype=np.float32)
+        outs = self.session.run(self._run_names, {self.input_name: x})
+        if outs[0].shape != (1, self.num_classes) or not np.isfinite(outs[0]).all():
+            raise ValueError("smoke test failed: model output is not finite [1, C] logits")
+        if self.anomaly is not None:
+            self.anomaly.score(x, outs[0], outs[1] if len(outs) > 1 else None)
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    def predict(self, x: Any, client_id: str) -> PredictionResult:
+        """Guarded inference for one request (a sample or a batch) from ``client_id``."""
+        t0 = time.perf_counter()
+        if type(client_id) is not str or not client_id or len(client_id) > MAX_CLIENT_ID_LEN:
+            raise ValueError(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID_LEN} chars")
+        if self._throttle:
+            wait = self.monitor.throttled_for(client_id)  # type: ignore[union-attr]
+            if wait > 0:
+                return self._finish(t0, PredictionResult("rate_limited", ["extraction:throttled"], retry_after=wait))
+        if self._limit is not None:
+            refused = self._limit(client_id)
+            if refused is not None:
+                res = PredictionResult(
+                    "rate_limited", [f"rate_limit:{refused.scope}"], retry_after=refused.reset_after, rate_limit=refused
+                )
+                return self._finish(t0, res)
+        try:
+            arr = self.sanitizer(x)
+        except SanitizerError as e:
+            return self._finish(t0, PredictionResult("rejected", [f"input:{e.reason}"]))
+
+        outs = self.session.run(self._run_names, {self.input_name: arr})
+        logits = outs[0]
+        if not math.isfinite(float(logits.sum())):  # NaN/Inf propagate through the sum
+            return self._finish(t0, PredictionResult("rejected", ["output:non_finite"]))
+        raw_labels = logits.argmax(axis=1)
+        reasons: list[str] = []
+        decision = "accepted"
+
+        ood_scores = ood = None
+        if self.anomaly is not None:
+            ood_scores = self.anomaly.score(arr, logits, outs[1] if len(outs) > 1 else None)
+            ood = self.anomaly.is_anomalous(ood_scores)
+            if ood.any():
+                reasons.append("ood")
+                decision = "flagged"
+
+        # The monitor sees every query that reached the model, including ones the gate refuses.
+        if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels):
+            reasons.append("extraction")
+            decision = "flagged"
+
+        if self._gate_reject and ood is not None and ood.any():
+            res = PredictionResult("rejected", reasons, ood_scores=ood_scores, logits=logits)
+            return self._finish(t0, res, raw_labels)
+
+        labels, scores = self.policy.apply(logits, ood)
+        res = PredictionResult(decision, reasons, labels, scores, ood_scores, logits=logits)
+        return self._finish(t0, res, raw_labels)
+
+    def _finish(self, t0: float, res: PredictionResult, raw_labels: np.ndarray | None = None) -> PredictionResult:
+        res.latency_s = time.perf_counter() - t0
+        self.telemetry.record(res.decision, res.reasons, res.latency_s, raw_labels, res.ood_scores)
+        return res
+
+    # -- introspection for the API and audits -----------------------------------------------
+
+    def rate_limit_status(self, client_id: str) -> RateLimitStatus | None:
+        """Remaining budget of the binding scope (for RateLimit-* headers); None if unlimited."""
+        return self.limiter.status(client_id)
+
+    def monitor_state(self, client_id: str) -> MonitorState | None:
+        """PRADA state of one client (queries, last W, queries until flagged)."""
+        return self.monitor.state(client_id) if self.monitor is not None else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Telemetry aggregates plus extraction-monitor counts."""
+        snap = self.telemetry.snapshot()
+        snap["extraction_monitor"] = self.monitor.snapshot() if self.monitor is not None else None
+        snap["output_policy"] = self.config.output.policy
+        return snap

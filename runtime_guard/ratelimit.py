@@ -1,0 +1,93 @@
+"""Per-client and global request rate limits on top of the ``limits`` library.
+
+Like ``limits`` itself, the strategy (moving window by default: exact counts,
+no burst at window edges) is separate from the storage, which is chosen by URI:
+``memory://`` for one process, ``redis://host:6379`` (or any other ``limits``
+storage URI) when several worker processes must share one budget.
+
+The client limit is hit first so a client that is over its own budget does not
+also use up the global budget that other clients share.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.storage import storage_from_string
+from limits.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    RateLimiter as _LimitsStrategy,
+    SlidingWindowCounterRateLimiter,
+)
+
+from .config import RateLimitConfig
+
+__all__ = ["RateLimitStatus", "RateLimiter", "STRATEGIES"]
+
+STRATEGIES: dict[str, type[_LimitsStrategy]] = {
+    "moving-window": MovingWindowRateLimiter,
+    "fixed-window": FixedWindowRateLimiter,
+    "sliding-window-counter": SlidingWindowCounterRateLimiter,
+}
+_NS = "edgeward"
+
+
+@dataclass(frozen=True)
+class RateLimitStatus:
+    """What an API needs for ``RateLimit-*`` / ``Retry-After`` headers.
+
+    ``scope`` is "client" or "global" (the binding limit); ``reset_after`` is
+    seconds until at least one more request is allowed in that scope.
+    """
+
+    allowed: bool
+    scope: str
+    limit: int
+    remaining: int
+    reset_after: float
+
+
+class RateLimiter:
+    """``hit(client_id)`` returns None when allowed (fast path) or the status that refused it."""
+
+    def __init__(self, config: RateLimitConfig, storage_uri: str = "memory://") -> None:
+        self.config = config
+        self.storage = storage_from_string(storage_uri)
+        self.strategy = STRATEGIES[config.strategy](self.storage)
+        self._client: RateLimitItem | None = parse(config.per_client) if config.per_client else None
+        self._global: RateLimitItem | None = parse(config.global_limit) if config.global_limit else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None or self._global is not None
+
+    def hit(self, client_id: str) -> RateLimitStatus | None:
+        """Consume one request from the client and global budgets."""
+        hit = self.strategy.hit
+        if self._client is not None and not hit(self._client, _NS, "client", client_id):
+            return self._stats(self._client, "client", client_id)
+        if self._global is not None and not hit(self._global, _NS, "global"):
+            return self._stats(self._global, "global")
+        return None
+
+    def status(self, client_id: str) -> RateLimitStatus | None:
+        """The most constraining scope right now, without consuming (for response headers)."""
+        found = []
+        if self._client is not None:
+            found.append(self._stats(self._client, "client", client_id))
+        if self._global is not None:
+            found.append(self._stats(self._global, "global"))
+        return min(found, key=lambda s: (s.remaining, -s.reset_after)) if found else None
+
+    def _stats(self, item: RateLimitItem, scope: str, *ident: str) -> RateLimitStatus:
+        stats = self.strategy.get_window_stats(item, _NS, scope, *ident)
+        return RateLimitStatus(
+            allowed=stats.remaining > 0,
+            scope=scope,
+            limit=item.amount,
+            remaining=max(0, int(stats.remaining)),
+            reset_after=max(0.0, stats.reset_time - time.time()),
+        )
