@@ -120,6 +120,20 @@ def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, st
     }
 
 
+def _drop_unused_opsets(path: Path) -> None:
+    """onnxruntime's optimizer declares every domain it knows; keep only those nodes use,
+    so the runtime's domain allow-list judges what the model really runs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        onnx.save(model, str(path))
+
+
 def compress(
     model_path: str | Path,
     data_path: str | Path,
@@ -159,6 +173,8 @@ def compress(
             recipe = _quantize_dynamic(float_path, dst)
         else:
             recipe = _prune(src, ds.x, dst, sparsity, structured=kind == "pruned_structured")  # type: ignore[arg-type]
+        if kind != "float":
+            _drop_unused_opsets(dst)
         load_model(dst)  # every variant must pass intake itself
         variants.append(
             Variant(kind, str(dst), kind, None if kind == "float" else "float", recipe, sha256_file(dst), src)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import platform
-import resource
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -109,9 +108,14 @@ class ProfileReport:
         }
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+def _status_kb(field: str) -> int:
+    """VmRSS / VmHWM from /proc: unlike ru_maxrss, VmHWM starts afresh at exec,
+    so a spawned child does not inherit its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _read_rapl() -> int | None:
@@ -130,7 +134,7 @@ def _measure(path: str, x: np.ndarray, threads: int, runs: int, big_batch: int) 
     """Runs in a fresh process: everything here is measured from a clean interpreter."""
     import onnxruntime as ort
 
-    base_kb = _rss_kb()
+    base_kb = _status_kb("VmRSS")
     t0 = time.perf_counter()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -157,7 +161,7 @@ def _measure(path: str, x: np.ndarray, threads: int, runs: int, big_batch: int) 
             samples.append(time.perf_counter() - s)
         c1, e1 = time.process_time(), _read_rapl()
         lat.append((batch, samples, (c1 - c0) / (n * batch), None if e0 is None or e1 is None else (e1 - e0) / (n * batch)))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _status_kb("VmHWM")
     return {
         "preds": preds,
         "session_create_ms": (t1 - t0) * 1e3,
