@@ -1,9 +1,145 @@
-"""CLI commands for this area (filled in by the issue that owns it)."""
+"""``edgeward serve`` (the HTTP API) and ``edgeward api-key`` (hashed client keys).
+
+Imports of ``api`` / ``runtime_guard`` happen inside the commands so the rest
+of the CLI never pays for them (and ``serve`` never imports torch).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from hardening.cli.common import JSON_OPT, console, handle_errors, print_json
+from hardening.errors import InputError
+
+
+def _input_error(exc: Exception) -> InputError:
+    check = getattr(exc, "check", None)
+    return InputError(f"{check}: {exc}" if check else str(exc))
 
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
-    """Add this area's commands to the main app and the audit group."""
+    """Add ``serve`` and the ``api-key`` group."""
+
+    @app.command("serve")
+    @handle_errors
+    def serve(
+        bundle: Optional[Path] = typer.Argument(None, help="Signed bundle (.ewb) to serve; optional with --watch."),
+        public_key: Path = typer.Option(..., "--public-key", help="Pinned Ed25519 public key (PEM)."),
+        key_file: Optional[Path] = typer.Option(None, "--key-file", help="KEK file (0600; raw, hex or base64)."),
+        kek_env: Optional[str] = typer.Option(None, "--kek-env", help="Read the KEK from this environment variable instead."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless told otherwise)."),
+        port: int = typer.Option(8080, "--port", help="TCP port (0 = pick a free one)."),
+        workers: int = typer.Option(1, "--workers", help="Worker processes sharing the port (SO_REUSEPORT)."),
+        threads: int = typer.Option(4, "--threads", help="waitress threads per worker."),
+        storage_uri: str = typer.Option("memory://", "--storage-uri", help="Rate-limit storage (memory:// or redis://host:port)."),
+        require_shared_storage: bool = typer.Option(False, "--require-shared-storage", help="Refuse memory:// storage with --workers > 1 instead of warning."),
+        api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="Keys file from 'edgeward api-key add' (enables auth)."),
+        admin_token_file: Optional[Path] = typer.Option(None, "--admin-token-file", help="Admin token file (0600; enables admin endpoints)."),
+        rollback_state: Optional[Path] = typer.Option(None, "--rollback-state", help="Anti-rollback state file."),
+        watch: Optional[Path] = typer.Option(None, "--watch", help="Poll this directory for new *.ewb bundles."),
+        watch_interval: float = typer.Option(2.0, "--watch-interval", help="Seconds between directory scans."),
+        max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes", help="Largest request body (413 above)."),
+        rollback_error_rate: float = typer.Option(0.2, "--rollback-error-rate", help="Roll a hot update back above this error rate."),
+        rollback_min_requests: int = typer.Option(20, "--rollback-min-requests", help="Requests before the error rate is judged."),
+        probation_seconds: float = typer.Option(60.0, "--probation-seconds", help="How long a hot update stays on probation."),
+    ) -> None:
+        """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
+        /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
+        from api.config import ApiConfig
+        from api.reload import RollbackTrigger
+        from api.server import ServerSettings, serve as run
+
+        if bundle is None and watch is None:
+            raise InputError("give a BUNDLE or --watch DIR")
+        if (key_file is None) == (kek_env is None):
+            raise InputError("give exactly one of --key-file or --kek-env")
+        try:
+            cfg = ApiConfig(
+                bundle=str(bundle) if bundle else None, public_key=str(public_key),
+                kek_file=str(key_file) if key_file else None, kek_env=kek_env,
+                rollback_state=str(rollback_state) if rollback_state else None,
+                storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
+                admin_token_file=str(admin_token_file) if admin_token_file else None,
+                watch_dir=str(watch) if watch else None, watch_interval_s=watch_interval,
+                max_body_bytes=max_body_bytes,
+                rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
+            )
+            settings = ServerSettings(host, port, workers, threads, require_shared_storage)
+            code = run(cfg, settings)
+        except (ValueError, OSError, LookupError) as exc:  # incl. ServerConfigError, AuthConfigError
+            raise _input_error(exc) from None
+        except Exception as exc:
+            from runtime_guard.errors import BundleError
+
+            if isinstance(exc, BundleError):
+                raise _input_error(exc) from None
+            raise
+        raise typer.Exit(code)
+
+    keys_app = typer.Typer(help="Manage hashed API keys and the admin token.", no_args_is_help=True)
+
+    @keys_app.command("add")
+    @handle_errors
+    def add(
+        keys_file: Path = typer.Argument(..., help="Keys file (created 0600 if missing)."),
+        key_id: str = typer.Option(..., "--id", help="Name of the client; becomes its rate-limit id."),
+        json_out: bool = JSON_OPT,
+    ) -> None:
+        """Create a key; prints it once (only its SHA-256 is stored)."""
+        from api.auth import AuthConfigError, add_key
+
+        try:
+            key = add_key(keys_file, key_id)
+        except AuthConfigError as exc:
+            raise InputError(str(exc)) from None
+        if json_out:
+            print_json({"id": key_id, "key": key, "keys_file": str(keys_file)})
+        else:
+            console.print(f"key for [bold]{key_id}[/bold] (shown once):", highlight=False)
+            typer.echo(key)
+
+    @keys_app.command("remove")
+    @handle_errors
+    def remove(keys_file: Path = typer.Argument(...), key_id: str = typer.Option(..., "--id")) -> None:
+        """Revoke a key."""
+        from api.auth import AuthConfigError, remove_key
+
+        try:
+            remove_key(keys_file, key_id)
+        except AuthConfigError as exc:
+            raise InputError(str(exc)) from None
+
+    @keys_app.command("list")
+    @handle_errors
+    def list_keys(keys_file: Path = typer.Argument(...), json_out: bool = JSON_OPT) -> None:
+        """Key ids and creation times (never the keys)."""
+        from api.auth import AuthConfigError, KeyStore
+
+        try:
+            store = KeyStore.load(keys_file)
+        except AuthConfigError as exc:
+            raise InputError(str(exc)) from None
+        rows = [{"id": e.key_id, "created_at": e.created_at} for e in store.entries]
+        if json_out:
+            print_json(rows)
+        else:
+            for r in rows:
+                typer.echo(f"{r['id']}\t{r['created_at']}")
+
+    @keys_app.command("admin-token")
+    @handle_errors
+    def admin_token(out: Path = typer.Argument(..., help="Token file to create (0600, never overwritten).")) -> None:
+        """Create a random admin token file for --admin-token-file."""
+        from api.auth import generate_admin_token
+        from runtime_guard.bundle import write_secret_file
+
+        try:
+            write_secret_file(out, generate_admin_token().encode("ascii"))
+        except OSError as exc:
+            raise InputError(f"cannot create {out}: {exc.strerror}") from None
+        console.print(f"admin token written to {out}", highlight=False)
+
+    app.add_typer(keys_app, name="api-key")

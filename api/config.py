@@ -1,0 +1,63 @@
+"""ApiConfig: deployment settings of one server (not the signed runtime policy).
+
+The signed policy (input schema, rate limits, output policy, anomaly action)
+travels inside the bundle; this object only says where the bundle and keys
+are and how the HTTP layer behaves. It holds paths and names, never key
+bytes, so it can be handed to worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .reload import RollbackTrigger
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class ApiConfig:
+    bundle: str | None = None  # may be None when watch_dir will provide the first bundle
+    public_key: Any = None  # PEM path, PEM bytes or Ed25519PublicKey
+    kek_file: str | None = None
+    kek_env: str | None = None
+    kek: Any = None  # runtime_guard.bundle.Kek or 32 raw bytes (in-process use, tests)
+    rollback_state: str | None = None
+    storage_uri: str = "memory://"
+    api_keys_file: str | None = None
+    admin_token_file: str | None = None
+    admin_token: str | None = None  # in-process use; prefer admin_token_file
+    max_body_bytes: int = 8 * 1024 * 1024
+    watch_dir: str | None = None
+    watch_interval_s: float = 2.0
+    watch_pattern: str = "*.ewb"
+    rollback_trigger: RollbackTrigger = field(default_factory=RollbackTrigger)
+    intra_op_threads: int = 1
+    trust_forwarded_for: bool = False  # only behind a reverse proxy you control
+
+    def __post_init__(self) -> None:
+        if self.bundle is None and self.watch_dir is None:
+            raise ValueError("give a bundle path or a watch directory")
+        if self.public_key is None:
+            raise ValueError("a pinned public key is required")
+        if sum(x is not None for x in (self.kek_file, self.kek_env, self.kek)) != 1:
+            raise ValueError("give exactly one of kek_file, kek_env, kek")
+        if not 1024 <= int(self.max_body_bytes) <= 1 << 30:
+            raise ValueError("max_body_bytes must be between 1 KiB and 1 GiB")
+        for name in ("bundle", "kek_file", "rollback_state", "api_keys_file",
+                     "admin_token_file", "watch_dir"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, os.fspath(v))
+        if isinstance(self.public_key, os.PathLike):
+            self.public_key = os.fspath(self.public_key)
+
+    def load_kek(self) -> Any:
+        from runtime_guard.bundle import load_kek
+        from runtime_guard.bundle.keys import as_kek
+
+        if self.kek is not None:
+            return as_kek(self.kek)
+        return load_kek(file=self.kek_file) if self.kek_file else load_kek(env=self.kek_env)

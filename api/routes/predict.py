@@ -1,0 +1,30 @@
+"""``POST /v1/predict`` and ``GET /v1/model``."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, jsonify, request
+
+from ..body import parse_predict_body
+from ..service import describe
+from ..state import state
+
+bp = Blueprint("predict", __name__, url_prefix="/v1")
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    st = state()
+    client_id = st.client_id(request)
+    dep = st.require_model()  # this request stays on this deployment to the end
+    x = parse_predict_body(request, st.config.max_body_bytes)
+    ans = st.predict(dep, x, client_id)
+    body = json.dumps({"model": {"name": dep.name, "version": dep.version}, "decision": ans.decision,
+                       "reasons": ans.reasons, "labels": ans.labels, "scores": ans.scores})
+    return Response(body, 200, headers=ans.headers, mimetype="application/json")
+
+
+@bp.get("/model")
+def model() -> Response:
+    return jsonify(describe(state().require_model()))

@@ -1,0 +1,155 @@
+"""Glue between HTTP and ``runtime_guard``: load a deployment, smoke-test it,
+turn a ``PredictionResult`` into a status code, body and headers.
+
+Kept apart from the routes so v1 and the KServe v2 paths share one mapping:
+accepted/flagged -> 200, sanitizer rejection -> 400 naming the failed check,
+anomaly-gate rejection -> 422, rate limited -> 429 with ``Retry-After`` and
+``RateLimit-*`` / ``X-RateLimit-*`` headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import ApiConfig
+from .problems import ApiProblem
+from .reload import Deployment, Loader
+
+SMOKE_FIELD = "smoke_test"  # manifest field with golden inputs / expected outputs
+
+
+def make_loader(cfg: ApiConfig) -> Loader:
+    """Loader for ModelHolder: path -> verified, admitted Deployment (not yet committed)."""
+    from runtime_guard.bundle import RollbackState, load_public_key
+    from runtime_guard.bundle.manifest import canonical_json
+
+    public_key = (load_public_key(cfg.public_key) if isinstance(cfg.public_key, str)
+                  else cfg.public_key)
+    kek = cfg.load_kek()
+    state = RollbackState(cfg.rollback_state) if cfg.rollback_state else None
+
+    def load(source: str) -> Deployment:
+        from runtime_guard.guard import GuardedModel
+
+        model = GuardedModel.load(source, public_key, kek, rollback_state=state,
+                                  storage_uri=cfg.storage_uri, threads=cfg.intra_op_threads,
+                                  accept=False)
+        manifest = model.manifest
+        # The reader refuses non-canonical manifests, so this is the signed digest.
+        digest = hashlib.sha256(canonical_json(manifest)).hexdigest()
+        version = int(manifest["version"])
+        name = str((manifest.get("model") or {}).get("name") or "model")
+
+        def commit() -> None:
+            if state is not None:
+                state.accept(version, digest)
+
+        return Deployment(model=model, version=version, name=name, manifest_sha256=digest,
+                          source=str(source), manifest=manifest, commit=commit)
+
+    return load
+
+
+def smoke_test(dep: Deployment) -> None:
+    """The guard's own sanity run, then the golden set from the signed manifest:
+    ``{"inputs": [...], "expected_labels": [...], "expected_logits": [[...]]?,
+    "atol": 1e-4?}``. Runs the session directly: no rate limit or telemetry."""
+    model = dep.model
+    model.smoke_test()
+    golden = dep.manifest.get(SMOKE_FIELD)
+    if golden is None:
+        return
+    if not isinstance(golden, dict) or "inputs" not in golden or "expected_labels" not in golden:
+        raise ValueError("smoke_test needs 'inputs' and 'expected_labels'")
+    x = np.asarray(golden["inputs"], dtype=np.float32)
+    arr = model.sanitizer(x)
+    logits = model.session.run([model.logits_name], {model.input_name: arr})[0]
+    want = np.asarray(golden["expected_labels"], dtype=np.int64)
+    got = logits.argmax(axis=1)
+    if got.shape != want.shape or not np.array_equal(got, want):
+        bad = int(np.sum(got != want)) if got.shape == want.shape else len(want)
+        raise ValueError(f"{bad} of {len(want)} golden labels differ")
+    if golden.get("expected_logits") is not None:
+        ref = np.asarray(golden["expected_logits"], dtype=np.float32)
+        atol = float(golden.get("atol", 1e-4))
+        if ref.shape != logits.shape or not np.allclose(logits, ref, atol=atol, rtol=1e-3):
+            raise ValueError("golden logits differ beyond tolerance")
+
+
+def describe(dep: Deployment) -> dict[str, Any]:
+    """Public model metadata: schema and policies, never weights or keys."""
+    m, cfg = dep.model, dep.model.config
+    inp = cfg.input
+    return {
+        "name": dep.name,
+        "version": dep.version,
+        "manifest_sha256": dep.manifest_sha256,
+        "created_at": dep.manifest.get("created_at"),
+        "expires_at": dep.manifest.get("expires_at"),
+        "input": {
+            "name": m.input_name,
+            "sample_shape": list(m.sanitizer.sample_shape),
+            "dtype": inp.dtype,
+            "max_batch": inp.max_batch,
+            "value_range": None if inp.value_range is None else list(inp.value_range),
+            "out_of_range": inp.out_of_range,
+            "max_bytes": inp.max_bytes,
+        },
+        "output": {"num_classes": int(m.num_classes), "policy": cfg.output.policy},
+        "anomaly_gate": cfg.anomaly.action,
+        "rate_limit": {"per_client": cfg.rate_limit.per_client,
+                       "global": cfg.rate_limit.global_limit},
+    }
+
+
+@dataclass
+class Answer:
+    """A successful guarded prediction, ready to serialise."""
+
+    decision: str
+    reasons: list[str]
+    labels: list[int]
+    scores: list[list[float]] | None
+    headers: list[tuple[str, str]]
+
+
+def rate_headers(status: Any, legacy: bool = False) -> list[tuple[str, str]]:
+    """``RateLimit-*`` (IETF draft); with ``legacy`` also ``X-RateLimit-*`` (sent on 429s)."""
+    if status is None:
+        return []
+    vals = (("Limit", str(status.limit)), ("Remaining", str(status.remaining)),
+            ("Reset", str(max(0, math.ceil(status.reset_after)))))
+    out = [(f"RateLimit-{k}", v) for k, v in vals]
+    if legacy:
+        out += [(f"X-RateLimit-{k}", v) for k, v in vals]
+    return out
+
+
+def run_predict(dep: Deployment, x: np.ndarray, client_id: str) -> Answer:
+    """Guarded predict; refusals become ApiProblem (400 / 422 / 429)."""
+    res = dep.model.predict(x, client_id)
+    if res.decision == "rate_limited":
+        wait = max(1, math.ceil(res.retry_after or 1))
+        headers = dict(rate_headers(res.rate_limit, legacy=True))
+        headers["Retry-After"] = str(wait)
+        raise ApiProblem(429, "rate-limited", "Too Many Requests",
+                         f"request budget exhausted; retry in {wait}s",
+                         extra={"reasons": list(res.reasons), "retry_after": wait}, headers=headers)
+    if res.decision == "rejected":
+        input_reasons = [r.split(":", 1)[1] for r in res.reasons if r.startswith("input:")]
+        if input_reasons:
+            check = input_reasons[0]
+            raise ApiProblem(400, "input-rejected", "Input rejected",
+                             f"input failed the sanitizer's '{check}' check",
+                             extra={"check": check, "reasons": list(res.reasons)})
+        raise ApiProblem(422, "anomalous-input", "Anomalous input",
+                         "the anomaly gate rejected this input as out of distribution",
+                         extra={"check": "anomaly", "reasons": list(res.reasons)})
+    headers = rate_headers(dep.model.rate_limit_status(client_id)) if dep.model.limiter.enabled else []
+    return Answer(res.decision, list(res.reasons), res.labels.tolist(),
+                  None if res.scores is None else res.scores.tolist(), headers)

@@ -1,0 +1,82 @@
+"""Per-app state shared by the blueprints (``current_app.extensions["edgeward"]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Request, current_app
+
+from .auth import AdminToken, KeyStore, presented_token
+from .config import ApiConfig
+from .metrics import ApiMetrics
+from .problems import ApiProblem
+from .reload import Deployment, DirectoryWatcher, ModelHolder
+from .service import Answer, run_predict
+
+EXT = "edgeward"
+
+
+@dataclass
+class ApiState:
+    config: ApiConfig
+    holder: ModelHolder
+    metrics: ApiMetrics
+    keys: KeyStore | None
+    admin: AdminToken | None
+    watcher: DirectoryWatcher | None = None
+
+    def require_model(self) -> Deployment:
+        dep = self.holder.current()
+        if dep is None:
+            raise ApiProblem(503, "not-ready", "Service Unavailable", "no model is loaded yet",
+                             headers={"Retry-After": "5"})
+        return dep
+
+    def predict(self, dep: Deployment, x: Any, client_id: str) -> Answer:
+        """Guarded predict that also feeds metrics and the hot-update probation
+        (refusals count as healthy; only server-side failures are errors)."""
+        try:
+            ans = run_predict(dep, x, client_id)
+        except ApiProblem as exc:
+            self.holder.record(dep, exc.status < 500)
+            self.metrics.observe_decision(
+                {400: "rejected", 422: "rejected", 429: "rate_limited"}.get(exc.status, "error"),
+                exc.extra.get("reasons") or [exc.slug])
+            raise
+        except Exception:
+            self.holder.record(dep, False)
+            self.metrics.observe_decision("error", ["exception"])
+            raise
+        self.holder.record(dep, True)
+        self.metrics.observe_decision(ans.decision, ans.reasons)
+        return ans
+
+    def client_id(self, req: Request) -> str:
+        """Key id when API keys are on (401 otherwise), else the remote address."""
+        if self.keys is not None:
+            key_id = self.keys.identify(presented_token(req))
+            if key_id is None:
+                raise ApiProblem(401, "unauthorized", "Unauthorized",
+                                 "a valid API key is required (Authorization: Bearer <key>)",
+                                 headers={"WWW-Authenticate": 'Bearer realm="edgeward"'})
+            return "key:" + key_id
+        addr = req.remote_addr or "unknown"
+        if self.config.trust_forwarded_for and req.access_route:
+            addr = req.access_route[0]
+        return "addr:" + addr
+
+    def require_admin(self, req: Request) -> None:
+        if self.admin is None:
+            raise ApiProblem(403, "admin-disabled", "Forbidden",
+                             "admin endpoints are disabled (no admin token configured)")
+        token = presented_token(req)
+        if token is None:
+            raise ApiProblem(401, "unauthorized", "Unauthorized", "admin token required",
+                             headers={"WWW-Authenticate": 'Bearer realm="edgeward-admin"'})
+        if not self.admin.check(token):
+            raise ApiProblem(403, "forbidden", "Forbidden", "this token may not use admin endpoints")
+
+
+def state() -> ApiState:
+    return current_app.extensions[EXT]
