@@ -48,7 +48,7 @@ def plain(path: Path, x: np.ndarray, threads: int) -> tuple[float, float]:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    sess.run(None, {"x": x})
+    sess.run(None, x)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -60,7 +60,7 @@ def bundled(path: Path, x: np.ndarray, threads: int, pub, kek, parts: dict) -> t
     t2 = time.perf_counter()
     sess = open_session(opened.model_bytes, intra_op_threads=threads)
     t3 = time.perf_counter()
-    sess.run(None, {"x": x})
+    sess.run(None, x)
     t4 = time.perf_counter()
     for k, v in (("verify+decrypt", t1 - t0), ("admission", t2 - t1),
                  ("session", t3 - t2), ("first_run", t4 - t3)):
@@ -68,8 +68,9 @@ def bundled(path: Path, x: np.ndarray, threads: int, pub, kek, parts: dict) -> t
     return t4 - t0, time.process_time() - c0
 
 
-def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path) -> dict:
-    model = gemm_model(dim)
+def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path, model: bytes | None = None) -> dict:
+    """``model`` overrides the generated Gemm model (e.g. the digits demo)."""
+    model = gemm_model(dim) if model is None else model
     priv, pub = generate_signing_keypair()
     kek = generate_kek()
     onnx_path, bundle_path = workdir / f"{name}.onnx", workdir / f"{name}.ewb"
@@ -77,7 +78,10 @@ def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path) -> dic
     blob, _ = build_bundle({"model": model}, {}, priv, kek, 1)
     bundle_path.write_bytes(blob)
     del blob
-    x = np.ones((1, dim), np.float32)
+    inp = onnx.load_from_string(model).graph.input[0]
+    name_in = inp.name
+    shape = [1] + [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim[1:]]
+    x = {name_in: np.ones(shape, np.float32)}
     # warm-up (imports, page cache, allocator), not measured
     plain(onnx_path, x, threads)
     bundled(bundle_path, x, threads, pub, kek, {})
@@ -103,12 +107,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--big-dim", type=int, default=3584)  # 3584^2 * 4 B = ~51 MB
     ap.add_argument("--small-dim", type=int, default=256)  # ~0.26 MB
+    ap.add_argument("--demo-model", type=Path, default=None,
+                    help="also measure this ONNX model (e.g. /tmp/demo/digits/model.onnx)")
     args = ap.parse_args()
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, threads={args.threads}, "
           f"repeats={args.repeats}")
     with tempfile.TemporaryDirectory() as d:
-        for name, dim in (("small", args.small_dim), ("large", args.big_dim)):
-            r = bench(name, dim, args.repeats, args.threads, Path(d))
+        cases = [("small", args.small_dim, None), ("large", args.big_dim, None)]
+        if args.demo_model is not None:
+            cases.insert(0, ("demo", 0, args.demo_model.read_bytes()))
+        for name, dim, model in cases:
+            r = bench(name, dim, args.repeats, args.threads, Path(d), model)
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
             print(f"{r['name']:5s} {r['model_mb']:6.2f} MB | wall: plain {r['plain_ms']:7.1f} ms  "
                   f"bundle {r['bundle_ms']:7.1f} ms  ratio {r['ratio']:.2f}x | cpu: plain "

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["GuardedModel", "PredictionResult", "DECISIONS"]
 
 MAX_CLIENT_ID_LEN = 256
+_sum, _any = np.add.reduce, np.logical_or.reduce  # ufunc reduces: no Python-level wrapper per call
 DETECTORS_PAYLOAD = "detectors.npz"
 
 
@@ -226,17 +227,19 @@ class GuardedModel:
 
         outs = self.session.run(self._run_names, {self.input_name: arr})
         logits = outs[0]
-        if not math.isfinite(float(logits.sum())):  # NaN/Inf propagate through the sum
+        if not math.isfinite(float(_sum(logits, axis=None))):  # NaN/Inf propagate through the sum
             return self._finish(t0, PredictionResult("rejected", ["output:non_finite"]))
         raw_labels = logits.argmax(axis=1)
         reasons: list[str] = []
         decision = "accepted"
 
         ood_scores = ood = None
+        any_ood = False
         if self.anomaly is not None:
             ood_scores = self.anomaly.score(arr, logits, outs[1] if len(outs) > 1 else None)
             ood = self.anomaly.is_anomalous(ood_scores)
-            if ood.any():
+            any_ood = bool(_any(ood, axis=None))
+            if any_ood:
                 reasons.append("ood")
                 decision = "flagged"
 
@@ -245,11 +248,11 @@ class GuardedModel:
             reasons.append("extraction")
             decision = "flagged"
 
-        if self._gate_reject and ood is not None and ood.any():
+        if self._gate_reject and any_ood:
             res = PredictionResult("rejected", reasons, ood_scores=ood_scores, logits=logits)
             return self._finish(t0, res, raw_labels)
 
-        labels, scores = self.policy.apply(logits, ood)
+        labels, scores = self.policy.apply_labelled(logits, ood, raw_labels)
         res = PredictionResult(decision, reasons, labels, scores, ood_scores, logits=logits)
         return self._finish(t0, res, raw_labels)
 

@@ -82,9 +82,16 @@ class OutputPolicy:
         self.name = config.policy
 
     def apply(self, logits: np.ndarray, ood: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.apply_labelled(logits, ood, logits.argmax(axis=1))
+
+    def apply_labelled(
+        self, logits: np.ndarray, ood: np.ndarray | None, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``apply`` for a caller that already has ``logits.argmax(axis=1)`` (the guard's hot path)."""
         cfg = self.config
-        labels = logits.argmax(axis=1)
         name = self.name
+        if name == "full":
+            return labels, softmax(logits)
         if name == "label_only":
             scores = np.zeros(logits.shape, dtype=np.float64)
             scores[np.arange(len(labels)), labels] = 1.0

@@ -11,11 +11,13 @@ also use up the global budget that other clients share.
 
 from __future__ import annotations
 
+import bisect
+import threading
 import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
@@ -25,7 +27,7 @@ from limits.strategies import (
 
 from .config import RateLimitConfig
 
-__all__ = ["RateLimitStatus", "RateLimiter", "STRATEGIES"]
+__all__ = ["RateLimitStatus", "RateLimiter", "STRATEGIES", "SweptMemoryStorage"]
 
 STRATEGIES: dict[str, type[_LimitsStrategy]] = {
     "moving-window": MovingWindowRateLimiter,
@@ -33,6 +35,75 @@ STRATEGIES: dict[str, type[_LimitsStrategy]] = {
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
 }
 _NS = "edgeward"
+
+
+class _NeverIdle:
+    """Stands in for MemoryStorage's expiry ``Timer``: reports alive so none is started."""
+
+    @staticmethod
+    def is_alive() -> bool:
+        return True
+
+    @staticmethod
+    def cancel() -> None:
+        return None
+
+
+class SweptMemoryStorage(MemoryStorage):
+    """``limits``' in-process storage without its expiry thread.
+
+    ``MemoryStorage`` starts a ``threading.Timer`` every 10 ms while traffic
+    flows; ``Thread.start()`` blocks the request until the new thread has been
+    scheduled (milliseconds on a loaded device), and each expiry pass copies
+    every key's entry list while holding the GIL. Expiry only reclaims memory
+    (every read checks timestamps itself), so here it runs inline, at most
+    once per ``SWEEP_S`` seconds, in whichever request comes first, trimming
+    expired entries in place. Counting semantics are the library's own.
+    Not registered as a URI scheme: ``memory://`` in ``RateLimiter`` maps here.
+    """
+
+    STORAGE_SCHEME = None
+    SWEEP_S = 1.0
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.timer.cancel()  # the one the base class started; no more are started
+        self.timer = _NeverIdle()  # type: ignore[assignment]
+        self._sweep_lock = threading.Lock()
+        self._next_sweep = time.monotonic() + self.SWEEP_S
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # overrides the base's private hook
+        now = time.monotonic()
+        if now < self._next_sweep or not self._sweep_lock.acquire(False):
+            return
+        try:
+            self._next_sweep = now + self.SWEEP_S
+            self.sweep()
+        finally:
+            self._sweep_lock.release()
+
+    def sweep(self) -> None:
+        """Drop expired moving-window entries and expired counters (memory only)."""
+        now = time.time()
+        for key in list(self.events):
+            with self.locks[key]:
+                events = self.events.get(key)
+                if events and events[-1].expiry <= now:  # newest first: expired ones are the tail
+                    del events[bisect.bisect_left(events, -now, key=lambda e: -e.expiry):]
+                if not events:
+                    self.events.pop(key, None)
+                    self.locks.pop(key, None)
+        for key in list(self.expirations):
+            if self.expirations.get(key, now + 1) <= now:
+                self.storage.pop(key, None)
+                self.expirations.pop(key, None)
+                self.locks.pop(key, None)
+
+
+def _storage(uri: str) -> Storage:
+    if uri.split("://", 1)[0] == "memory":
+        return SweptMemoryStorage(uri)
+    return storage_from_string(uri)
 
 
 @dataclass(frozen=True)
@@ -55,7 +126,7 @@ class RateLimiter:
 
     def __init__(self, config: RateLimitConfig, storage_uri: str = "memory://") -> None:
         self.config = config
-        self.storage = storage_from_string(storage_uri)
+        self.storage = _storage(storage_uri)
         self.strategy = STRATEGIES[config.strategy](self.storage)
         self._client: RateLimitItem | None = parse(config.per_client) if config.per_client else None
         self._global: RateLimitItem | None = parse(config.global_limit) if config.global_limit else None

@@ -18,6 +18,8 @@ from .config import InputSchema
 
 __all__ = ["SanitizerError", "Sanitizer", "REASONS"]
 
+_min, _max = np.minimum.reduce, np.maximum.reduce
+
 REASONS = ("bytes", "not_numeric", "dtype", "shape", "batch_size", "non_finite", "range")
 
 
@@ -80,8 +82,8 @@ class Sanitizer:
             raise SanitizerError("shape", f"empty sample shape {list(shape)}")
 
         # min/max propagate NaN and expose +-Inf, so two reductions cover both checks.
-        lo_v = float(arr.min())
-        hi_v = float(arr.max())
+        lo_v = float(_min(arr, axis=None))  # the ufunc reduce itself: ndarray.min adds a Python wrapper
+        hi_v = float(_max(arr, axis=None))
         if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
             raise SanitizerError("non_finite", "input contains NaN or Inf")
         if self._range is not None:

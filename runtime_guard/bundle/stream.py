@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import queue
 import threading
 from typing import Callable, Iterator
@@ -55,27 +56,29 @@ def encrypt_chunks(key: bytes, aad: bytes, plaintext: bytes, chunk_size: int) ->
 
 
 READ_BATCH = 1024 * 1024  # bytes of ciphertext read per syscall (memory bound)
-
-
-def _plain_buffer(size: int) -> memoryview:
-    """A writable buffer for plaintext; zeroed on failure, copied to ``bytes`` on success."""
-    return memoryview(bytearray(size))
+_ZEROS = bytes(READ_BATCH)
 
 
 class _Hasher:
-    """SHA-256 in a helper thread, fed in large blocks.
+    """SHA-256 of the plaintext, computed from small reusable buffers.
 
-    hashlib releases the GIL, so hashing block k overlaps with decrypting
-    block k+1 on another core; blocks are big so the thread rarely needs the GIL.
+    Each batch of chunks is decrypted into a ~1 MiB slot that stays in cache,
+    hashed from there and appended to the output, so the plaintext is written to
+    its final place exactly once and never re-read from memory. With
+    ``threaded`` the hashing runs on a helper thread (hashlib releases the GIL)
+    over a ring of slots, overlapping with decryption of the next batch.
     """
 
-    BLOCK = 4 * 1024 * 1024
+    SLOTS = 3
 
-    def __init__(self, view: memoryview, threaded: bool) -> None:
+    def __init__(self, slot_bytes: int, threaded: bool) -> None:
         self._h = hashlib.sha256()
-        self._view = view
-        self._done = 0
+        self._bufs = [bytearray(slot_bytes) for _ in range(self.SLOTS if threaded else 1)]
+        self._views = [memoryview(b) for b in self._bufs]
         self._q: "queue.SimpleQueue[tuple[int, int] | None] | None" = None
+        self._free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        for i in range(len(self._bufs)):
+            self._free.put(i)
         if threaded:
             self._q = queue.SimpleQueue()
             self._t = threading.Thread(target=self._run, name="bundle-sha256", daemon=True)
@@ -84,18 +87,21 @@ class _Hasher:
     def _run(self) -> None:
         assert self._q is not None
         while (item := self._q.get()) is not None:
-            self._h.update(self._view[item[0]:item[1]])
+            self._h.update(self._views[item[0]][:item[1]])
+            self._free.put(item[0])
 
-    def advance(self, upto: int, final: bool = False) -> None:
-        """Plaintext [0, upto) is final; hash it once a block has accumulated."""
-        if upto - self._done < self.BLOCK and not final:
-            return
-        if upto > self._done:
-            if self._q is not None:
-                self._q.put((self._done, upto))
-            else:
-                self._h.update(self._view[self._done:upto])
-            self._done = upto
+    def slot(self) -> tuple[int, memoryview]:
+        """A slot nobody reads any more (waits for the hash thread if needed)."""
+        i = self._free.get()
+        return i, self._views[i]
+
+    def submit(self, i: int, n: int) -> None:
+        """Slot ``i`` holds the next ``n`` plaintext bytes: hash them."""
+        if self._q is not None:
+            self._q.put((i, n))
+        else:
+            self._h.update(self._views[i][:n])
+            self._free.put(i)
 
     def digest(self) -> bytes:
         self.close()
@@ -106,6 +112,22 @@ class _Hasher:
             self._q.put(None)
             self._t.join()
             self._q = None
+
+    def wipe(self) -> None:
+        """Zero the slots (they held plaintext)."""
+        for v in self._views:
+            v[:] = _ZEROS[:len(v)] if len(v) <= len(_ZEROS) else bytes(len(v))
+            v.release()
+
+
+def _wipe(out: io.BytesIO) -> None:
+    """Overwrite everything written so far with zeros, in place."""
+    n = out.tell()
+    out.seek(0)
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        out.write(_ZEROS[:k])
+        n -= k
 
 
 def decrypt_payload(
@@ -118,18 +140,24 @@ def decrypt_payload(
     expected_sha256: bytes,
     name: str,
 ) -> bytes:
-    """Authenticate and decrypt one payload chunk by chunk into one buffer.
+    """Authenticate and decrypt one payload chunk by chunk into one ``bytes``.
 
     ``read(offset, n)`` supplies ciphertext; at most READ_BATCH bytes of it
     are held at a time. The SHA-256 of the plaintext is checked against the signed
     manifest too: AEAD keys are symmetric, so anyone holding the KEK could
     re-encrypt a chunk, but only the publisher can sign a digest.
+
+    The output is an ``io.BytesIO`` whose ``getvalue()`` hands over its own
+    buffer when nothing else references it (CPython), so the plaintext is not
+    copied a second time; on any failure what was written is zeroed first.
     """
     aead = AESGCM(key)
-    view = _plain_buffer(size)
-    hasher = _Hasher(view, threaded=size >= 2 * _Hasher.BLOCK)
     n = chunk_count(size, chunk_size)
     per_read = max(1, READ_BATCH // (chunk_size + TAG_LEN))  # whole chunks per read
+    span = min(size, per_read * chunk_size)  # plaintext bytes per batch
+    batches = -(-n // per_read)
+    hasher = _Hasher(span, threaded=batches >= 4)
+    out = io.BytesIO()
     pos = offset
     try:
         for first in range(0, n, per_read):
@@ -139,26 +167,28 @@ def decrypt_payload(
             if len(batch) != want:
                 raise TamperError(f"payload {name!r}: ciphertext is truncated", check="truncated")
             pos += want
-            boff = 0
+            slot_id, buf = hasher.slot()
+            boff = poff = 0
             for i in range(first, last):
-                start = i * chunk_size
-                plen = min(chunk_size, size - start)
+                plen = min(chunk_size, size - i * chunk_size)
                 ct = batch[boff:boff + plen + TAG_LEN]
                 boff += plen + TAG_LEN
                 try:
-                    aead.decrypt_into(chunk_nonce(i, i == n - 1), ct, aad, view[start:start + plen])
+                    aead.decrypt_into(chunk_nonce(i, i == n - 1), ct, aad, buf[poff:poff + plen])
                 except InvalidTag:
+                    hasher.submit(slot_id, 0)
                     raise TamperError(
                         f"payload {name!r}: chunk {i} failed authentication", check="chunk-auth"
                     ) from None
-                hasher.advance(start + plen, final=i == n - 1)
+                poff += plen
+            out.write(buf[:poff])
+            hasher.submit(slot_id, poff)
         if not hmac.compare_digest(hasher.digest(), expected_sha256):
             raise TamperError(f"payload {name!r}: SHA-256 does not match manifest", check="digest")
     except BaseException:
         hasher.close()
-        view[:] = bytes(size)  # don't leave unauthenticated plaintext lying around
-        view.release()
+        hasher.wipe()
+        _wipe(out)  # don't leave unauthenticated plaintext lying around
         raise
-    result = bytes(view)  # onnxruntime takes bytes: one copy
-    view.release()
-    return result
+    hasher.wipe()
+    return out.getvalue()
