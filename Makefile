@@ -22,7 +22,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
 
 demo: $(STAMP)
-	PY=$(PY) OUT=$(DEMO_OUT) bash scripts/demo.sh
+	PYTHON=$(abspath $(PY)) bash scripts/demo.sh $(DEMO_OUT)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

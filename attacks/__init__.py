@@ -1,0 +1,1 @@
+"""Attack adapters over ART: evasion (attacks.evasion, attacks.estimators) and model extraction."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
+from typer.core import TyperGroup
 
 from hardening.cli import bundle, extraction, foundation, ood, report, robustness, serve
 
@@ -13,7 +16,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-audit_app = typer.Typer(help="Security audits: robustness, extraction, OOD.", no_args_is_help=True)
+
+
+class AuditGroup(TyperGroup):
+    """``edgeward audit MODEL --data ...`` (MODEL an existing file or ``*.onnx``) runs the full
+    review (the ``full`` subcommand); a mistyped subcommand still gets "No such command";
+    ``edgeward audit robustness|extraction|ood ...`` still reach the single-area audits."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        first = args[0] if args else ""
+        if first not in self.commands and "full" in self.commands and (first.endswith(".onnx") or os.path.isfile(first)):
+            args = ["full", *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(
+    cls=AuditGroup,
+    help="Security audits. `edgeward audit MODEL --data D --out DIR` runs the full review; "
+    "subcommands run one area.",
+    no_args_is_help=True,
+)
 
 for _module in (foundation, robustness, extraction, ood, bundle, serve, report):
     _module.register(app, audit_app)

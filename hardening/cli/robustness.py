@@ -1,9 +1,111 @@
-"""CLI commands for this area (filled in by the issue that owns it)."""
+"""``edgeward audit robustness``: worst-case robust accuracy per variant, threat model and epsilon."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from hardening.cli.common import JSON_OPT, console, dumps, handle_errors, out, print_json, table
+from hardening.errors import CheckFailed, InputError
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
-    """Add this area's commands to the main app and the audit group."""
+    """Add ``audit robustness``."""
+
+    @audit.command("robustness")
+    @handle_errors
+    def robustness(
+        models: list[str] = typer.Argument(..., help="ONNX model files, or a variants.json from 'edgeward compress'."),
+        data: Path = typer.Option(..., "--data", help=".npz with x (inputs) and y (labels)."),
+        profile: str = typer.Option("quick", "--profile", help="quick (CI: few iterations) or thorough."),
+        torch_source: Path | None = typer.Option(
+            None, "--torch-source", help="PyTorch source of the float model (enables white-box, BPDA and transfer)."
+        ),
+        eps: str | None = typer.Option(
+            None, "--eps", help="Comma-separated epsilons in input units (default 5/10/20% of the data range)."
+        ),
+        norm: str = typer.Option("inf", "--norm", help="Threat model: inf (L-inf) or 2 (L2)."),
+        n: int = typer.Option(200, "--n", help="Evaluation points (a seeded sample of x)."),
+        attacks: str | None = typer.Option(
+            None, "--attacks", help="Comma-separated subset: fgsm,pgd,apgd-ce,apgd-dlr,apgd-t,deepfool,square,hsj."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seed for sampling and attacks (runs are repeatable)."),
+        out_dir: Path | None = typer.Option(None, "--out", help="Write robustness.json (with per-example results) here."),
+        strict: bool = typer.Option(False, "--strict", help="Exit 1 when a self-check finding is 'high'."),
+        self_checks: bool = typer.Option(
+            True, "--self-checks/--no-self-checks", help="Sanity-epsilon and iteration checks (gradient checks always run)."
+        ),
+        json_out: bool = JSON_OPT,
+    ) -> None:
+        """Robust accuracy under the strongest attacks we can run, judged on each deployed ONNX model.
+
+        Attacks run cheap to expensive on the points still classified correctly; a point is
+        robust only if every attack failed. Self-checks flag broken attacks and gradient masking.
+        """
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from hardening.robustness import run_robustness_audit
+
+        eps_list = _floats(eps, "--eps")
+        names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True, disable=json_out and not console.is_terminal,
+        ) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(desc: str, done: int, total: int) -> None:
+                key = desc.split(" ", 1)[0]
+                if key not in tasks:
+                    tasks[key] = bar.add_task(desc, total=total)
+                bar.update(tasks[key], description=desc, completed=done, total=total)
+
+            report = run_robustness_audit(
+                models, data, torch_source=torch_source, profile=profile, eps=eps_list, norm=norm, n=n,
+                seed=seed, attacks=names, progress=progress, self_checks=self_checks,
+            )
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "robustness.json").write_text(dumps(report) + "\n")
+        if json_out:
+            print_json(report)
+        else:
+            _print(report)
+        if strict and report.worst_severity == "high":
+            raise CheckFailed("self-checks raised high-severity findings (see above)")
+
+
+def _print(report) -> None:
+    fams = ["white-box", "bpda", "transfer", "black-box", "decision"]
+    used = [f for f in fams if any(f in v.families for v in report.variants)]
+    rows = []
+    for v in report.variants:
+        for e in v.eps:
+            rows.append(
+                [v.name, v.role, v.clean_accuracy, e.eps, *[e.robust_after_family.get(f) for f in used],
+                 e.robust_accuracy, f"[{e.ci_low:.3f}, {e.ci_high:.3f}]"]
+            )
+    table(
+        f"Robust accuracy, L{report.norm}, n={report.n}, profile={report.profile} (judged on the ONNX model)",
+        ["variant", "role", "clean", "eps", *[f"after {f}" for f in used], "robust", "95% CI"],
+        rows,
+    )
+    for v in report.variants:
+        med = (f"> {max(report.eps):g} (most points unbroken)" if v.median_is_lower_bound
+               else "-" if v.median_distance is None else f"{v.median_distance:.4g}")
+        out.print(f"{v.name}: median smallest adversarial perturbation (L{report.norm}) {med}; {v.seconds:.1f} s")
+    if report.findings:
+        table("Self-check findings", ["severity", "variant", "code", "message"],
+              [[f.severity, f.variant, f.code, f.message] for f in report.findings])
+    else:
+        out.print("self-checks: no findings")

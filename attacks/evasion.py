@@ -1,0 +1,267 @@
+"""Evasion attack adapters over ``art.attacks.evasion``: one call, one set of settings.
+
+Every attack is described by an ``AttackSpec`` (what access it needs, whether it is
+bounded by an epsilon or searches for a minimal perturbation) and run through
+``craft``, which fixes seeds, hides ART's progress bars and returns adversarial
+inputs. Whether an example is *actually* adversarial is decided by the caller on the
+deployed model, never here.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hardening.errors import InputError
+
+NORMS = {"inf": np.inf, "2": 2}
+
+
+class SkipAttack(Exception):
+    """The attack cannot run on this model/data (the message says why); not an error."""
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    access: str  # "gradients" (white-box/transfer/BPDA), "scores" (logits), "labels" (decision only)
+    eps_bounded: bool  # False: minimal-perturbation attack, counted where its distance <= eps
+    cost: int  # cascade order, cheap first
+    description: str
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    s.name: s
+    for s in (
+        AttackSpec("fgsm", "gradients", True, 0, "Fast Gradient Sign Method (one step)"),
+        AttackSpec("pgd", "gradients", True, 1, "Projected Gradient Descent, cross-entropy"),
+        AttackSpec("apgd-ce", "gradients", True, 2, "Auto-PGD, cross-entropy loss"),
+        AttackSpec("apgd-dlr", "gradients", True, 3, "Auto-PGD, difference-of-logits-ratio loss"),
+        AttackSpec("apgd-t", "gradients", True, 4, "Auto-PGD targeted at the top runner-up classes"),
+        AttackSpec("deepfool", "gradients", False, 5, "DeepFool minimal L2 perturbation"),
+        AttackSpec("square", "scores", True, 6, "Square attack (score-based black-box)"),
+        AttackSpec("hsj", "labels", False, 7, "HopSkipJump (decision-based, labels only)"),
+    )
+}
+
+# Iteration budgets. "quick" is what CI and tests run; "thorough" is for releases.
+PROFILES: dict[str, dict[str, dict]] = {
+    "quick": {
+        "fgsm": {},
+        "pgd": {"max_iter": 10, "num_random_init": 1},
+        "apgd-ce": {"max_iter": 20, "nb_random_init": 1},
+        "apgd-dlr": {"max_iter": 20, "nb_random_init": 1},
+        "apgd-t": {"max_iter": 20, "nb_random_init": 1, "targets": 2},
+        "deepfool": {"max_iter": 20, "nb_grads": 3},
+        "square": {"max_iter": 300, "nb_restarts": 1},
+        "hsj": {"max_iter": 3, "max_eval": 100, "init_eval": 10, "init_size": 20},
+    },
+    "thorough": {
+        "fgsm": {},
+        "pgd": {"max_iter": 50, "num_random_init": 2},
+        "apgd-ce": {"max_iter": 100, "nb_random_init": 2},
+        "apgd-dlr": {"max_iter": 100, "nb_random_init": 2},
+        "apgd-t": {"max_iter": 100, "nb_random_init": 1, "targets": 3},
+        "deepfool": {"max_iter": 100},
+        "square": {"max_iter": 2000, "nb_restarts": 1},
+        "hsj": {"max_iter": 40, "max_eval": 1000, "init_eval": 100, "init_size": 100},
+    },
+}
+# Which attacks each profile runs by default (apgd-t only pays off in the long run).
+DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {
+    "quick": ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "deepfool", "square", "hsj"),
+    "thorough": ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "deepfool", "square", "hsj"),
+}
+
+
+def parse_norm(norm: str | int | float) -> float:
+    key = "inf" if norm in (np.inf, "inf", "Linf", "linf") else str(norm).strip()
+    if key in ("2.0", "L2", "l2"):
+        key = "2"
+    if key not in NORMS:
+        raise InputError(f"unknown norm {norm!r}; choose 'inf' or '2'")
+    return NORMS[key]
+
+
+def check_attack_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise InputError(f"unknown attack name(s) {unknown}; known: {', '.join(ATTACKS)}")
+    if not names:
+        raise InputError("no attacks selected")
+    return tuple(sorted(dict.fromkeys(names), key=lambda n: ATTACKS[n].cost))
+
+
+def check_profile(profile: str) -> dict[str, dict]:
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+def _seed(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def craft(
+    name: str,
+    estimator,
+    x: np.ndarray,
+    y: np.ndarray,
+    eps: float,
+    norm: float,
+    settings: dict,
+    seed: int = 0,
+) -> np.ndarray:
+    """Run one ART attack on ``x`` (true labels ``y``) and return candidate adversarials.
+
+    ``eps`` is ignored by minimal-perturbation attacks (``deepfool``, ``hsj``).
+    Raises ``SkipAttack`` when the attack does not apply (e.g. DLR needs 3+ classes).
+    """
+    logging.getLogger("art").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # ART's Square L2 divides by zero; caller drops NaNs
+        return _craft(name, estimator, x, y, eps, norm, settings, seed)
+
+
+def _craft(name, estimator, x, y, eps, norm, settings, seed):
+    from art.attacks.evasion import (
+        AutoProjectedGradientDescent,
+        DeepFool,
+        FastGradientMethod,
+        HopSkipJump,
+        ProjectedGradientDescent,
+        SquareAttack,
+    )
+
+    if name not in ATTACKS:
+        raise InputError(f"unknown attack name {name!r}; known: {', '.join(ATTACKS)}")
+    nb_classes = estimator.nb_classes
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(x) == 0:
+        return x.copy()
+    _seed(seed)
+    s = dict(settings)
+    if name == "fgsm":
+        atk = FastGradientMethod(estimator, norm=norm, eps=eps, eps_step=eps, batch_size=128)
+        return atk.generate(x, y=y)
+    if name == "pgd":
+        it = int(s["max_iter"])
+        atk = ProjectedGradientDescent(
+            estimator,
+            norm=norm,
+            eps=eps,
+            eps_step=float(s.get("eps_step_ratio", 2.5 / it)) * eps,
+            max_iter=it,
+            num_random_init=int(s.get("num_random_init", 0)),
+            batch_size=128,
+            verbose=False,
+        )
+        return atk.generate(x, y=y)
+    if name in ("apgd-ce", "apgd-dlr"):
+        if name == "apgd-dlr" and nb_classes < 3:
+            raise SkipAttack("the DLR loss needs at least 3 classes")
+        atk = AutoProjectedGradientDescent(
+            estimator,
+            norm=norm,
+            eps=eps,
+            eps_step=2 * eps,
+            max_iter=int(s["max_iter"]),
+            nb_random_init=int(s["nb_random_init"]),
+            batch_size=128,
+            loss_type="cross_entropy" if name == "apgd-ce" else "difference_logits_ratio",
+            verbose=False,
+        )
+        return atk.generate(x, y=y)
+    if name == "apgd-t":
+        if nb_classes < 3:
+            raise SkipAttack("targeting runner-up classes needs at least 3 classes (untargeted covers 2)")
+        return _apgd_targeted(estimator, x, y, eps, norm, s, AutoProjectedGradientDescent)
+    if name == "deepfool":
+        if not hasattr(estimator, "class_gradient"):
+            raise SkipAttack("DeepFool needs class gradients")
+        atk = DeepFool(
+            estimator,
+            max_iter=int(s["max_iter"]),
+            epsilon=0.02,  # overshoot, so the point lands past the boundary for the ONNX model too
+            nb_grads=int(s.get("nb_grads", 10)),
+            batch_size=64,
+            verbose=False,
+        )
+        return atk.generate(x)
+    if name == "square":
+        shape = x.shape
+        if x.ndim != 4:
+            if len(estimator.input_shape) != 3:
+                raise SkipAttack(
+                    "ART's Square attack needs 4-D image input and these flat samples have no (1, h, w) view "
+                    "with h, w > 1 (prime feature count)"
+                )
+            x = x.reshape(len(x), *estimator.input_shape)
+        atk = SquareAttack(
+            estimator,
+            norm=norm,
+            eps=eps,
+            max_iter=int(s["max_iter"]),
+            nb_restarts=int(s["nb_restarts"]),
+            p_init=_square_p_init(x.shape[2:], norm),
+            batch_size=256,
+            verbose=False,
+        )
+        return atk.generate(x, y=y).reshape(shape)
+    # hsj
+    atk = HopSkipJump(
+        estimator,
+        batch_size=256,
+        targeted=False,
+        norm=norm,
+        max_iter=int(s["max_iter"]),
+        max_eval=int(s["max_eval"]),
+        init_eval=int(s["init_eval"]),
+        init_size=int(s["init_size"]),
+        verbose=False,
+    )
+    return atk.generate(x, y=y)
+
+
+def _square_p_init(hw: tuple[int, ...], norm: float) -> float:
+    """ART's first square side is round(sqrt(p*h*w)) and must stay below min(h, w), else
+    its sampling fails on small images; shrink the usual 0.8 (L-inf) / 0.1 (L2) to fit."""
+    h, w = int(hw[0]), int(hw[1])
+    fit = 0.95 * (min(h, w) - 0.5) ** 2 / (h * w)
+    return min(0.8 if norm == np.inf else 0.1, fit)
+
+
+def _apgd_targeted(estimator, x, y, eps, norm, s, apgd_cls) -> np.ndarray:
+    """APGD targeted at each of the ``targets`` highest-scoring wrong classes in turn."""
+    logits = estimator.predict(x)
+    masked = logits.copy()
+    masked[np.arange(len(x)), y] = -np.inf
+    order = np.argsort(-masked, axis=1)
+    x_adv = x.copy()
+    open_ = np.ones(len(x), dtype=bool)
+    for k in range(min(int(s["targets"]), estimator.nb_classes - 1)):
+        if not open_.any():
+            break
+        idx = np.flatnonzero(open_)
+        atk = apgd_cls(
+            estimator,
+            norm=norm,
+            eps=eps,
+            eps_step=2 * eps,
+            max_iter=int(s["max_iter"]),
+            targeted=True,
+            nb_random_init=int(s["nb_random_init"]),
+            batch_size=128,
+            loss_type="cross_entropy",
+            verbose=False,
+        )
+        cand = atk.generate(x[idx], y=order[idx, k])
+        hit = estimator.predict(cand).argmax(axis=1) != y[idx]
+        x_adv[idx[hit]] = cand[hit]
+        open_[idx[hit]] = False
+    return x_adv

@@ -1,0 +1,219 @@
+"""Build a signed bundle from a reviewed variant: model + OOD detectors + runtime policy,
+with the review's provenance in the signed manifest.
+
+Provenance rules (issue: release gate):
+* the manifest records ``report_digest`` = SHA-256 of the report.json bytes;
+* the packaged model must be byte-identical to the variant the report reviewed
+  (its SHA-256 is checked), so a report cannot vouch for another file;
+* a variant that failed the report's policy is refused unless ``force`` — and then
+  the manifest says ``forced: true`` and lists the failed checks, for the device
+  operator to see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hardening.data import Dataset, load_dataset
+from hardening.errors import CheckFailed, InputError, ModelError
+from hardening.intake import ModelInfo, load_model, make_session, predict_logits, sha256_file
+from hardening.report.schema import load_report
+
+SMOKE_N = 4
+SMOKE_ATOL = 1e-4
+
+
+@dataclass
+class PackageResult:
+    out_path: str
+    variant: str
+    report_digest: str
+    forced: bool
+    failed_checks: list[str]
+    manifest: dict = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"out_path": self.out_path, "variant": self.variant, "report_digest": self.report_digest,
+                "forced": self.forced, "failed_checks": self.failed_checks, "manifest": self.manifest}
+
+
+def _value_range(ds: Dataset) -> tuple[float, float]:
+    arrays = [a for a in (ds.x, ds.x_train, ds.x_cal) if a is not None]
+    return float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
+
+
+def smoke_set(model_path: str | Path, info: ModelInfo, ds: Dataset, n: int = SMOKE_N) -> dict:
+    """Golden inputs (the first ``n`` test inputs) and the packaged model's own outputs on them."""
+    x = ds.x[:n]
+    logits = predict_logits(make_session(model_path), info, x)
+    return {
+        "inputs": x.astype(np.float32).tolist(),
+        "expected_labels": logits.argmax(1).astype(int).tolist(),
+        "expected_logits": logits.astype(np.float32).tolist(),
+        "atol": SMOKE_ATOL,
+    }
+
+
+def runtime_config(
+    info: ModelInfo,
+    ds: Dataset,
+    detector_meta: dict | None,
+    *,
+    output_policy: str = "full",
+    gate_action: str = "flag",
+    rate_limit: str | None = "600/minute",
+    overrides: dict | None = None,
+) -> dict:
+    """The manifest's ``runtime`` dict, validated by ``GuardConfig``.
+
+    Sanitizer schema from the model input and the data's value range; telemetry's class
+    reference from the model's predictions on the calibration split; OOD gate from the
+    exported detectors (``off`` when there are none).
+    """
+    from runtime_guard.config import GuardConfig, GuardConfigError
+
+    x_cal, _ = ds.calibration()
+    preds = np.concatenate([predict_logits(make_session(info.path), info, x_cal[i:i + 256]).argmax(1)
+                            for i in range(0, len(x_cal), 256)])
+    counts = np.bincount(preds, minlength=int(info.num_classes or preds.max() + 1)).astype(float)
+    shape = [int(d) if isinstance(d, int) else None for d in info.input_shape[1:]]
+    doc: dict[str, Any] = {
+        "input": {"sample_shape": None if None in shape else shape, "value_range": list(_value_range(ds)),
+                  "out_of_range": "reject"},
+        "rate_limit": {"per_client": rate_limit},
+        "anomaly": {"action": gate_action if detector_meta is not None else "off", "detector_meta": detector_meta},
+        "output": {"policy": output_policy},
+        "telemetry": {"reference_class_counts": (counts + 0.5).tolist()},  # +0.5: no empty class in PSI
+    }
+    for section, values in (overrides or {}).items():
+        if not isinstance(values, dict):
+            raise InputError(f"runtime override '{section}' must be a table/object")
+        doc.setdefault(section, {}).update(values)
+    try:
+        return GuardConfig.from_dict(doc).to_dict()
+    except GuardConfigError as e:
+        raise InputError(str(e)) from None
+
+
+def _pick_variant(report: dict, variant: str | None) -> dict:
+    names = [v["name"] for v in report["variants"]]
+    if variant is None:
+        if len(names) != 1:
+            raise InputError(f"report has {len(names)} variants ({', '.join(names)}); choose one with --variant")
+        variant = names[0]
+    for v in report["variants"]:
+        if v["name"] == variant:
+            return v
+    raise InputError(f"variant {variant!r} is not in the report (variants: {', '.join(names)})")
+
+
+def _admit(model: Path, name: str) -> None:
+    """Refuse now what the device's admission check would refuse after deployment."""
+    from runtime_guard.admission import admit_model
+    from runtime_guard.errors import ModelRejected
+
+    try:
+        admit_model(model.read_bytes())
+    except ModelRejected as e:
+        raise ModelError(f"{model}: variant {name!r} would be rejected on the device ({e})") from None
+
+
+def _resolve(base: Path, p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else base / path
+
+
+def package_variant(
+    report_path: str | Path,
+    out_path: str | Path,
+    *,
+    signing_key: Any,
+    kek: Any,
+    version: int,
+    variant: str | None = None,
+    model_path: str | Path | None = None,
+    data_path: str | Path | None = None,
+    expires_in_s: int | None = None,
+    force: bool = False,
+    output_policy: str = "full",
+    gate_action: str = "flag",
+    rate_limit: str | None = "600/minute",
+    runtime_overrides: dict | None = None,
+) -> PackageResult:
+    """Write a signed, encrypted bundle for one reviewed variant; see the module doc for the rules.
+
+    Raises ``CheckFailed`` (exit 1) for a variant that failed the policy without ``force``,
+    ``InputError``/``ModelError`` (exit 2) for anything that does not match the report.
+    """
+    from runtime_guard.bundle import write_bundle
+
+    report_path = Path(report_path)
+    raw = report_path.read_bytes() if report_path.is_file() else None
+    if raw is None:
+        raise InputError(f"{report_path}: report not found")
+    report = load_report(report_path)
+    digest = hashlib.sha256(raw).hexdigest()
+    base = report_path.parent
+    v = _pick_variant(report, variant)
+    name = v["name"]
+
+    failed = [c["id"] for c in report["checks"] if c["status"] == "fail" and c["variant"] in (name, None)]
+    if failed and not force:
+        raise CheckFailed(
+            f"variant {name!r} failed {len(failed)} policy check(s) in {report_path} "
+            f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); refusing to package without --force"
+        )
+
+    model = Path(model_path) if model_path else _resolve(base, v["path"])
+    if not model.is_file():
+        raise ModelError(f"{model}: model file of variant {name!r} not found (pass --model)")
+    got = sha256_file(model)
+    if got != v["sha256"]:
+        raise ModelError(f"{model}: sha256 {got[:12]}... is not the reviewed variant {name!r} ({v['sha256'][:12]}...)")
+    info = load_model(model)
+    _admit(model, name)
+
+    data = Path(data_path) if data_path else _resolve(base, report["inputs"]["data"]["path"])
+    if not data.is_file():
+        raise InputError(f"{data}: data file recorded in the report not found (pass --data)")
+    if data_path is None and sha256_file(data) != report["inputs"]["data"]["sha256"]:
+        raise InputError(f"{data}: data file changed since the review (sha256 differs); pass --data explicitly")
+    ds = load_dataset(data)
+
+    payloads = {"model": model.read_bytes()}
+    meta = None
+    det_rel = ((report.get("artifacts") or {}).get("detectors") or {}).get(name)
+    if det_rel is not None:
+        det = _resolve(base, det_rel)
+        try:
+            meta = json.loads((det / "detectors.json").read_text())
+            payloads["detectors.npz"] = (det / "detectors.npz").read_bytes()
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{det}: detectors of variant {name!r} unreadable ({e})") from None
+        det_sha = (meta.get("model") or {}).get("sha256")
+        if det_sha and det_sha != v["sha256"]:
+            raise ModelError(f"{det}: detectors were fitted for another model (sha256 {det_sha[:12]}...)")
+
+    runtime = runtime_config(info, ds, meta, output_policy=output_policy, gate_action=gate_action,
+                             rate_limit=rate_limit, overrides=runtime_overrides)
+    fields = {
+        "model": {"name": Path(report["inputs"]["model"]["path"]).stem + "-" + name, "variant": name, "kind": v["kind"],
+                  "sha256": v["sha256"], "input_name": info.input_name, "num_classes": info.num_classes},
+        "runtime": runtime,
+        "report_digest": digest,
+        "forced": bool(failed),
+        "review": {"schema_version": report["schema_version"], "passed": not failed, "failed_checks": failed,
+                   "headline": report["verdict"]["headline"], "created_at": report["created_at"]},
+        "smoke_test": smoke_set(model, info, ds),
+    }
+    try:
+        manifest = write_bundle(out_path, payloads, fields, signing_key, kek, version, expires_in_s)
+    except ValueError as e:  # writer's argument checks (version, expiry, manifest size)
+        raise InputError(f"cannot write bundle: {e}") from None
+    return PackageResult(str(out_path), name, digest, bool(failed), failed, manifest)

@@ -1,0 +1,220 @@
+"""The release policy: thresholds a report must meet and tolerances the gate allows.
+
+A policy is a TOML file; every key is optional and missing keys take the
+documented defaults (``docs/policy.md``). Parsing is strict — an unknown section
+or key, a wrong type or an out-of-range value raises ``PolicyError`` naming the
+key — because a typo that silently disables a check is worse than a refusal.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hardening.errors import InputError
+
+
+class PolicyError(InputError):
+    """The policy file is unreadable or names an unknown/invalid setting (exit 2)."""
+
+
+@dataclass
+class EpsThreshold:
+    eps: float
+    min: float
+
+
+@dataclass
+class AccuracyPolicy:
+    min_clean: float = 0.90  # every variant, on the eval split
+    max_drop_vs_float: float = 0.03  # compressed variants vs the float model (absolute)
+
+
+@dataclass
+class RobustnessPolicy:
+    # Minimum robust accuracy per epsilon; the audit runs at exactly these epsilons.
+    min_robust_accuracy: list[EpsThreshold] = field(
+        default_factory=lambda: [EpsThreshold(0.05, 0.50), EpsThreshold(0.1, 0.30)]
+    )
+    norm: str = "inf"
+    n: int = 64  # evaluation points per variant
+    fail_on_high_findings: bool = True  # e.g. "gradient masking suspected" makes the figure untrustworthy
+
+
+@dataclass
+class ExtractionPolicy:
+    # Which victim the thresholds judge: "bare" (raw model outputs) or the runtime defence you
+    # ship ("top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation", "guarded").
+    victim: str = "bare"
+    budget: int = 200  # attacker queries (in-distribution thief data) at which fidelity is judged
+    max_fidelity: float = 0.98  # a stolen copy agreeing at least this much at `budget` fails
+    target_fidelity: float = 0.90  # "stolen" means reaching this agreement ...
+    min_queries_to_steal: int = 50  # ... and it must take at least this many queries
+
+
+@dataclass
+class OODPolicy:
+    min_auroc: float = 0.85  # per family, fused ensemble score
+    families: list[str] = field(default_factory=list)  # empty = every family the audit built
+    max_id_frr: float = 0.10  # achieved false-rejection rate on in-distribution eval data
+    alpha: float = 0.05  # target false-rejection rate the gate is calibrated for
+
+
+@dataclass
+class BudgetPolicy:
+    max_latency_p95_ms: float | None = 5.0
+    max_memory_mb: float | None = 200.0
+    max_size_kb: float | None = 2048.0
+    max_cold_start_ms: float | None = None
+
+
+@dataclass
+class GatePolicy:
+    """Allowed change from the baseline report before ``edgeward gate`` fails."""
+
+    max_clean_accuracy_drop: float = 0.02  # absolute
+    max_robust_accuracy_drop: float = 0.05  # absolute, per epsilon
+    max_auroc_drop: float = 0.03  # absolute, per family
+    max_extraction_cheaper: float = 0.25  # relative fall in queries needed to steal
+    max_extraction_fidelity_rise: float = 0.05  # absolute rise of stolen-copy fidelity at the budget
+    max_latency_growth: float = 0.50  # relative growth of p95 latency (noisy; generous)
+    max_size_growth: float = 0.10  # relative growth of the model file
+
+
+@dataclass
+class Policy:
+    accuracy: AccuracyPolicy = field(default_factory=AccuracyPolicy)
+    robustness: RobustnessPolicy = field(default_factory=RobustnessPolicy)
+    extraction: ExtractionPolicy = field(default_factory=ExtractionPolicy)
+    ood: OODPolicy = field(default_factory=OODPolicy)
+    budgets: BudgetPolicy = field(default_factory=BudgetPolicy)
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    source: str | None = None  # file it came from (None = defaults)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    @property
+    def eps(self) -> list[float]:
+        return sorted({t.eps for t in self.robustness.min_robust_accuracy})
+
+
+_SECTIONS = {
+    "accuracy": AccuracyPolicy,
+    "robustness": RobustnessPolicy,
+    "extraction": ExtractionPolicy,
+    "ood": OODPolicy,
+    "budgets": BudgetPolicy,
+    "gate": GatePolicy,
+}
+_FRACTIONS = {
+    "accuracy.min_clean", "accuracy.max_drop_vs_float", "extraction.max_fidelity", "extraction.target_fidelity",
+    "ood.min_auroc", "ood.max_id_frr", "gate.max_clean_accuracy_drop", "gate.max_robust_accuracy_drop",
+    "gate.max_auroc_drop", "gate.max_extraction_fidelity_rise",
+}
+
+
+def _number(key: str, v: Any, *, allow_none: bool = False) -> float | None:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise PolicyError(f"policy: {key} must be a finite number, got {v!r}")
+    if v < 0:
+        raise PolicyError(f"policy: {key} must not be negative, got {v}")
+    if key in _FRACTIONS and v > 1:
+        raise PolicyError(f"policy: {key} is a fraction in [0, 1], got {v}")
+    return float(v)
+
+
+def _parse_eps(key: str, v: Any) -> list[EpsThreshold]:
+    if not isinstance(v, list):
+        raise PolicyError(f"policy: {key} must be a list like [{{eps = 0.1, min = 0.3}}]")
+    out = []
+    for i, row in enumerate(v):
+        if not isinstance(row, dict) or set(row) != {"eps", "min"}:
+            raise PolicyError(f"policy: {key}[{i}] must be a table with exactly 'eps' and 'min'")
+        eps, lo = _number(f"{key}[{i}].eps", row["eps"]), _number(f"{key}[{i}].min", row["min"])
+        if not eps or eps <= 0:
+            raise PolicyError(f"policy: {key}[{i}].eps must be > 0")
+        if lo > 1:  # type: ignore[operator]
+            raise PolicyError(f"policy: {key}[{i}].min is a fraction in [0, 1], got {lo}")
+        out.append(EpsThreshold(eps, lo))  # type: ignore[arg-type]
+    if len({t.eps for t in out}) != len(out):
+        raise PolicyError(f"policy: {key} lists an epsilon twice")
+    return out
+
+
+def _parse_section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"policy: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise PolicyError(f"policy: unknown key(s) {unknown} in [{name}]; known: {', '.join(known)}")
+    kwargs: dict[str, Any] = {}
+    default = cls()
+    for k, v in raw.items():
+        key = f"{name}.{k}"
+        dv = getattr(default, k)
+        if name == "budgets" and v is False:  # TOML has no null: `false` switches a budget off
+            kwargs[k] = None
+        elif k == "min_robust_accuracy":
+            kwargs[k] = _parse_eps(key, v)
+        elif isinstance(dv, bool):
+            if not isinstance(v, bool):
+                raise PolicyError(f"policy: {key} must be true or false, got {v!r}")
+            kwargs[k] = v
+        elif isinstance(dv, str):
+            if not isinstance(v, str):
+                raise PolicyError(f"policy: {key} must be a string, got {v!r}")
+            kwargs[k] = v
+        elif isinstance(dv, list):
+            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+                raise PolicyError(f"policy: {key} must be a list of strings")
+            kwargs[k] = v
+        elif isinstance(dv, int) and not isinstance(dv, bool):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PolicyError(f"policy: {key} must be a positive integer, got {v!r}")
+            kwargs[k] = v
+        else:
+            kwargs[k] = _number(key, v)
+    victims = ("bare", "full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation", "guarded")
+    if name == "extraction" and kwargs.get("victim", "bare") not in victims:
+        raise PolicyError(f"policy: extraction.victim must be one of {', '.join(victims)}, got {kwargs['victim']!r}")
+    if name == "robustness" and kwargs.get("norm", "inf") not in ("inf", "2"):
+        raise PolicyError(f"policy: robustness.norm must be 'inf' or '2', got {kwargs['norm']!r}")
+    return cls(**kwargs)
+
+
+def policy_from_dict(doc: dict, source: str | None = None) -> Policy:
+    unknown = sorted(set(doc) - set(_SECTIONS))
+    if unknown:
+        raise PolicyError(f"policy: unknown section(s) {unknown}; known: {', '.join(_SECTIONS)}")
+    parts = {name: _parse_section(name, cls, doc[name]) for name, cls in _SECTIONS.items() if name in doc}
+    p = Policy(**parts, source=source)
+    if p.ood.alpha >= 1:
+        raise PolicyError("policy: ood.alpha must be below 1")
+    return p
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """The policy in ``path`` (TOML), or the defaults when ``path`` is None."""
+    if path is None:
+        return Policy()
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read policy ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return policy_from_dict(doc, str(path))
+    except PolicyError as e:
+        raise PolicyError(f"{path}: {e}") from None
+

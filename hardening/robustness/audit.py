@@ -1,0 +1,350 @@
+"""``run_robustness_audit``: every model variant, every attack route, one worst-case number.
+
+Routes per variant (success is always judged on the variant's onnxruntime session):
+* float model with its PyTorch source -> white-box gradient attacks on the source;
+* compressed variant (quantized/pruned) whose float parent source is known ->
+  BPDA/straight-through gradients (forward = deployed logits, backward = parent) and
+  transfer of examples crafted on the parent;
+* every ONNX model -> Square (scores) and HopSkipJump (labels) on the session itself.
+A float ONNX model without source is attacked black-box only: converting ONNX to torch
+(onnx2torch) is not available here because it pulls in torchvision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks.estimators import (
+    BPDARounding,
+    OrtLogits,
+    QueryCounter,
+    StraightThrough,
+    onnx_classifier,
+    torch_classifier,
+    image_view,
+    torch_logits,
+)
+from attacks.evasion import ATTACKS, DEFAULT_ATTACKS, check_attack_names, check_profile, parse_norm
+from hardening.data import Dataset, load_dataset
+from hardening.errors import DataError, InputError, ModelError
+from hardening.intake import check_fits, load_model, make_session
+from hardening.robustness import checks
+from hardening.robustness.engine import Progress, Stage, Target, run_cascade
+from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
+from hardening.robustness.stats import median_distance
+
+DEFAULT_EPS = {"inf": (0.05, 0.1, 0.2), "2": (0.5, 1.0, 2.0)}  # fractions of the data range
+SANITY_SUBSET = 16
+ITER_SUBSET = 16
+GRAD_SUBSET = 32
+AGREE_WARN = 0.9
+ESCALATE_ITER = 3  # Square iterations x3 and ...
+ESCALATE_RESTARTS = 2  # ... 2 restarts once zero/non-finite gradients are found
+FAMILY_ORDER = ("white-box", "bpda", "transfer", "black-box", "decision")
+
+
+@dataclass
+class ModelSpec:
+    """One model to audit and what we know about where it came from."""
+
+    name: str
+    path: str
+    kind: str = "unknown"  # kind from variants.json, or "unknown" for a bare ONNX file
+    parent: str | None = None
+    torch_source: Any = None  # path or nn.Module of the float (parent) model
+
+
+def resolve_models(models: list[Any], torch_source: Any = None) -> list[ModelSpec]:
+    """ONNX paths, ``variants.json`` files or ``Variant`` objects -> ``ModelSpec`` list."""
+    from hardening.compression import load_variants
+
+    specs: list[ModelSpec] = []
+    for m in models:
+        if isinstance(m, ModelSpec):
+            specs.append(m)
+        elif hasattr(m, "kind") and hasattr(m, "path"):  # compression.Variant
+            specs.append(ModelSpec(m.name, str(m.path), m.kind, m.parent, torch_source or m.torch_source))
+        elif str(m).endswith(".json"):
+            if not Path(m).is_file():
+                raise InputError(f"{m}: variants file not found")
+            for v in load_variants(m):
+                specs.append(ModelSpec(v.name, v.path, v.kind, v.parent, torch_source or v.torch_source))
+        else:
+            specs.append(ModelSpec(Path(m).stem, str(m), "unknown", None, torch_source))
+    if not specs:
+        raise InputError("no models given")
+    seen: dict[str, int] = {}
+    for s in specs:  # unique names for the table and JSON
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name}-{seen[s.name]}"
+        else:
+            seen[s.name] = 0
+    return specs
+
+
+def _clip_values(ds: Dataset) -> tuple[float, float]:
+    arrays = [a for a in (ds.x, ds.x_train, ds.x_cal) if a is not None]
+    lo, hi = float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
+    if not hi > lo:
+        raise DataError(f"{ds.source}: inputs are constant ({lo}); there is no range to perturb in")
+    return lo, hi
+
+
+def _check_eps(eps: list[float], norm_key: str, clip: tuple[float, float], dim: int) -> list[float]:
+    width = clip[1] - clip[0]
+    limit = width if norm_key == "inf" else width * math.sqrt(dim)
+    out = []
+    for e in eps:
+        e = float(e)
+        if not math.isfinite(e) or e <= 0:
+            raise InputError(f"epsilon {e:g} must be a positive number")
+        if e > limit:
+            raise InputError(
+                f"epsilon {e:g} is outside the data range: inputs span [{clip[0]:g}, {clip[1]:g}], "
+                f"so an L{norm_key} perturbation above {limit:g} is meaningless"
+            )
+        out.append(e)
+    if not out:
+        raise InputError("no epsilon given")
+    return sorted(set(out))
+
+
+def _load_torch(src: Any, cache: dict) -> nn.Module | None:
+    if src is None:
+        return None
+    if isinstance(src, nn.Module):
+        return src.eval()
+    key = str(Path(src).resolve())
+    if key not in cache:
+        from hardening.torch_source import load_torch_source
+
+        cache[key] = load_torch_source(src)
+    return cache[key]
+
+
+def run_robustness_audit(
+    models: list[Any],
+    dataset: str | Path | Dataset,
+    torch_source: Any = None,
+    profile: str = "quick",
+    eps: list[float] | None = None,
+    norm: str = "inf",
+    n: int = 200,
+    seed: int = 0,
+    attacks: list[str] | None = None,
+    progress: Progress | None = None,
+    self_checks: bool = True,
+) -> RobustnessReport:
+    """Audit each model; robust accuracy = accuracy left after the whole attack cascade.
+
+    ``models``: ONNX paths, a ``variants.json`` or ``compression.Variant`` objects;
+    ``torch_source``: the float model's PyTorch source (path or module). ``eps`` is in
+    input units (default: 5/10/20% of the data range for L-inf).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    # Tiny models and many small calls: extra torch/BLAS threads only add contention
+    # (measured 10-50x slower on 2 busy cores), so the audit runs single-threaded.
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, progress, self_checks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, progress, self_checks):
+    t_start = time.perf_counter()
+    settings = check_profile(profile)
+    norm_v = parse_norm(norm)
+    norm_key = "inf" if norm_v == np.inf else "2"
+    names = check_attack_names(list(attacks) if attacks is not None else list(DEFAULT_ATTACKS[profile]))
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"--n must be a positive integer, got {n!r}")
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    clip = _clip_values(ds)
+    dim = int(np.prod(ds.sample_shape))
+    width = clip[1] - clip[0]
+    eps_grid = _check_eps(list(eps) if eps else [f * width for f in DEFAULT_EPS[norm_key]], norm_key, clip, dim)
+    specs = resolve_models(models, torch_source)
+    infos = {}
+    for s in specs:  # validate everything before the long part starts
+        infos[s.name] = load_model(s.path)
+        check_fits(infos[s.name], ds)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(ds.x), size=min(n, len(ds.x)), replace=False))
+    x, y = ds.x[pick], ds.y[pick]
+
+    findings: list[Finding] = []
+    results: list[VariantResult] = []
+    torch_cache: dict = {}
+    for s in specs:
+        v, f = _audit_one(
+            s, infos[s.name], pick, x, y, eps_grid, norm_v, settings, names, clip, seed, progress, torch_cache,
+            self_checks,
+        )
+        results.append(v)
+        findings.extend(f)
+    by_name = {v.name: v for v in results}
+    for s, v in zip(specs, results):
+        if v.role != "compressed":
+            continue
+        parent = by_name.get(s.parent or "")
+        if parent is None:  # bare ONNX files: the white-box model sharing the source
+            parent = next((p for p in results if p.role == "white-box"), None)
+        if parent is not None and parent is not v:
+            findings.extend(checks.check_against_parent(v, parent))
+    return RobustnessReport(
+        profile=profile,
+        norm=norm_key,
+        eps=eps_grid,
+        n=len(x),
+        seed=seed,
+        clip_values=clip,
+        variants=results,
+        findings=findings,
+        seconds=round(time.perf_counter() - t_start, 3),
+    )
+
+
+def _audit_one(
+    s, info, pick, x, y, eps_grid, norm_v, settings, names, clip, seed, progress, torch_cache, self_checks
+):
+    t0 = time.perf_counter()
+    findings: list[Finding] = []
+    nb = int(info.num_classes)
+    shape = tuple(x.shape[1:])
+    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape)
+    module = _load_torch(s.torch_source, torch_cache)
+    role, agreement = "black-box", None
+    if module is not None:
+        try:
+            tl = torch_logits(module, x)
+        except Exception as e:  # noqa: BLE001 - any failure here means the source does not fit
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ModelError(f"PyTorch source does not accept the data for '{s.name}': {first}") from None
+        if tl.ndim != 2 or tl.shape[1] != nb:
+            raise ModelError(f"PyTorch source returns {tuple(tl.shape[1:])} outputs, '{s.name}' has {nb} classes")
+        ol = ort_fn(x)
+        agreement = float(np.mean(tl.argmax(1) == ol.argmax(1)))
+        same = np.abs(tl - ol).max() <= 1e-3 * (1 + np.abs(ol).max())
+        role = "white-box" if same else "compressed"
+        if s.kind == "float" and not same:
+            findings.append(Finding("warning", "SOURCE_MISMATCH", "the PyTorch source's logits differ from this float "
+                                    "ONNX model; attacking it as a derived variant (BPDA + transfer)", s.name))
+        if role == "compressed" and agreement < AGREE_WARN:
+            findings.append(Finding("warning", "LOW_AGREEMENT", f"variant agrees with its float parent on only "
+                                    f"{agreement:.0%} of clean points; transfer and BPDA attacks are weaker", s.name))
+    elif s.kind not in ("float", "unknown"):
+        findings.append(Finding("info", "NO_PARENT_SOURCE", "no float parent source: compressed variant attacked "
+                                "black-box only (score- and decision-based)", s.name))
+    grad_info, grad_findings = ({}, [])
+    smoothed = None
+    if module is not None:
+        ok = np.flatnonzero(ort_fn.labels(x) == y)[:GRAD_SUBSET]
+        if len(ok):
+            grad_info, grad_findings = checks.check_gradients(module, x[ok], y[ok], s.name)
+        if grad_findings:  # adaptive attack: straight-through rounding (BPDA) and a bigger Square budget
+            bpda_info, bpda_bad = checks.check_gradients(BPDARounding(module), x[ok], y[ok], s.name)
+            smoothed = None if bpda_bad else BPDARounding(module)
+            grad_info["bpda_rounding"] = smoothed is not None
+            settings = {**settings, "square": _escalate(settings["square"])}
+            grad_info["escalated"] = {"square": settings["square"]}
+    surrogate = QueryCounter()
+    stages = _stages(role, module, ort_fn, names, shape, nb, clip, surrogate, smoothed)
+    if not stages:
+        raise InputError(
+            f"none of the selected attacks ({', '.join(names)}) can reach '{s.name}' "
+            f"({'no PyTorch source: only square and hsj apply' if module is None else role})"
+        )
+    target = Target(ort_fn, surrogate, stages, clip)
+    out = run_cascade(target, x, y, eps_grid, norm_v, settings, seed, progress, label=s.name)
+    top = max(eps_grid)
+    examples = [
+        ExampleResult(
+            index=int(pick[i]),
+            label=int(y[i]),
+            clean_pred=int(out.clean_pred[i]),
+            correct=bool(out.correct[i]),
+            broken_at_eps=None if np.isnan(out.broken_eps[i]) else float(out.broken_eps[i]),
+            broken_by=out.broken_by[i],
+            norm=None if np.isnan(out.break_norm[i]) else float(out.break_norm[i]),
+            min_distance=float(out.min_dist[i]) if np.isfinite(out.min_dist[i]) else None,
+            robust_beyond=top if out.robust[i] else None,
+            queries=int(out.queries[i]),
+            surrogate_queries=int(out.surrogate_queries[i]),
+        )
+        for i in range(len(x))
+    ]
+    med, lower = median_distance(out.min_dist[out.correct])
+    v = VariantResult(
+        name=s.name, path=s.path, kind=s.kind, role=role, families=target.families,
+        clean_accuracy=float(out.correct.mean()), agreement_with_parent=agreement if role == "compressed" else None,
+        eps=out.eps, attacks=out.runs, examples=examples, median_distance=med, median_is_lower_bound=lower,
+        gradient_check=grad_info,
+    )
+    findings.extend(grad_findings)
+    if self_checks:
+        findings.extend(_self_checks(v, target, x, y, out.correct, eps_grid, norm_v, settings, clip, seed))
+    findings.extend(checks.check_family_gaps(v))
+    v.seconds = round(time.perf_counter() - t0, 3)
+    return v, findings
+
+
+def _escalate(square: dict) -> dict:
+    """Square budget when gradients are masked: the score-based search is all that works."""
+    return {**square, "max_iter": int(square["max_iter"]) * ESCALATE_ITER, "nb_restarts": ESCALATE_RESTARTS}
+
+
+def _stages(role, module, ort_fn, names, shape, nb, clip, surrogate, smoothed=None) -> list[Stage]:
+    """``smoothed``: the source with straight-through rounding, when its own gradients are zero."""
+    stages: list[Stage] = []
+    grads = [a for a in names if ATTACKS[a].access == "gradients"]
+    if role == "white-box":
+        est = torch_classifier(module, shape, nb, clip, surrogate)
+        stages += [Stage("white-box", a, est) for a in grads]
+        if smoothed is not None:
+            bpda = torch_classifier(smoothed, shape, nb, clip, surrogate)
+            stages += [Stage("bpda", a, bpda) for a in grads]
+    elif role == "compressed":
+        grad_src = smoothed if smoothed is not None else module
+        bpda = torch_classifier(StraightThrough(grad_src, ort_fn), shape, nb, clip, surrogate)
+        stages += [Stage("bpda", a, bpda) for a in grads]
+        parent = torch_classifier(grad_src, shape, nb, clip, surrogate)
+        stages += [Stage("transfer", a, parent) for a in grads if a != "deepfool"]
+    if "square" in names:
+        view = image_view(shape)
+        stages.append(Stage("black-box", "square", onnx_classifier(ort_fn, nb, clip, view_shape=view)))
+    if "hsj" in names:
+        stages.append(Stage("decision", "hsj", onnx_classifier(ort_fn, nb, clip, labels_only=True)))
+    return sorted(stages, key=lambda st: FAMILY_ORDER.index(st.family))
+
+
+def _self_checks(v, target, x, y, correct, eps_grid, norm_v, settings, clip, seed) -> list[Finding]:
+    found: list[Finding] = []
+    ok = np.flatnonzero(correct)
+    if len(ok) == 0:
+        found.append(Finding("warning", "NO_CORRECT_POINTS", "the model gets no evaluation point right", v.name))
+        return found
+    width = clip[1] - clip[0]
+    sanity_eps = 0.5 * width if norm_v == np.inf else 0.5 * width * math.sqrt(x[0].size)
+    sub = ok[:SANITY_SUBSET]
+    info, f = checks.check_sanity(target, x[sub], y[sub], sanity_eps, norm_v, settings, seed, v.name)
+    v.gradient_check["sanity"] = info
+    found += f
+    mid = eps_grid[len(eps_grid) // 2]
+    sub = ok[:ITER_SUBSET]
+    info, f = checks.check_iterations(target, x[sub], y[sub], mid, norm_v, settings, seed, v.name)
+    v.gradient_check["iterations"] = info
+    found += f
+    return found

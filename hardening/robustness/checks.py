@@ -1,0 +1,162 @@
+"""Self-checks that catch a broken or fooled audit, reported as ``Finding`` objects.
+
+* sanity: at a huge epsilon robust accuracy must fall to about zero, else the attacks
+  (not the model) are broken;
+* gradients: zero or non-finite input gradients mean white-box attacks are blind;
+* black-box/transfer beating white-box on the same model signals gradient masking
+  (Athalye et al. 2018);
+* a compressed variant that looks more robust than its float parent only under gradient
+  attacks is likely masking, not robust;
+* more iterations must not raise robust accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from attacks.estimators import margin_input_gradients
+from attacks.evasion import craft
+from hardening.robustness.engine import GRADIENT_FAMILIES, Target, finite_or_clean, run_cascade
+from hardening.robustness.results import Finding, VariantResult
+from hardening.robustness.stats import project
+
+SANITY_MAX_ROBUST = 0.1  # robust accuracy allowed at the sanity epsilon
+BEATS_MIN_FRACTION = 0.05  # share of all points a later family may add before we call it masking
+BEATS_MIN_POINTS = 2
+
+
+def check_gradients(module: nn.Module, x: np.ndarray, y: np.ndarray, name: str) -> tuple[dict, list[Finding]]:
+    g = margin_input_gradients(module, x, y).reshape(len(x), -1)
+    nonfinite = int((~np.isfinite(g)).any(axis=1).sum())
+    zero = int((np.abs(np.nan_to_num(g)).max(axis=1) == 0).sum())
+    info = {"points": len(x), "zero": zero, "nonfinite": nonfinite}
+    out = []
+    if zero:
+        out.append(
+            Finding(
+                "high",
+                "ZERO_GRADIENTS",
+                f"{zero}/{len(x)} points have an exactly zero input gradient: gradient attacks are blind "
+                "(non-differentiable layer such as rounding); the audit adds straight-through (BPDA) gradients "
+                "and a larger Square budget, and reports the worst case over all of them",
+                name,
+            )
+        )
+    if nonfinite:
+        out.append(Finding("high", "NONFINITE_GRADIENTS", f"{nonfinite}/{len(x)} points have NaN/Inf gradients", name))
+    return info, out
+
+
+def check_sanity(
+    target: Target, x: np.ndarray, y: np.ndarray, eps: float, norm: float, settings: dict, seed: int, name: str
+) -> tuple[dict, list[Finding]]:
+    res = run_cascade(target, x, y, [eps], norm, settings, seed).eps[0]
+    info = {"eps": eps, "points": len(x), "robust_accuracy": res.robust_accuracy}
+    if res.robust_accuracy > SANITY_MAX_ROBUST:
+        return info, [
+            Finding(
+                "high",
+                "ATTACK_BROKEN",
+                f"robust accuracy is {res.robust_accuracy:.2f} at the sanity epsilon {eps:g} (expected ~0): "
+                "the attacks do not work on this model, its robust numbers are upper bounds at best",
+                name,
+            )
+        ]
+    return info, []
+
+
+def check_iterations(
+    target: Target, x: np.ndarray, y: np.ndarray, eps: float, norm: float, settings: dict, seed: int, name: str
+) -> tuple[dict, list[Finding]]:
+    """Run the main iterative attack with k and 4k iterations; 4k must not do worse.
+
+    APGD keeps the best point it visits, so more iterations can only help; PGD keeps its
+    step size fixed so the longer run extends the shorter one. One point of slack absorbs
+    PGD returning its last (not best) iterate.
+    """
+    lo, hi = target.clip_values
+    stage = None
+    for attack in ("apgd-ce", "pgd", "square"):
+        stage = stage or next((s for s in target.stages if s.attack == attack), None)
+    if stage is None:
+        return {"skipped": "no apgd-ce, pgd or square stage"}, []
+    base = settings[stage.attack]
+    robust = []
+    for mult in (1, 4):
+        s = dict(base, max_iter=int(base["max_iter"]) * mult)
+        if stage.attack == "pgd":
+            s.update(num_random_init=0, eps_step_ratio=2.5 / int(base["max_iter"]))
+        cand = finite_or_clean(craft(stage.attack, stage.estimator, x, y, eps, norm, s, seed), x)
+        cand = project(cand, x, eps, norm, lo, hi)
+        robust.append(float(np.mean(target.ort_fn.labels(cand) == y)))
+    info = {"attack": f"{stage.family}/{stage.attack}", "eps": eps, "points": len(x), "robust": robust}
+    if robust[1] > robust[0] + 1.0 / len(x) + 1e-9:
+        return info, [
+            Finding(
+                "warning",
+                "MORE_ITERATIONS_WORSE",
+                f"{stage.attack} with 4x iterations left {robust[1]:.2f} robust vs {robust[0]:.2f}: "
+                "the optimisation is unstable (noisy or masked gradients)",
+                name,
+            )
+        ]
+    return info, []
+
+
+def check_family_gaps(v: VariantResult) -> list[Finding]:
+    """Later families (transfer, black-box, decision) breaking points that the first,
+    white-box family could not at the same epsilon: the white-box attack is being fooled."""
+    first = v.families[0] if v.families else None
+    if first not in ("white-box", "bpda") or not v.eps:
+        return []
+    limit = max(BEATS_MIN_POINTS, int(np.ceil(BEATS_MIN_FRACTION * v.eps[0].n)))
+    worst: dict[str, tuple[int, float]] = {}
+    for e in sorted({r.eps for r in v.attacks}):
+        groups = [("transfer", ("transfer",)), ("black-box", ("black-box", "decision"))]
+        if first == "white-box":
+            groups.append(("bpda", ("bpda",)))  # straight-through rounding beating plain gradients
+        for key, fams in groups:
+            k = sum(r.broken for r in v.attacks if r.eps == e and r.family in fams)
+            if k > worst.get(key, (0, e))[0]:
+                worst[key] = (k, e)
+    out = []
+    for key, (k, eps) in worst.items():
+        if k >= limit:
+            code = f"{key.upper().replace('-', '')}_BEATS_WHITEBOX"
+            out.append(
+                Finding(
+                    "high",
+                    code,
+                    f"at eps {eps:g}, {key} attacks broke {k} points that {first} gradient attacks could not: "
+                    "gradient masking likely; the reported number already includes these attacks",
+                    v.name,
+                )
+            )
+    return out
+
+
+def check_against_parent(v: VariantResult, parent: VariantResult, margin: float = 0.1) -> list[Finding]:
+    """Compressed variant more robust than its parent under gradient attacks only."""
+    out = []
+    for e in v.eps:
+        pe = parent.robust_at(e.eps)
+        if abs(pe.eps - e.eps) > 1e-12:
+            continue
+        grad_v = min((val for f, val in e.robust_after_family.items() if f in GRADIENT_FAMILIES), default=None)
+        grad_p = min((val for f, val in pe.robust_after_family.items() if f in GRADIENT_FAMILIES), default=None)
+        if grad_v is None or grad_p is None:
+            continue
+        if grad_v - grad_p >= margin and e.robust_accuracy - pe.robust_accuracy < margin / 2:
+            out.append(
+                Finding(
+                    "warning",
+                    "COMPRESSED_MASKING",
+                    f"at eps {e.eps:g} '{v.name}' looks more robust than '{parent.name}' under gradient attacks "
+                    f"({grad_v:.2f} vs {grad_p:.2f}) but not under all attacks ({e.robust_accuracy:.2f} vs "
+                    f"{pe.robust_accuracy:.2f}): likely gradient masking from compression",
+                    v.name,
+                )
+            )
+            break
+    return out

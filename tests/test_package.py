@@ -1,0 +1,123 @@
+"""``edgeward keygen / package / verify / inspect``: provenance in the signed manifest.
+
+A small real audit (float variant, OOD area) provides report.json and the detectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hardening.cli import app
+from hardening.report import Policy, load_report, rejudge, run_full_audit
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def reviewed(digits_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("review")
+    res = run_full_audit(digits_demo.model_path, digits_demo.data_path, out, kinds=("float",), areas=("ood",),
+                         sizes={"ood_synthetic": 100})
+    assert res.passed, res.report["verdict"]
+    failing = out / "failing.json"  # same measurements, a policy the model cannot meet
+    p = Policy()
+    p.ood.min_auroc = 0.9999
+    failing.write_text(json.dumps(rejudge(load_report(res.report_path), p)))
+    keys = tmp_path_factory.mktemp("keys")
+    r = runner.invoke(app, ["keygen", "--out", str(keys)])
+    assert r.exit_code == 0, r.output
+    return res.report_path, failing, keys
+
+
+def _package(report, keys, out, *extra):
+    return runner.invoke(app, ["package", str(report), "--out", str(out), "--signing-key", str(keys / "signing.pem"),
+                               "--key-file", str(keys / "kek.key"), "--version", "3", *extra])
+
+
+def test_keygen_writes_private_files_0600_and_never_overwrites(reviewed):
+    _, _, keys = reviewed
+    assert (keys / "signing.pem").stat().st_mode & 0o777 == 0o600
+    assert (keys / "kek.key").stat().st_mode & 0o777 == 0o600
+    r = runner.invoke(app, ["keygen", "--out", str(keys)])
+    assert r.exit_code == 2 and "refusing to overwrite" in r.output
+
+
+def test_package_records_report_digest_and_verifies(reviewed, tmp_path):
+    report, _, keys = reviewed
+    bundle = tmp_path / "m.ewb"
+    r = _package(report, keys, bundle, "--variant", "float", "--gate-action", "reject")
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["verify", str(bundle), "--public-key", str(keys / "signing.pub.pem"),
+                            "--key-file", str(keys / "kek.key"), "--report", str(report), "--json"])
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)
+    assert v["report_digest"] == hashlib.sha256(report.read_bytes()).hexdigest()
+    assert v["forced"] is False and v["version"] == 3
+    assert set(v["payloads"]) == {"model", "detectors.npz"}
+    r = runner.invoke(app, ["inspect", str(bundle), "--public-key", str(keys / "signing.pub.pem"), "--json"])
+    assert r.exit_code == 0
+    m = json.loads(r.stdout)["manifest"]
+    assert m["runtime"]["anomaly"]["action"] == "reject" and m["runtime"]["input"]["value_range"] == [0.0, 1.0]
+    assert m["runtime"]["input"]["sample_shape"] == [1, 8, 8]
+    assert m["review"]["passed"] is True
+
+
+def test_packaged_bundle_loads_in_the_runtime_and_passes_its_golden_smoke_test(reviewed, tmp_path):
+    from api.reload import Deployment
+    from api.service import smoke_test
+    from runtime_guard.bundle import load_kek
+    from runtime_guard.guard import GuardedModel
+
+    report, _, keys = reviewed
+    bundle = tmp_path / "m.ewb"
+    assert _package(report, keys, bundle).exit_code == 0
+    g = GuardedModel.load(bundle, keys / "signing.pub.pem", load_kek(file=keys / "kek.key"), accept=False)
+    golden = g.manifest["smoke_test"]
+    assert len(golden["inputs"]) == 4
+    smoke_test(Deployment(model=g, version=3, name="m", manifest_sha256="", source=str(bundle), manifest=g.manifest))
+    res = g.predict(np.asarray(golden["inputs"], dtype=np.float32), "client-1")
+    assert list(res.labels) == golden["expected_labels"]
+
+
+def test_refuses_failed_variant_unless_forced(reviewed, tmp_path):
+    _, failing, keys = reviewed
+    r = _package(failing, keys, tmp_path / "x.ewb")
+    assert r.exit_code == 1
+    assert "failed" in r.output and "--force" in r.output
+    assert not (tmp_path / "x.ewb").exists()
+    r = _package(failing, keys, tmp_path / "x.ewb", "--force", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["forced"] is True
+    r = runner.invoke(app, ["inspect", str(tmp_path / "x.ewb"), "--json"])
+    m = json.loads(r.stdout)["manifest"]
+    assert m["forced"] is True and m["review"]["failed_checks"]
+    assert m["report_digest"] == hashlib.sha256(failing.read_bytes()).hexdigest()
+
+
+def test_refuses_a_model_that_is_not_the_reviewed_one(reviewed, tmp_path, tabular_demo):
+    report, _, keys = reviewed
+    r = _package(report, keys, tmp_path / "x.ewb", "--model", str(tabular_demo.model_path))
+    assert r.exit_code == 2 and "is not the reviewed variant" in r.output
+
+
+def test_verify_detects_tampering_and_wrong_keys(reviewed, tmp_path):
+    report, _, keys = reviewed
+    bundle = tmp_path / "m.ewb"
+    assert _package(report, keys, bundle).exit_code == 0
+    data = bytearray(bundle.read_bytes())
+    data[-100] ^= 1
+    bad = tmp_path / "bad.ewb"
+    bad.write_bytes(bytes(data))
+    r = runner.invoke(app, ["verify", str(bad), "--public-key", str(keys / "signing.pub.pem"), "--key-file", str(keys / "kek.key")])
+    assert r.exit_code == 1 and "tamper" in r.output.lower()
+    other = tmp_path / "other"
+    assert runner.invoke(app, ["keygen", "--out", str(other)]).exit_code == 0
+    r = runner.invoke(app, ["verify", str(bundle), "--public-key", str(other / "signing.pub.pem"), "--key-file", str(keys / "kek.key")])
+    assert r.exit_code == 1 and "signature" in r.output
+    r = runner.invoke(app, ["verify", str(bundle), "--public-key", str(keys / "signing.pub.pem")])
+    assert r.exit_code == 2 and "exactly one of" in r.output

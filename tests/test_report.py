@@ -1,0 +1,179 @@
+"""Full audit -> report.json (JSON Schema), junit.xml, report.html; policy parsing; CLI routing.
+
+One small real audit (2 variants, 24 points, one epsilon, quick extraction grid) feeds the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import jsonschema
+import pytest
+from typer.testing import CliRunner
+
+from hardening.cli import app
+from hardening.errors import InputError
+from hardening.report import Policy, PolicyError, ReportError, load_policy, load_report, rejudge, run_full_audit
+from hardening.report.policy import EpsThreshold
+from hardening.report.schema import SCHEMA_FILE, validate_report
+
+runner = CliRunner()
+
+
+def small_policy() -> Policy:
+    p = Policy()
+    p.robustness.min_robust_accuracy = [EpsThreshold(0.1, 0.30)]
+    p.robustness.n = 16
+    p.budgets.max_memory_mb = None  # see benchmarks/results/report.md: inflated when the parent is large
+    return p
+
+
+@pytest.fixture(scope="module")
+def audit(digits_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    steps = []
+    res = run_full_audit(
+        digits_demo.model_path, digits_demo.data_path, out, torch_source=digits_demo.torch_path,
+        kinds=("float", "int8_dynamic"), policy=small_policy(), profile="quick",
+        sizes={"profiling_runs": 20, "ood_synthetic": 100, "extraction_budgets": (50, 200)},
+        progress=lambda *a: steps.append(a),
+    )
+    return res, steps
+
+
+def test_writes_three_files_and_report_validates_against_json_schema(audit):
+    res, steps = audit
+    for p in (res.report_path, res.html_path, res.junit_path):
+        assert p.is_file() and p.stat().st_size > 0
+    doc = json.loads(res.report_path.read_text())
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(doc)  # raises on any violation
+    # one progress stream that reached the end
+    assert steps[-1][2] == steps[-1][3]
+
+
+def test_report_records_settings_seeds_versions_and_digests(audit, digits_demo):
+    doc = load_report(audit[0].report_path)
+    assert doc["settings"]["seed"] == 0 and doc["settings"]["profile"] == "quick"
+    assert doc["settings"]["areas"]["robustness"]["eps"] == [0.1]
+    assert doc["settings"]["areas"]["robustness"]["n"] == 16
+    assert doc["environment"]["libraries"]["onnxruntime"] and doc["environment"]["libraries"]["torch"]
+    from hardening.intake import sha256_file
+
+    assert doc["inputs"]["model"]["sha256"] == sha256_file(digits_demo.model_path)
+    assert doc["inputs"]["data"]["sha256"] == sha256_file(digits_demo.data_path)
+    assert [v["name"] for v in doc["variants"]] == ["float", "int8_dynamic"]
+    for v in doc["variants"]:
+        assert v["sha256"] == sha256_file(v["path"])
+
+
+def test_every_area_produced_figures(audit):
+    s = load_report(audit[0].report_path)["summary"]["variants"]
+    for name, v in s.items():
+        assert 0.9 < v["clean_accuracy"] <= 1.0, name
+        (ra,) = v["robust_accuracy"]
+        assert ra["eps"] == 0.1 and 0.0 <= ra["robust_accuracy"] <= v["clean_accuracy"]
+        assert v["extraction"]["curve"] and 0 < v["extraction"]["fidelity_at_budget"] <= 1
+        assert v["ood"]["auroc"]["heldout"] > 0.8  # digits 6-9 are held out in the demo
+        assert v["latency_p95_ms"] > 0 and v["size_kb"] > 0
+
+
+def test_junit_has_one_case_per_check_and_failures_match(audit):
+    doc = load_report(audit[0].report_path)
+    root = ET.parse(audit[0].junit_path).getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == len(doc["checks"]) > 0
+    failed = {c.get("name") for c in cases if c.find("failure") is not None}
+    assert failed == {c["id"] for c in doc["checks"] if c["status"] == "fail"}
+    assert root.get("failures") == str(len(failed))
+
+
+def test_stricter_policy_fails_with_named_finding(audit):
+    doc = load_report(audit[0].report_path)
+    p = small_policy()
+    p.robustness.min_robust_accuracy = [EpsThreshold(0.1, 0.99)]
+    judged = rejudge(doc, p)
+    assert not judged["verdict"]["passed"]
+    msgs = [f["message"] for f in judged["findings"] if f["severity"] == "high"]
+    assert any(m.startswith("float variant: robust accuracy at eps 0.1 is") and "below policy 99.0%" in m for m in msgs)
+    # a threshold at an epsilon that was not measured is skipped, not passed
+    p.robustness.min_robust_accuracy = [EpsThreshold(0.2, 0.1)]
+    st = {c["id"]: c["status"] for c in rejudge(doc, p)["checks"]}
+    assert st["float/robustness/robust_accuracy@0.2"] == "skip"
+
+
+def test_html_puts_verdict_first_and_embeds_plots(audit):
+    html = audit[0].html_path.read_text()
+    assert html.index('id="verdict"') < html.index('id="findings"') < html.index('id="robustness"')
+    assert html.count("data:image/png;base64,") >= 4  # robustness, extraction, AUROC, ROC..., latency/size
+    assert "http://" not in html and "https://" not in html  # self-contained
+
+
+def test_schema_rejects_bad_reports(audit):
+    doc = load_report(audit[0].report_path)
+    bad = json.loads(json.dumps(doc))
+    bad["summary"]["variants"]["float"]["robust_accuracy"][0]["robust_accuracy"] = 1.5
+    with pytest.raises(ReportError, match="robust_accuracy"):
+        validate_report(bad)
+    bad = json.loads(json.dumps(doc))
+    del bad["verdict"]
+    with pytest.raises(ReportError, match="verdict"):
+        validate_report(bad)
+    bad = dict(doc, schema_version="2.0")
+    with pytest.raises(ReportError, match="schema version 2.0"):
+        validate_report(bad)
+
+
+def test_policy_defaults_and_errors(tmp_path):
+    assert load_policy(None).eps == [0.05, 0.1]
+    good = tmp_path / "p.toml"
+    good.write_text('[robustness]\nmin_robust_accuracy = [{eps = 0.2, min = 0.1}]\n[budgets]\nmax_size_kb = false\n')
+    p = load_policy(good)
+    assert p.eps == [0.2] and p.budgets.max_size_kb is None and p.accuracy.min_clean == 0.90
+    cases = {
+        "[accuracy]\nmin_clen = 0.9\n": "unknown key(s) ['min_clen'] in [accuracy]",
+        "[acuracy]\n": "unknown section(s) ['acuracy']",
+        "[ood]\nmin_auroc = 1.5\n": "ood.min_auroc is a fraction",
+        "[robustness]\nmin_robust_accuracy = [{eps = 0.1}]\n": "exactly 'eps' and 'min'",
+        "[accuracy\n": "not valid TOML",
+        "[extraction]\nbudget = 'lots'\n": "extraction.budget must be a positive integer",
+    }
+    for text, msg in cases.items():
+        f = tmp_path / "bad.toml"
+        f.write_text(text)
+        with pytest.raises(PolicyError, match=re.escape(msg)):
+            load_policy(f)
+    with pytest.raises(PolicyError, match="cannot read policy"):
+        load_policy(tmp_path / "missing.toml")
+
+
+def test_cli_routes_audit_model_to_full_review_and_bad_policy_exits_2(digits_demo, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gate]\nmax_size_growth = -1\n")
+    r = runner.invoke(app, ["audit", str(digits_demo.model_path), "--data", str(digits_demo.data_path),
+                            "--out", str(tmp_path / "o"), "--policy", str(bad)])
+    assert r.exit_code == 2
+    assert "gate.max_size_growth must not be negative" in r.output
+    r = runner.invoke(app, ["audit", "robustness", "--help"])
+    assert r.exit_code == 0 and "robust" in r.output.lower()
+    r = runner.invoke(app, ["audit", "--help"])
+    assert r.exit_code == 0 and "full" in r.output
+
+
+def test_given_variants_file_and_area_subset(audit, digits_demo, tmp_path):
+    vfile = audit[0].report_path.parent / "variants" / "variants.json"
+    res = run_full_audit(digits_demo.model_path, digits_demo.data_path, tmp_path, variants_file=vfile,
+                         policy=small_policy(), areas=("profiling",), sizes={"profiling_runs": 10})
+    doc = load_report(res.report_path)
+    assert doc["inputs"]["variants_file"]["path"] == str(vfile)
+    assert doc["results"]["robustness"] is None and doc["results"]["profiling"] is not None
+    st = {c["id"]: c["status"] for c in doc["checks"]}
+    assert st["float/robustness/robust_accuracy@0.1"] == "skip"
+    assert st["float/accuracy/clean_accuracy"] == "pass"
+    assert any(f["code"] == "NOT_MEASURED" and f["area"] == "robustness" for f in doc["findings"])
+    with pytest.raises(InputError, match="unknown size override"):
+        run_full_audit(digits_demo.model_path, digits_demo.data_path, tmp_path / "x", variants_file=vfile,
+                       areas=("profiling",), sizes={"bogus": 1})
