@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeward-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,9 +23,6 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh $(DEMO_OUT)
-
-bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -17,13 +17,14 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 from flask import Request
+
+from runtime_guard.fileio import atomic_write
 
 PathLike = Union[str, os.PathLike]
 KEY_PREFIX = "ew_"
@@ -115,20 +116,7 @@ def _write_keys(path: Path, entries: list[KeyEntry]) -> None:
     data = json.dumps({"format": KEYS_FORMAT, "keys": [
         {"id": e.key_id, "sha256": e.sha256, "created_at": e.created_at} for e in entries]},
         indent=2).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, data, mode=0o600)
 
 
 class AdminToken:

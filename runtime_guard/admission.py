@@ -200,8 +200,8 @@ def _len_field(field: int, payload: bytes) -> bytes:
 def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, int]]:
     """(model bytes without large initializer raw_data, {initializer index: stripped length})."""
     out, stripped, graphs = [], {}, 0
-    for field, wt, start, vstart, end in _fields(buf, 0, len(buf)):
-        if field != _MODEL_GRAPH or wt != 2:
+    for fnum, wt, start, vstart, end in _fields(buf, 0, len(buf)):
+        if fnum != _MODEL_GRAPH or wt != 2:
             out.append(buf[start:end])
             continue
         graphs += 1

@@ -15,13 +15,13 @@ import fcntl
 import hmac
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 from ..errors import RollbackError
+from ..fileio import atomic_write
 
 STATE_FORMAT = 1
 
@@ -93,31 +93,6 @@ class RollbackState:
             self.check(version, manifest_sha256)
             rec = {"format": STATE_FORMAT, "version": version, "manifest_sha256": manifest_sha256,
                    "accepted_at": int(time.time() if now is None else now)}
-            _atomic_write(self.path, json.dumps(rec, sort_keys=True).encode("utf-8"))
+            atomic_write(self.path, json.dumps(rec, sort_keys=True).encode("utf-8"))
         finally:
             os.close(lock_fd)  # releases the lock
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # persist the rename itself
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass

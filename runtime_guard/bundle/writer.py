@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Union
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,6 +23,7 @@ from .format import (
 from .keys import DEFAULT_SCRYPT_LOG2N, KekLike, wrap_data_key
 from .manifest import build_manifest, canonical_json, manifest_digest
 from .stream import derive_payload_key, encrypt_chunks, payload_aad
+from ..fileio import atomic_write
 
 
 def _signing_key(key: Union[Ed25519PrivateKey, bytes]) -> Ed25519PrivateKey:
@@ -99,19 +98,5 @@ def write_bundle(
     """
     blob, manifest = build_bundle(payloads, manifest_fields, signing_key, kek, version,
                                   expires_in_s, **options)
-    out = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # ciphertext + public metadata only
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(out_path, blob, mode=0o644)  # ciphertext + public metadata only
     return manifest
