@@ -128,7 +128,7 @@ def test_guarded_model_rate_limits_before_running_the_model(digits_demo):
 
 @pytest.fixture
 def redis_uri(tmp_path):
-    """A throwaway redis-server on 127.0.0.1 (skipped where redis-server is not installed)."""
+    """A throwaway redis-server on 127.0.0.1 (`make test` needs Debian's redis-server; .ci/run installs it)."""
     import shutil
     import socket
     import subprocess
@@ -136,7 +136,7 @@ def redis_uri(tmp_path):
 
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server not installed")
+        pytest.fail("redis-server not installed: apt-get install redis-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -153,7 +153,7 @@ def redis_uri(tmp_path):
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.skip("redis-server did not start")
+                    pytest.fail("redis-server did not start")
                 time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}"
     finally:
