@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeward-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install test test-slow demo clean
+.PHONY: install system-deps test test-slow demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -m "not slow" -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	$(PY) -m pytest -m slow -q
 
 demo: $(STAMP)
