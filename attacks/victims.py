@@ -25,15 +25,10 @@ from typing import Any
 import numpy as np
 
 from hardening.errors import InputError
+from runtime_guard.output_policy import softmax
 
 ANSWERED = ("accepted", "flagged")
 DECISIONS = ("accepted", "flagged", "rejected", "rate_limited", "error")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 @dataclass
@@ -199,7 +194,7 @@ class ModelVictim(Victim):
         return self.logits(x).argmax(1)
 
     def _answer(self, x: np.ndarray) -> Answer:
-        return Answer(softmax(self.logits(x)), ["accepted"] * len(x))
+        return Answer(softmax(self.logits(x)).astype(np.float32), ["accepted"] * len(x))
 
 
 class PolicyVictim(Victim):

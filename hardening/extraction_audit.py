@@ -34,7 +34,8 @@ import numpy as np
 
 from attacks.extraction import ATTACKS, steal, thief_spec_for
 from attacks.thief_data import SCENARIOS, ThiefPool, make_pool
-from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim, softmax
+from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim
+from runtime_guard.output_policy import softmax
 from hardening.data import Dataset, load_dataset, save_dataset
 from hardening.errors import InputError
 from hardening.intake import check_fits, load_model, make_session
@@ -363,7 +364,7 @@ def postprocessor_shares(logits: np.ndarray, seed: int = 0) -> list[Postprocesso
     from runtime_guard.config import OutputPolicyConfig
     from runtime_guard.output_policy import OutputPolicy
 
-    probs = softmax(logits).astype(np.float64)
+    probs = softmax(logits)
     raw = logits.argmax(1)
     out: list[PostprocessorShare] = []
     np.random.seed(seed)

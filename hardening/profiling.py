@@ -132,15 +132,11 @@ def _percentiles(samples: list[float], batch: int) -> LatencyStats:
 
 def _measure(path: str, x: np.ndarray, threads: int, runs: int, big_batch: int) -> dict:
     """Runs in a fresh process: everything here is measured from a clean interpreter."""
-    import onnxruntime as ort
+    from hardening.intake import make_session
 
     base_kb = _status_kb("VmRSS")
     t0 = time.perf_counter()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = make_session(path, threads)
     t1 = time.perf_counter()
     name = sess.get_inputs()[0].name
     logits_name = sess.get_outputs()[0].name
