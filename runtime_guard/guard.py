@@ -33,6 +33,8 @@ __all__ = ["GuardedModel", "PredictionResult", "DECISIONS"]
 
 MAX_CLIENT_ID_LEN = 256
 _sum, _any = np.add.reduce, np.logical_or.reduce  # ufunc reduces: no Python-level wrapper per call
+_argmax, _array = np.argmax, np.array
+_clock = time.perf_counter
 DETECTORS_PAYLOAD = "detectors.npz"
 
 
@@ -140,6 +142,11 @@ class GuardedModel:
         self.monitor = ExtractionMonitor(config.extraction) if config.extraction.enabled else None
         self.telemetry = Telemetry(config.telemetry, n_classes)
         self._gate_reject = config.anomaly.action == "reject"
+        self._ood_threshold = self.anomaly.threshold if self.anomaly is not None else math.inf
+        # bound methods looked up once: predict() is the per-request hot path
+        self._run = model.run
+        self._policy = self.policy.apply_labelled
+        self._record = self.telemetry.record
         self._throttle = config.extraction.enabled and config.extraction.action == "throttle"
         self.smoke_test()  # a model/detector mismatch fails here, not on the first request
 
@@ -206,7 +213,7 @@ class GuardedModel:
 
     def predict(self, x: Any, client_id: str) -> PredictionResult:
         """Guarded inference for one request (a sample or a batch) from ``client_id``."""
-        t0 = time.perf_counter()
+        t0 = _clock()
         if type(client_id) is not str or not client_id or len(client_id) > MAX_CLIENT_ID_LEN:
             raise ValueError(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID_LEN} chars")
         if self._throttle:
@@ -225,11 +232,18 @@ class GuardedModel:
         except SanitizerError as e:
             return self._finish(t0, PredictionResult("rejected", [f"input:{e.reason}"]))
 
-        outs = self.session.run(self._run_names, {self.input_name: arr})
+        outs = self._run(self._run_names, {self.input_name: arr})
         logits = outs[0]
-        if not math.isfinite(float(_sum(logits, axis=None))):  # NaN/Inf propagate through the sum
+        one = logits.shape[0] == 1
+        if one:  # one row: Python floats beat a numpy call per step (see output_policy.softmax)
+            row = logits.tolist()[0]
+            finite = math.isfinite(sum(row))  # NaN/Inf propagate through the sum
+            raw_labels = _array((row.index(max(row)),)) if finite else None
+        else:
+            finite = math.isfinite(float(_sum(logits, axis=None)))
+            raw_labels = _argmax(logits, 1)
+        if not finite:
             return self._finish(t0, PredictionResult("rejected", ["output:non_finite"]))
-        raw_labels = logits.argmax(axis=1)
         reasons: list[str] = []
         decision = "accepted"
 
@@ -237,8 +251,12 @@ class GuardedModel:
         any_ood = False
         if self.anomaly is not None:
             ood_scores = self.anomaly.score(arr, logits, outs[1] if len(outs) > 1 else None)
-            ood = self.anomaly.is_anomalous(ood_scores)
-            any_ood = bool(_any(ood, axis=None))
+            if one:
+                any_ood = ood_scores.item() > self._ood_threshold
+                ood = _array((any_ood,))
+            else:
+                ood = ood_scores > self._ood_threshold
+                any_ood = bool(_any(ood, axis=None))
             if any_ood:
                 reasons.append("ood")
                 decision = "flagged"
@@ -248,17 +266,19 @@ class GuardedModel:
             reasons.append("extraction")
             decision = "flagged"
 
-        if self._gate_reject and any_ood:
-            res = PredictionResult("rejected", reasons, ood_scores=ood_scores, logits=logits)
-            return self._finish(t0, res, raw_labels)
+        if any_ood and self._gate_reject:
+            res = PredictionResult("rejected", reasons, None, None, ood_scores, 0.0, None, None, logits)
+        else:
+            labels, scores = self._policy(logits, ood, raw_labels)
+            res = PredictionResult(decision, reasons, labels, scores, ood_scores, 0.0, None, None, logits)
+        res.latency_s = latency = _clock() - t0
+        self._record(res.decision, reasons, latency, raw_labels, ood_scores)
+        return res
 
-        labels, scores = self.policy.apply_labelled(logits, ood, raw_labels)
-        res = PredictionResult(decision, reasons, labels, scores, ood_scores, logits=logits)
-        return self._finish(t0, res, raw_labels)
-
-    def _finish(self, t0: float, res: PredictionResult, raw_labels: np.ndarray | None = None) -> PredictionResult:
-        res.latency_s = time.perf_counter() - t0
-        self.telemetry.record(res.decision, res.reasons, res.latency_s, raw_labels, res.ood_scores)
+    def _finish(self, t0: float, res: PredictionResult) -> PredictionResult:
+        """Refusals before the model answered: timing and telemetry."""
+        res.latency_s = _clock() - t0
+        self._record(res.decision, res.reasons, res.latency_s, None, None)
         return res
 
     # -- introspection for the API and audits -----------------------------------------------

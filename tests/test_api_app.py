@@ -138,6 +138,39 @@ def test_http_errors_are_problem_json(client):
     problem(client.get("/v1/predict"), 405)
 
 
+def test_every_response_has_security_headers_and_is_counted(app, api_env):
+    """The WSGI-level observer: headers and per-route metrics on success, refusals,
+    unknown paths and framework errors alike."""
+    c = app.test_client()
+    ok = c.post("/v1/predict", data=json_body(api_env.x[:1]), content_type="application/json")
+    responses = [ok, c.post("/v1/predict", data=b"1,2", content_type="text/csv"),
+                 c.get("/no/such/path"), c.delete("/v1/predict"), c.get("/healthz")]
+    assert [r.status_code for r in responses] == [200, 415, 404, 405, 200]
+    for r in responses:
+        assert r.headers["Cache-Control"] == "no-store" and r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers.getlist("Cache-Control") == ["no-store"]  # added once, not per layer
+    text = c.get("/metrics").get_data(as_text=True)
+    for rule, method, status in [("/v1/predict", "POST", 200), ("/v1/predict", "POST", 415),
+                                 ("unmatched", "GET", 404), ("/healthz", "GET", 200)]:
+        assert f'edgeward_http_requests_total{{endpoint="{rule}",method="{method}",status="{status}"}}' in text
+    assert 'edgeward_request_latency_seconds_count{endpoint="/v1/predict"}' in text
+
+
+def test_body_without_content_length_is_read_and_bounded(app, api_env):
+    """Chunked bodies (no Content-Length) take werkzeug's bounded path; same answer."""
+    c = app.test_client()
+    body = json_body(api_env.x[:2]).encode()
+    want = c.post("/v1/predict", data=body, content_type="application/json").get_json()
+    chunked_env = {"wsgi.input_terminated": True}  # as waitress and gunicorn declare
+    chunked = c.post("/v1/predict", input_stream=io.BytesIO(body), content_type="application/json",
+                     headers={"Transfer-Encoding": "chunked"}, environ_overrides=chunked_env)
+    assert chunked.status_code == 200 and chunked.get_json()["labels"] == want["labels"]
+    big = b"[" + b"0," * app.config["MAX_CONTENT_LENGTH"] + b"0]"
+    r = c.post("/v1/predict", input_stream=io.BytesIO(big), content_type="application/json",
+               headers={"Transfer-Encoding": "chunked"}, environ_overrides=chunked_env)
+    problem(r, 413)
+
+
 def test_model_info_has_schema_but_no_secrets(client, api_env):
     info = client.get("/v1/model").get_json()
     assert info["input"]["sample_shape"] == [1, 8, 8] and info["output"]["num_classes"] == 6

@@ -7,6 +7,8 @@
   counts exact.
 * ``decrypt_payload``: the threaded multi-batch path round-trips and refuses a
   tampered late chunk or a wrong digest.
+* One-row Python-float paths (``softmax``, the sanitizer's value checks, the
+  guard's finite check / argmax / gate verdict) agree with the numpy paths.
 """
 
 from __future__ import annotations
@@ -134,3 +136,72 @@ def test_threaded_decrypt_roundtrip_and_late_tamper():
     ct[-100] ^= 1  # last chunk
     with pytest.raises(TamperError, match="chunk"):
         decrypt_payload(key, aad, read, 0, len(pt), chunk, digest, "m")
+
+
+# -- one-row Python paths (guard, sanitizer, softmax) ---------------------------------------
+
+def test_softmax_one_row_equals_batched_rows():
+    from runtime_guard.output_policy import softmax
+
+    rng = np.random.default_rng(3)
+    for c in (2, 6, 64, 65):  # 65: past the one-row cut-off, numpy path either way
+        z = (rng.standard_normal((300, c)) * rng.choice([0.1, 5.0, 60.0], size=(300, 1))).astype(np.float32)
+        rows = np.concatenate([softmax(z[i:i + 1]) for i in range(len(z))])
+        assert rows.dtype == np.float64 and rows.shape == z.shape
+        np.testing.assert_allclose(rows, softmax(z), rtol=1e-14, atol=1e-300)
+        assert np.all(rows.argmax(axis=1) == z.argmax(axis=1))
+
+
+@pytest.mark.parametrize("size", [64, 257 * 4])  # Python-float path and numpy-reduction path
+def test_sanitizer_value_checks_same_on_both_paths(size):
+    from runtime_guard.config import InputSchema
+    from runtime_guard.sanitizer import Sanitizer, SanitizerError
+
+    s = Sanitizer(InputSchema(value_range=(0.0, 1.0)), [size])
+    ok = np.linspace(0, 1, size, dtype=np.float32)[None]
+    assert s(ok) is ok
+    for bad, reason in [(np.nan, "non_finite"), (np.inf, "non_finite"), (-np.inf, "non_finite"),
+                        (1.5, "range"), (-1e-3, "range")]:
+        for pos in (0, size // 2, size - 1):
+            x = ok.copy()
+            x[0, pos] = bad
+            with pytest.raises(SanitizerError) as e:
+                s(x)
+            assert e.value.reason == reason, (bad, pos)
+    clip = Sanitizer(InputSchema(value_range=(0.0, 1.0), out_of_range="clip"), [size])
+    x = ok.copy()
+    x[0, 1] = 7.0
+    assert clip(x)[0, 1] == 1.0 and clip(x).dtype == np.float32
+
+
+def test_guard_batch_of_one_equals_batch(digits_demo):
+    """The guard's one-row path (Python floats) and its batched path agree exactly
+    on labels and decisions, and to float rounding on scores and OOD scores."""
+    from runtime_guard.anomaly import AnomalyScorer
+    from runtime_guard.config import AnomalyGateConfig, ExtractionMonitorConfig, GuardConfig, InputSchema, RateLimitConfig
+    from runtime_guard.guard import GuardedModel
+
+    model = open(digits_demo.model_path, "rb").read()
+    with np.load(digits_demo.data_path, allow_pickle=False) as d:
+        x = np.concatenate([d["x"][:40], d["ood_heldout"][:20]]).astype(np.float32)
+    from hardening.ood import export_detectors
+    from hardening.ood.pipeline import fit_ensemble, prepare_model
+    from hardening.data import load_dataset
+
+    pm = prepare_model(digits_demo.model_path, load_dataset(digits_demo.data_path))
+    ens, _, _ = fit_ensemble(pm, load_dataset(digits_demo.data_path), 0.05)
+    scorer = AnomalyScorer.from_bytes(*export_detectors(ens, model=pm.model_meta()))
+    cfg = GuardConfig(input=InputSchema(value_range=(0.0, 1.0), max_batch=64),
+                      rate_limit=RateLimitConfig(per_client=None), extraction=ExtractionMonitorConfig(enabled=False),
+                      anomaly=AnomalyGateConfig(action="flag"))
+    g = GuardedModel(model, cfg, scorer)
+    batch = g.predict(x, "batch")
+    ones = [g.predict(x[i:i + 1], "one") for i in range(len(x))]
+    assert [r.label for r in ones] == batch.labels.tolist()
+    assert [bool(r.reasons) for r in ones] == [bool(s > scorer.threshold) for s in batch.ood_scores]
+    assert 0 < sum(r.decision == "flagged" for r in ones) < len(x)  # both decisions exercised
+    np.testing.assert_allclose(np.concatenate([r.scores for r in ones]), batch.scores, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(np.concatenate([r.ood_scores for r in ones]), batch.ood_scores, rtol=0, atol=1e-9)
+    nan = x[:1].copy()
+    nan[0, 0, 0, 0] = np.nan
+    assert g.predict(nan, "one").reasons == ["input:non_finite"]
