@@ -139,7 +139,8 @@ def json_to_array(inputs: Any, data: bytes = b"null") -> np.ndarray:
             raise bad_body("inputs are not a rectangular array of numbers", "json-shape") from None
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
-    if not np.isfinite(out).all():  # huge integers / floats past the float32 range
+    # huge integers / floats past the float32 range are Inf now; one float64 sum shows any
+    if not math.isfinite(float(np.add.reduce(out, axis=None, dtype=np.float64))):
         raise bad_body("inputs must be finite numbers within the float32 range", "json-type")
     return out
 

@@ -106,6 +106,13 @@ def test_batch_one_path_refuses_bad_inputs():
     assert sc.score(x.tolist(), lg.tolist(), ft.tolist())[0] == pytest.approx(sc.score(x, lg, ft)[0], abs=1e-12)
 
 
+def test_swept_memory_storage_keeps_one_error_wrapper_layer():
+    from limits.storage import MemoryStorage
+
+    for name in ("incr", "get", "get_expiry", "check", "reset", "clear"):
+        assert getattr(SweptMemoryStorage, name) is getattr(MemoryStorage, name)
+
+
 def test_swept_memory_storage_starts_no_threads_and_reclaims():
     lim = RateLimiter(RateLimitConfig(per_client="3/second"), "memory://")
     assert isinstance(lim.storage, SweptMemoryStorage)
