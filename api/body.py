@@ -108,28 +108,30 @@ def _check_numeric_tree(obj: Any) -> None:
 
 
 def _fast_array(inputs: list, data: bytes) -> np.ndarray | None:
-    """Common case in one numpy call: a rectangular list of plain numbers.
+    """Common case in one numpy call: a rectangular list of plain numbers, as float32.
 
-    Only taken when the body has no ``true``/``false``/``null`` token (numpy
-    would turn booleans into numbers) and numpy infers a numeric dtype (strings
-    would give 'U', ragged rows raise). Anything else goes the slow, exact way
-    so the error names the problem."""
-    if b"true" in data or b"false" in data or b"null" in data:
+    Only taken when the body's only string is the ``"inputs"`` key (two quote
+    characters: no string anywhere that numpy could parse as a number) and it
+    has no ``true``/``false``/``null`` token (numpy would turn booleans into
+    numbers); ragged rows raise. Anything else goes the slow, exact way so the
+    error names the problem. Overflow gives Inf, which the caller refuses."""
+    if data.count(b'"') != 2 or b"true" in data or b"false" in data or b"null" in data:
         return None
     try:
-        raw = np.array(inputs)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.array(inputs, dtype=np.float32)
     except (ValueError, OverflowError, TypeError, RecursionError):
         return None
-    if raw.dtype.kind not in "iuf" or raw.size == 0 or raw.ndim > MAX_JSON_DEPTH or raw.size > MAX_ELEMENTS:
+    if out.size == 0 or out.ndim > MAX_JSON_DEPTH or out.size > MAX_ELEMENTS:
         return None
-    return raw
+    return out
 
 
 def json_to_array(inputs: Any, data: bytes = b"null") -> np.ndarray:
     if not isinstance(inputs, list):
         raise bad_body("'inputs' must be a (nested) list of numbers", "json-type")
-    arr = _fast_array(inputs, data)
-    if arr is None:
+    out = _fast_array(inputs, data)
+    if out is None:
         _check_numeric_tree(inputs)
         try:
             arr = np.array(inputs, dtype=np.float64)
@@ -137,8 +139,8 @@ def json_to_array(inputs: Any, data: bytes = b"null") -> np.ndarray:
             raise bad_body("inputs must be finite numbers", "json-type") from None
         except (ValueError, TypeError):
             raise bad_body("inputs are not a rectangular array of numbers", "json-shape") from None
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr.astype(np.float32)
     # huge integers / floats past the float32 range are Inf now; one float64 sum shows any
     if not math.isfinite(float(np.add.reduce(out, axis=None, dtype=np.float64))):
         raise bad_body("inputs must be finite numbers within the float32 range", "json-type")

@@ -382,3 +382,26 @@ def test_not_ready_until_watch_dir_has_a_bundle(api_env, tmp_path):
         time.sleep(0.05)
     assert c.get("/v1/model").get_json()["version"] == 3
     app.extensions["edgeward"].watcher.stop()
+
+
+def test_json_fast_path_equals_checked_path():
+    """The one-call numpy conversion gives the same float32 array as the checked
+    path, and anything it cannot vouch for (strings, booleans, nulls, ragged rows)
+    falls through to the checked path's named errors."""
+    from api.body import json_to_array
+    from api.problems import ApiProblem
+
+    rng = np.random.default_rng(0)
+    vals = (rng.standard_normal((3, 1, 8, 8)) * 10.0 ** rng.integers(-30, 30, (3, 1, 8, 8))).tolist()
+    vals[0][0][0][:3] = [0, -7, 2 ** 40]  # ints mixed in
+    body = json.dumps({"inputs": vals}).encode()
+    fast = json_to_array(json.loads(body)["inputs"], body)
+    checked = json_to_array(vals)  # default data=b"null" forces the checked path
+    assert fast.dtype == checked.dtype == np.float32
+    np.testing.assert_array_equal(fast, checked)
+    for inputs, check in [([["1.5"]], "json-type"), ([[1, True]], "json-type"), ([[1, None]], "json-type"),
+                          ([[1, 2], [3]], "json-shape"), ([[1e39]], "json-type")]:
+        body = json.dumps({"inputs": inputs}).encode()
+        with pytest.raises(ApiProblem) as e:
+            json_to_array(inputs, body)
+        assert e.value.extra["check"] == check, inputs
