@@ -6,14 +6,19 @@ Bundle: read + verify signature + decrypt/authenticate + admission checks
 Both use the same thread settings and CPUExecutionProvider. Median over
 repeats, alternating the two paths so drift hits both equally.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_cold_start.py [--repeats 7]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_cold_start.py [--repeats 7] [--fresh-process]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import pickle
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,8 +73,10 @@ def bundled(path: Path, x: np.ndarray, threads: int, pub, kek, parts: dict) -> t
     return t4 - t0, time.process_time() - c0
 
 
-def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path, model: bytes | None = None) -> dict:
-    """``model`` overrides the generated Gemm model (e.g. the digits demo)."""
+def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path, model: bytes | None = None,
+          fresh: bool = False) -> dict:
+    """``model`` overrides the generated Gemm model (e.g. the digits demo). ``fresh``: every
+    measurement in a new process (see ``child``)."""
     model = gemm_model(dim) if model is None else model
     priv, pub = generate_signing_keypair()
     kek = generate_kek()
@@ -82,15 +89,27 @@ def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path, model:
     name_in = inp.name
     shape = [1] + [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim[1:]]
     x = {name_in: np.ones(shape, np.float32)}
-    # warm-up (imports, page cache, allocator), not measured
-    plain(onnx_path, x, threads)
-    bundled(bundle_path, x, threads, pub, kek, {})
     p, b, parts = [], [], {}
-    for _ in range(repeats):
-        gc.collect()
-        p.append(plain(onnx_path, x, threads))
-        gc.collect()
-        b.append(bundled(bundle_path, x, threads, pub, kek, parts))
+    if fresh:
+        job = workdir / f"{name}.job"
+        job.write_bytes(pickle.dumps((str(onnx_path), str(bundle_path), pub, kek, x, threads)))
+        for _ in range(repeats):
+            for kind, acc in (("plain", p), ("bundle", b)):
+                out = subprocess.run([sys.executable, __file__, "--child", kind, str(job)],
+                                     check=True, capture_output=True, text=True).stdout
+                wall, cpu, prt = json.loads(out.strip().splitlines()[-1])
+                acc.append((wall, cpu))
+                for k, v in prt.items():
+                    parts.setdefault(k, []).append(v)
+    else:
+        # warm-up (imports, page cache, allocator), not measured
+        plain(onnx_path, x, threads)
+        bundled(bundle_path, x, threads, pub, kek, {})
+        for _ in range(repeats):
+            gc.collect()
+            p.append(plain(onnx_path, x, threads))
+            gc.collect()
+            b.append(bundled(bundle_path, x, threads, pub, kek, parts))
     med = lambda xs, i: 1e3 * statistics.median(v[i] for v in xs)  # noqa: E731
     res = {"name": name, "model_mb": len(model) / 1e6,
            "plain_ms": med(p, 0), "bundle_ms": med(b, 0),
@@ -101,7 +120,34 @@ def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path, model:
     return res
 
 
+def child(kind: str, job: Path) -> None:
+    """One measurement in a fresh process: the first load of this model after the
+    runtimes are initialised (a tiny model is loaded both ways first, so neither
+    path pays onnxruntime's or OpenSSL's one-time set-up), on a fresh heap, so no
+    memory freed by an earlier iteration is reused. Prints [wall, cpu, parts]."""
+    onnx_path, bundle_path, pub, kek, x, threads = pickle.loads(job.read_bytes())
+    with tempfile.TemporaryDirectory() as d:
+        tiny = gemm_model(8)
+        priv2, pub2 = generate_signing_keypair()
+        kek2 = generate_kek()
+        (Path(d) / "t.onnx").write_bytes(tiny)
+        (Path(d) / "t.ewb").write_bytes(build_bundle({"model": tiny}, {}, priv2, kek2, 1)[0])
+        xt = {"x": np.ones((1, 8), np.float32)}
+        plain(Path(d) / "t.onnx", xt, threads)
+        bundled(Path(d) / "t.ewb", xt, threads, pub2, kek2, {})
+    gc.collect()
+    parts: dict = {}
+    if kind == "plain":
+        wall, cpu = plain(Path(onnx_path), x, threads)
+    else:
+        wall, cpu = bundled(Path(bundle_path), x, threads, pub, kek, parts)
+    print(json.dumps([wall, cpu, {k: v[0] for k, v in parts.items()}]))
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], Path(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
@@ -109,20 +155,32 @@ def main() -> None:
     ap.add_argument("--small-dim", type=int, default=256)  # ~0.26 MB
     ap.add_argument("--demo-model", type=Path, default=None,
                     help="also measure this ONNX model (e.g. /tmp/demo/digits/model.onnx)")
+    ap.add_argument("--fresh-process", action="store_true",
+                    help="measure every load in a new process (fresh heap; runtimes initialised)")
     args = ap.parse_args()
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, threads={args.threads}, "
-          f"repeats={args.repeats}")
+          f"repeats={args.repeats}, cpus={os.cpu_count()}, load {_load()}"
+          + (", one process per load" if args.fresh_process else ""))
     with tempfile.TemporaryDirectory() as d:
         cases = [("small", args.small_dim, None), ("large", args.big_dim, None)]
         if args.demo_model is not None:
             cases.insert(0, ("demo", 0, args.demo_model.read_bytes()))
         for name, dim, model in cases:
-            r = bench(name, dim, args.repeats, args.threads, Path(d), model)
+            r = bench(name, dim, args.repeats, args.threads, Path(d), model, args.fresh_process)
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
             print(f"{r['name']:5s} {r['model_mb']:6.2f} MB | wall: plain {r['plain_ms']:7.1f} ms  "
                   f"bundle {r['bundle_ms']:7.1f} ms  ratio {r['ratio']:.2f}x | cpu: plain "
                   f"{r['plain_cpu_ms']:7.1f} ms  bundle {r['bundle_cpu_ms']:7.1f} ms  ratio "
                   f"{r['cpu_ratio']:.2f}x | bundle wall parts: {parts}")
+    print(f"load at end: {_load()}")
+
+
+def _load() -> str:
+    """1/5/15-minute load average: wall figures are only as good as the machine is quiet."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 if __name__ == "__main__":

@@ -160,8 +160,9 @@ def open_bundle(
         for p in v.manifest["payloads"]:
             name = p["name"]
             key = derive_payload_key(data_key, salt, name)
-            payloads[name] = decrypt_payload(key, payload_aad(v.digest, name), src.view, off,
-                                             p["size"], cs, bytes.fromhex(p["sha256"]), name)
+            payloads[name] = decrypt_payload(key, payload_aad(v.digest, name), None, off,
+                                             p["size"], cs, bytes.fromhex(p["sha256"]), name,
+                                             readinto=src.readinto)
             off += ciphertext_len(p["size"], cs)
     return OpenedBundle(v.manifest, payloads, v.digest.hex(), state)
 

@@ -55,140 +55,196 @@ def encrypt_chunks(key: bytes, aad: bytes, plaintext: bytes, chunk_size: int) ->
         yield aead.encrypt(chunk_nonce(i, i == n - 1), piece, aad)
 
 
-READ_BATCH = 1024 * 1024  # bytes of ciphertext read per syscall (memory bound)
-_ZEROS = bytes(READ_BATCH)
+READ_BATCH = 1024 * 1024  # bytes of ciphertext per read call / per hashing step
+THREADED_MIN_BATCHES = 4  # below this, helper threads cost more than they save
+_ZEROS = memoryview(bytes(READ_BATCH))  # calloc'd, shared, read-only
+
+ReadInto = Callable[[int, memoryview], int]
 
 
-class _Hasher:
-    """SHA-256 of the plaintext, computed from small reusable buffers.
+def _reader_from_read(read: Callable[[int, int], "bytes | memoryview"]) -> ReadInto:
+    """Adapt ``read(offset, n) -> bytes`` to ``readinto(offset, view) -> count``."""
+    def readinto(offset: int, view: memoryview) -> int:
+        got = read(offset, len(view))
+        view[:len(got)] = got
+        return len(got)
+    return readinto
 
-    Each batch of chunks is decrypted into a ~1 MiB slot that stays in cache,
-    hashed from there and appended to the output, so the plaintext is written to
-    its final place exactly once and never re-read from memory. With
-    ``threaded`` the hashing runs on a helper thread (hashlib releases the GIL)
-    over a ring of slots, overlapping with decryption of the next batch.
+
+def _zero(view: memoryview, end: int) -> None:
+    """Overwrite view[0:end] with zeros, in place."""
+    pos = 0
+    while pos < end:
+        k = min(end - pos, len(_ZEROS))
+        view[pos:pos + k] = _ZEROS[:k]
+        pos += k
+
+
+class _Pipeline:
+    """Helper threads for large payloads: one reads ciphertext ahead into the
+    output buffer (``os.preadv`` releases the GIL, so the page faults of the
+    fresh buffer and the copy from the page cache run on the other core), one
+    hashes finished plaintext (hashlib releases the GIL). The decrypting thread
+    (AES-GCM holds the GIL) only waits when it catches up with the reader.
+
+    Regions never overlap: the reader writes ciphertext of batches ahead of the
+    decryptor, the decryptor writes plaintext at or below the ciphertext it has
+    just consumed, and the hasher reads plaintext nobody writes any more.
     """
 
-    SLOTS = 3
-
-    def __init__(self, slot_bytes: int, threaded: bool) -> None:
+    def __init__(self, readinto: ReadInto, view: memoryview, offset: int,
+                 batches: list[tuple[int, int]], threaded: bool) -> None:
+        self._readinto, self._view, self._offset = readinto, view, offset
+        self._batches = batches  # (start in buffer, length) of each batch's ciphertext
         self._h = hashlib.sha256()
-        self._bufs = [bytearray(slot_bytes) for _ in range(self.SLOTS if threaded else 1)]
-        self._views = [memoryview(b) for b in self._bufs]
-        self._q: "queue.SimpleQueue[tuple[int, int] | None] | None" = None
-        self._free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-        for i in range(len(self._bufs)):
-            self._free.put(i)
+        self._stop: threading.Event | None = None
+        self._threads: list[threading.Thread] = []
+        self._reads: "queue.SimpleQueue[int | BaseException] | None" = None
+        self._hashq: "queue.SimpleQueue[tuple[int, int] | None] | None" = None
         if threaded:
-            self._q = queue.SimpleQueue()
-            self._t = threading.Thread(target=self._run, name="bundle-sha256", daemon=True)
-            self._t.start()
+            self._stop = threading.Event()
+            self._reads, self._hashq = queue.SimpleQueue(), queue.SimpleQueue()
+            for target, tname in ((self._read_all, "bundle-read"), (self._hash_all, "bundle-sha256")):
+                t = threading.Thread(target=target, name=tname, daemon=True)
+                t.start()
+                self._threads.append(t)
 
-    def _run(self) -> None:
-        assert self._q is not None
-        while (item := self._q.get()) is not None:
-            self._h.update(self._views[item[0]][:item[1]])
-            self._free.put(item[0])
+    def _read_one(self, start: int, length: int) -> int:
+        return self._readinto(self._offset + start, self._view[start:start + length])
 
-    def slot(self) -> tuple[int, memoryview]:
-        """A slot nobody reads any more (waits for the hash thread if needed)."""
-        i = self._free.get()
-        return i, self._views[i]
+    def _read_all(self) -> None:
+        assert self._reads is not None and self._stop is not None
+        for start, length in self._batches:
+            if self._stop.is_set():
+                return
+            try:
+                got = self._read_one(start, length)
+            except BaseException as exc:  # surfaced on the decrypting thread
+                self._reads.put(exc.with_traceback(None))  # no frames pinning the buffer
+                return
+            self._reads.put(got)
+            if got != length:
+                return
 
-    def submit(self, i: int, n: int) -> None:
-        """Slot ``i`` holds the next ``n`` plaintext bytes: hash them."""
-        if self._q is not None:
-            self._q.put((i, n))
+    def _hash_all(self) -> None:
+        assert self._hashq is not None
+        view = self._view
+        while (item := self._hashq.get()) is not None:
+            self._h.update(view[item[0]:item[1]])
+
+    def read(self, index: int) -> int:
+        """Bytes of ciphertext available for batch ``index`` (all of it unless short)."""
+        if self._reads is None:
+            return self._read_one(*self._batches[index])
+        got = self._reads.get()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def hash(self, start: int, end: int) -> None:
+        if self._hashq is None:
+            self._h.update(self._view[start:end])
         else:
-            self._h.update(self._views[i][:n])
-            self._free.put(i)
+            self._hashq.put((start, end))
 
     def digest(self) -> bytes:
         self.close()
         return self._h.digest()
 
     def close(self) -> None:
-        if self._q is not None:
-            self._q.put(None)
-            self._t.join()
-            self._q = None
-
-    def wipe(self) -> None:
-        """Zero the slots (they held plaintext)."""
-        for v in self._views:
-            v[:] = _ZEROS[:len(v)] if len(v) <= len(_ZEROS) else bytes(len(v))
-            v.release()
-
-
-def _wipe(out: io.BytesIO) -> None:
-    """Overwrite everything written so far with zeros, in place."""
-    n = out.tell()
-    out.seek(0)
-    while n > 0:
-        k = min(n, len(_ZEROS))
-        out.write(_ZEROS[:k])
-        n -= k
+        """Stop and join the helpers; after this nobody touches the buffer."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._hashq is not None:
+            self._hashq.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        self._hashq = None
 
 
 def decrypt_payload(
     key: bytes,
     aad: bytes,
-    read: Callable[[int, int], "bytes | memoryview"],
+    read: Callable[[int, int], "bytes | memoryview"] | None,
     offset: int,
     size: int,
     chunk_size: int,
     expected_sha256: bytes,
     name: str,
+    *,
+    readinto: ReadInto | None = None,
 ) -> bytes:
     """Authenticate and decrypt one payload chunk by chunk into one ``bytes``.
 
-    ``read(offset, n)`` supplies ciphertext; at most READ_BATCH bytes of it
-    are held at a time. The SHA-256 of the plaintext is checked against the signed
-    manifest too: AEAD keys are symmetric, so anyone holding the KEK could
-    re-encrypt a chunk, but only the publisher can sign a digest.
+    Ciphertext comes from ``readinto(offset, view) -> bytes read`` (or, if not
+    given, ``read(offset, n) -> bytes``). The SHA-256 of the plaintext is checked
+    against the signed manifest too: AEAD keys are symmetric, so anyone holding
+    the KEK could re-encrypt a chunk, but only the publisher can sign a digest.
 
-    The output is an ``io.BytesIO`` whose ``getvalue()`` hands over its own
-    buffer when nothing else references it (CPython), so the plaintext is not
-    copied a second time; on any failure what was written is zeroed first.
+    Memory: the payload's whole ciphertext is read straight into the buffer of
+    an ``io.BytesIO`` that ends up as the returned ``bytes``. Each chunk is
+    decrypted from there into a small reusable slot (cache-resident) and copied
+    back to its final place, which also squeezes out the 16-byte tags; then the
+    buffer is truncated to the plaintext size. The plaintext is thus written to
+    fresh memory once, with no separate ciphertext buffers. The BytesIO starts
+    from ``bytes(n)`` (zeroed memory from calloc, untouched until written) that
+    nothing else references, and ``getvalue()`` returns the buffer itself once
+    every view is released (CPython's copy-on-write BytesIO; if an interpreter
+    copied instead, only speed would change). On any failure the plaintext
+    written so far and the slot are zeroed before the exception propagates.
     """
-    aead = AESGCM(key)
     n = chunk_count(size, chunk_size)
     per_read = max(1, READ_BATCH // (chunk_size + TAG_LEN))  # whole chunks per read
-    span = min(size, per_read * chunk_size)  # plaintext bytes per batch
-    batches = -(-n // per_read)
-    hasher = _Hasher(span, threaded=batches >= 4)
-    out = io.BytesIO()
-    pos = offset
+    batches, pos = [], 0
+    for first in range(0, n, per_read):
+        last = min(n, first + per_read)
+        length = sum(min(chunk_size, size - i * chunk_size) for i in range(first, last))
+        length += TAG_LEN * (last - first)
+        batches.append((pos, length))
+        pos += length
+    ct_len = pos
+    if readinto is None:
+        if read is None:
+            raise TypeError("decrypt_payload needs read or readinto")
+        readinto = _reader_from_read(read)
+    aead = AESGCM(key)
+    out = io.BytesIO(bytes(ct_len))  # sole reference: BytesIO adopts it, no copy
+    view = out.getbuffer()
+    slot = memoryview(bytearray(min(chunk_size, max(size, 1))))
+    pipe = _Pipeline(readinto, view, offset, batches, threaded=len(batches) >= THREADED_MIN_BATCHES)
+    src = dst = 0  # next ciphertext byte to decrypt / next plaintext byte to write
     try:
-        for first in range(0, n, per_read):
-            last = min(n, first + per_read)
-            want = sum(min(chunk_size, size - i * chunk_size) + TAG_LEN for i in range(first, last))
-            batch = memoryview(read(pos, want))
-            if len(batch) != want:
+        for b, (_, blen) in enumerate(batches):
+            if pipe.read(b) != blen:
                 raise TamperError(f"payload {name!r}: ciphertext is truncated", check="truncated")
-            pos += want
-            slot_id, buf = hasher.slot()
-            boff = poff = 0
-            for i in range(first, last):
+            first, pstart = b * per_read, dst
+            for i in range(first, min(n, first + per_read)):
                 plen = min(chunk_size, size - i * chunk_size)
-                ct = batch[boff:boff + plen + TAG_LEN]
-                boff += plen + TAG_LEN
                 try:
-                    aead.decrypt_into(chunk_nonce(i, i == n - 1), ct, aad, buf[poff:poff + plen])
+                    aead.decrypt_into(chunk_nonce(i, i == n - 1), view[src:src + plen + TAG_LEN],
+                                      aad, slot[:plen])
                 except InvalidTag:
-                    hasher.submit(slot_id, 0)
                     raise TamperError(
                         f"payload {name!r}: chunk {i} failed authentication", check="chunk-auth"
                     ) from None
-                poff += plen
-            out.write(buf[:poff])
-            hasher.submit(slot_id, poff)
-        if not hmac.compare_digest(hasher.digest(), expected_sha256):
+                view[dst:dst + plen] = slot[:plen]  # in cache; overwrites consumed ciphertext
+                src += plen + TAG_LEN
+                dst += plen
+            pipe.hash(pstart, dst)
+        if not hmac.compare_digest(pipe.digest(), expected_sha256):
             raise TamperError(f"payload {name!r}: SHA-256 does not match manifest", check="digest")
     except BaseException:
-        hasher.close()
-        hasher.wipe()
-        _wipe(out)  # don't leave unauthenticated plaintext lying around
+        pipe.close()
+        _zero(view, dst)  # don't leave unauthenticated plaintext lying around
+        _zero(slot, len(slot))
+        try:
+            view.release()
+            out.close()
+        except BufferError:  # a view still alive somewhere; the plaintext is zeroed anyway
+            pass
         raise
-    hasher.wipe()
+    _zero(slot, len(slot))
+    view.release()  # no views left: the buffer may be resized and handed over
+    out.truncate(size)
     return out.getvalue()
