@@ -42,7 +42,9 @@ def unsupported_type(got: str) -> ApiProblem:
 
 
 def media_type(req: Request) -> str:
-    return (req.mimetype or "").lower()
+    """``type/subtype`` of the body, lower case (werkzeug's ``mimetype`` re-parses the
+    whole header, parameters included, on every access)."""
+    return req.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
 
 def read_body(req: Request, max_bytes: int) -> bytes:

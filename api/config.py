@@ -15,6 +15,7 @@ from typing import Any, Union
 from .reload import RollbackTrigger
 
 PathLike = Union[str, os.PathLike]
+RATE_LIMIT_HEADERS = ("refusals", "always")
 
 
 @dataclass
@@ -36,6 +37,11 @@ class ApiConfig:
     rollback_trigger: RollbackTrigger = field(default_factory=RollbackTrigger)
     intra_op_threads: int = 1
     trust_forwarded_for: bool = False  # only behind a reverse proxy you control
+    # RateLimit-* on 429s only ("refusals") or on every answer ("always"). Refusals by
+    # default: a thief pacing a low-and-slow crawl should have to probe the budget, not
+    # read it off every answer, and "always" costs one more storage read per request
+    # (a network round trip with Redis).
+    rate_limit_headers: str = "refusals"
 
     def __post_init__(self) -> None:
         if self.bundle is None and self.watch_dir is None:
@@ -44,6 +50,8 @@ class ApiConfig:
             raise ValueError("a pinned public key is required")
         if sum(x is not None for x in (self.kek_file, self.kek_env, self.kek)) != 1:
             raise ValueError("give exactly one of kek_file, kek_env, kek")
+        if self.rate_limit_headers not in RATE_LIMIT_HEADERS:
+            raise ValueError(f"rate_limit_headers must be one of {RATE_LIMIT_HEADERS}")
         if not 1024 <= int(self.max_body_bytes) <= 1 << 30:
             raise ValueError("max_body_bytes must be between 1 KiB and 1 GiB")
         for name in ("bundle", "kek_file", "rollback_state", "api_keys_file",

@@ -42,7 +42,7 @@ def _rate_headers(prefix: str) -> dict[str, Any]:
                                ("Reset", "seconds until the window frees a request"))}
 
 
-RATE_HEADERS = _rate_headers("RateLimit-")  # on every answer when a rate limit is configured
+RATE_HEADERS = _rate_headers("RateLimit-")  # on 429s; on every answer with rate_limit_headers="always"
 LEGACY_RATE_HEADERS = _rate_headers("X-RateLimit-")  # also on 429s, for older clients
 RETRY_AFTER = {"Retry-After": {**_INT_HEADER, "required": True, "description": "seconds to wait"}}
 

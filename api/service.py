@@ -130,8 +130,9 @@ def rate_headers(status: Any, legacy: bool = False) -> list[tuple[str, str]]:
     return out
 
 
-def run_predict(dep: Deployment, x: np.ndarray, client_id: str) -> Answer:
-    """Guarded predict; refusals become ApiProblem (400 / 422 / 429)."""
+def run_predict(dep: Deployment, x: np.ndarray, client_id: str, status_headers: bool = False) -> Answer:
+    """Guarded predict; refusals become ApiProblem (400 / 422 / 429). With
+    ``status_headers`` accepted answers carry ``RateLimit-*`` too (429s always do)."""
     res = dep.model.predict(x, client_id)
     if res.decision == "rate_limited":
         wait = max(1, math.ceil(res.retry_after or 1))
@@ -150,6 +151,7 @@ def run_predict(dep: Deployment, x: np.ndarray, client_id: str) -> Answer:
         raise ApiProblem(422, "anomalous-input", "Anomalous input",
                          "the anomaly gate rejected this input as out of distribution",
                          extra={"check": "anomaly", "reasons": list(res.reasons)})
-    headers = rate_headers(dep.model.rate_limit_status(client_id)) if dep.model.limiter.enabled else []
+    headers = (rate_headers(dep.model.rate_limit_status(client_id))
+               if status_headers and dep.model.limiter.enabled else [])
     return Answer(res.decision, list(res.reasons), res.labels.tolist(),
                   None if res.scores is None else res.scores.tolist(), headers)

@@ -8,10 +8,12 @@ each, and the guarded/bare throughput ratio (target >= 0.85).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_api.py [--demo-dir /tmp/demo/digits]
 
-The guarded server runs the bundle's full runtime policy with API keys on (one
-key per load client): sanitizer, moving-window per-key rate limit (memory storage),
-MSP anomaly gate (flag), PRADA extraction monitor, output policy "full",
-telemetry, plus API-side JSON validation, metrics and RateLimit-* headers.
+The guarded servers run with API keys on (one key per load client) and the
+bundle's runtime policy: sanitizer, per-key rate limit (memory storage), output
+policy "full", telemetry, plus API-side JSON validation and metrics; the rows
+add the anomaly gate and PRADA, another limiter strategy, or RateLimit-*
+headers on every answer (see ``variants``). A second table times the same apps
+in this process without HTTP (WSGI calls, ``time.process_time``).
 """
 
 from __future__ import annotations
@@ -63,26 +65,6 @@ def bare_app(model_path: str):
         return jsonify(status="ok")
 
     return app
-
-
-def serve_with_inline_expiry(argv: list[str]) -> None:
-    """``edgeward serve`` with the proposed runtime_guard.ratelimit fix applied in
-    this process only: limits' MemoryStorage starts a new Timer thread every
-    10 ms while traffic flows (and copies every moving-window list each time);
-    expiring inline at most once a second gives the same answers without it.
-    Reported as its own row so the effect of the fix is measured, not guessed."""
-    from limits.storage.memory import MemoryStorage
-
-    def inline_expiry(self) -> None:
-        now = time.monotonic()
-        if now - getattr(self, "_edgeward_last_expiry", 0.0) >= 1.0:
-            self._edgeward_last_expiry = now
-            self._MemoryStorage__expire_events()
-
-    MemoryStorage._MemoryStorage__schedule_expiry = inline_expiry
-    from hardening.cli import app
-
-    app(args=argv)
 
 
 def serve_bare(model_path: str, port: int, threads: int) -> None:
@@ -184,68 +166,68 @@ def _cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
-FIX_ROW = "guarded, proposed limiter fix"
-
-
-# name -> (runtime policy, what it adds); rate limit is per API key, memory storage
-def variants(rate: str) -> dict[str, tuple[dict, str]]:
+# name -> (runtime policy, extra `edgeward serve` flags, what it adds); per-API-key limit, memory storage
+def variants(rate: str) -> dict[str, tuple[dict, list[str], str]]:
     base = {"input": {"value_range": [0.0, 1.0]}, "output": {"policy": "full"}}
     off = {"anomaly": {"action": "off"}, "extraction": {"enabled": False}}
-    swc = {"per_client": rate, "strategy": "sliding-window-counter"}
+    mw = {"per_client": rate}  # default strategy: moving window
     return {
-        "guarded": ({**base, **off, "rate_limit": swc},
-                    "API keys, JSON validation, sanitizer, sliding-window-counter rate limit, "
-                    "output policy, telemetry, metrics, RateLimit-* headers"),
-        "guarded+ood+prada": ({**base, "rate_limit": swc, "anomaly": {"action": "flag"}},
-                              "+ MSP anomaly gate (flag) + PRADA extraction monitor"),
-        "guarded+ood+prada, moving-window": (
-            {**base, "rate_limit": {"per_client": rate, "strategy": "moving-window"},
-             "anomaly": {"action": "flag"}},
-            "same, with the default moving-window strategy"),
+        "guarded": ({**base, **off, "rate_limit": mw}, [],
+                    "API keys, JSON validation, sanitizer, moving-window rate limit (the default), "
+                    "output policy, telemetry, metrics; RateLimit-* on 429s only (the default)"),
+        "guarded, sliding-window-counter": (
+            {**base, **off, "rate_limit": {**mw, "strategy": "sliding-window-counter"}}, [],
+            "same with the sliding-window-counter strategy"),
+        "guarded, RateLimit-* always": ({**base, **off, "rate_limit": mw}, ["--rate-limit-headers", "always"],
+                                        "same with RateLimit-* headers on every answer (one more limiter read)"),
+        "guarded+ood+prada": ({**base, "rate_limit": mw, "anomaly": {"action": "flag"}}, [],
+                              "guarded + MSP anomaly gate (flag) + PRADA extraction monitor"),
     }
 
 
-def in_process_cpu(model: Path, bundles: dict[str, Path], work: Path, body: bytes, keys: list[str],
-                   n: int = 1500, rounds: int = 3) -> dict[str, float]:
-    """Server-side CPU per request without HTTP or other processes in the way: each
-    app is driven by Flask's test client in this process and timed with
-    ``time.process_time`` (all threads, so the limiter's timer threads count).
-    Alternated over ``rounds``; medians. Much steadier than req/s on a busy machine."""
-    from limits.storage.memory import MemoryStorage
+def _environ(body: bytes, key: str | None) -> dict:
+    import io
 
+    env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/predict", "SCRIPT_NAME": "", "QUERY_STRING": "",
+           "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
+           "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
+           "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+           "wsgi.input_terminated": True, "CONTENT_TYPE": "application/json",
+           "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "127.0.0.1:8080"}
+    if key is not None:
+        env["HTTP_AUTHORIZATION"] = "Bearer " + key
+    return env
+
+
+def in_process_cpu(model: Path, bundles: dict[str, Path], work: Path, body: bytes, keys: list[str],
+                   n: int = 2000, rounds: int = 5) -> dict[str, float]:
+    """Server-side CPU per request without HTTP or other processes in the way: each
+    app is called as a WSGI callable in this process (what waitress does after
+    parsing HTTP), timed with ``time.process_time``; alternated over ``rounds``,
+    medians. Steadier than req/s on a busy machine."""
     from api import create_app
     from api.config import ApiConfig
 
-    original = MemoryStorage._MemoryStorage__schedule_expiry
+    apps = {"bare": bare_app(str(model))}
+    for name, (_, flags, _) in variants("1/second").items():
+        always = "always" if "--rate-limit-headers" in flags else "refusals"
+        apps[name] = create_app(ApiConfig(bundle=str(bundles[name]), public_key=str(work / "pub.pem"),
+                                          kek_file=str(work / "kek.key"), api_keys_file=str(work / "keys.json"),
+                                          rate_limit_headers=always))
 
-    def inline_expiry(self) -> None:
-        now = time.monotonic()
-        if now - getattr(self, "_edgeward_last_expiry", 0.0) >= 1.0:
-            self._edgeward_last_expiry = now
-            self._MemoryStorage__expire_events()
+    def start_response(status: str, headers: list, exc_info: object = None) -> None:
+        if not status.startswith("200"):
+            raise RuntimeError(f"in-process request failed: {status}")
 
-    def guarded(bundle: Path):
-        return create_app(ApiConfig(bundle=str(bundle), public_key=str(work / "pub.pem"),
-                                    kek_file=str(work / "kek.key"),
-                                    api_keys_file=str(work / "keys.json"))).test_client()
-
-    clients = {"bare": (bare_app(str(model)).test_client(), False)}
-    clients.update({name: (guarded(b), False) for name, b in bundles.items()})
-    clients[FIX_ROW] = (guarded(bundles["guarded"]), True)
-    auth = [{"Authorization": "Bearer " + k} for k in keys]
-    samples: dict[str, list[float]] = {name: [] for name in clients}
-    try:
-        for _ in range(rounds):
-            for name, (client, patched) in clients.items():
-                MemoryStorage._MemoryStorage__schedule_expiry = inline_expiry if patched else original
-                for i in range(100):
-                    client.post("/v1/predict", data=body, content_type="application/json", headers=auth[i % len(auth)])
-                t0 = time.process_time()
-                for i in range(n):
-                    client.post("/v1/predict", data=body, content_type="application/json", headers=auth[i % len(auth)])
-                samples[name].append(1e3 * (time.process_time() - t0) / n)
-    finally:
-        MemoryStorage._MemoryStorage__schedule_expiry = original
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    for _ in range(rounds):
+        for name, app in apps.items():
+            who = [None] if name == "bare" else keys
+            for i in range(n // 10 + n):
+                if i == n // 10:
+                    t0 = time.process_time()
+                b"".join(app(_environ(body, who[i % len(who)]), start_response))
+            samples[name].append(1e3 * (time.process_time() - t0) / n)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -273,7 +255,7 @@ def build_assets(demo_dir: Path | None, work: Path, rate: str) -> tuple[Path, di
     from api_fixtures import empty_npz, msp_detector_meta
 
     bundles = {}
-    for i, (name, (policy, _)) in enumerate(variants(rate).items()):
+    for i, (name, (policy, _, _)) in enumerate(variants(rate).items()):
         payloads = {"model": model_path.read_bytes()}
         if policy.get("anomaly", {}).get("action") != "off":
             policy["anomaly"]["detector_meta"] = msp_detector_meta(None)
@@ -296,11 +278,7 @@ def main() -> None:
     ap.add_argument("--rate-limit", default="6000/minute", help="per-API-key limit in the bundles")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "api.md")
     ap.add_argument("--serve-bare", nargs=3, metavar=("MODEL", "PORT", "THREADS"), help=argparse.SUPPRESS)
-    ap.add_argument("--serve-inline-expiry", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.serve_inline_expiry:
-        serve_with_inline_expiry(a.serve_inline_expiry)
-        return
     if a.serve_bare:
         serve_bare(a.serve_bare[0], int(a.serve_bare[1]), int(a.serve_bare[2]))
         return
@@ -320,9 +298,8 @@ def main() -> None:
                     str(work / "kek.key"), "--port", "{port}", "--threads", str(a.threads),
                     "--api-keys", str(work / "keys.json")]
 
-        for name, bundle in bundles.items():
-            commands[name] = [sys.executable, "-m", "hardening", *serve_args(bundle)]
-        commands[FIX_ROW] = [sys.executable, __file__, "--serve-inline-expiry", *serve_args(bundles["guarded"])]
+        for name, (_, flags, _) in variants(a.rate_limit).items():
+            commands[name] = [sys.executable, "-m", "hardening", *serve_args(bundles[name]), *flags]
         procs: dict[str, tuple[subprocess.Popen, int]] = {}
         try:
             for name, cmd in commands.items():  # all servers up at once; idle ones cost nothing
@@ -369,17 +346,13 @@ def main() -> None:
         ratios = ", ".join(f"{v:.2f}" for v in r["ratios"])
         lines.append(f"| {name} | {r['rps']:.0f} | {statistics.median(r['ratios']):.2f} | {ratios} | "
                      f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_ms_per_req']:.3f} | {r['errors']:.0f} |")
-    lines += ["", "Steadier view, same apps without HTTP: CPU per request in one process (Flask test "
-              "client, `time.process_time`, alternated, medians of 3 x 1500 requests; the test client's "
-              "own cost is in every row):", "",
+    lines += ["", "Steadier view, same apps without HTTP: CPU per request in one process (each app "
+              "called as a WSGI callable, `time.process_time`, alternated, medians of 5 x 2000 requests):", "",
               "| endpoint | CPU ms/req | bare / this |", "|---|---:|---:|"]
     lines += [f"| {name} | {v:.3f} | {cpu['bare'] / v:.2f} |" for name, v in cpu.items()]
     lines += ["", "What each guarded row runs:", "",
               "- bare: `request.get_json()` -> `InferenceSession.run` -> softmax -> JSON."]
-    lines += [f"- {name}: {desc}." for name, (_, desc) in variants(a.rate_limit).items()]
-    lines += [f"- {FIX_ROW}: `guarded` with the proposed `runtime_guard.ratelimit` memory-storage fix "
-              "(inline expiry instead of limits' 10 ms Timer threads), applied in that server process "
-              "only by `--serve-inline-expiry`; not the shipped code."]
+    lines += [f"- {name}: {desc}." for name, (_, _, desc) in variants(a.rate_limit).items()]
     text = "\n".join(lines) + "\n"
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)

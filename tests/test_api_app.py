@@ -51,8 +51,7 @@ def test_predict_json_matches_bare_model(client, api_env):
     assert body["labels"] == api_env.labels[:5].tolist()
     scores = np.asarray(body["scores"])
     assert scores.shape == (5, 6) and np.allclose(scores.sum(axis=1), 1.0)
-    assert r.headers["RateLimit-Limit"] == "100000"
-    assert int(r.headers["RateLimit-Remaining"]) < 100000
+    assert "RateLimit-Limit" not in r.headers  # default: budget shown on 429s only
 
 
 def test_predict_npy_single_sample(client, api_env):
@@ -257,15 +256,23 @@ def test_rate_limit_429_headers(api_env, tmp_path):
     from api import create_app
 
     b = api_env.make_bundle(tmp_path / "rl.ewb", 1, runtime=api_env.runtime(per_client="3/minute"))
-    c = create_app(api_env.app_config(b)).test_client()
     body = json_body(api_env.x[:1])
-    codes = [c.post("/v1/predict", data=body, content_type="application/json").status_code for _ in range(3)]
-    assert codes == [200, 200, 200]
-    r = c.post("/v1/predict", data=body, content_type="application/json")
-    p = problem(r, 429)
-    assert int(r.headers["Retry-After"]) >= 1 and p["retry_after"] >= 1
-    assert r.headers["RateLimit-Limit"] == "3" and r.headers["RateLimit-Remaining"] == "0"
-    assert r.headers["X-RateLimit-Limit"] == "3" and int(r.headers["RateLimit-Reset"]) >= 1
+    for mode in ("refusals", "always"):
+        c = create_app(api_env.app_config(b, rate_limit_headers=mode)).test_client()
+        answers = [c.post("/v1/predict", data=body, content_type="application/json") for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        if mode == "always":
+            assert [a.headers["RateLimit-Remaining"] for a in answers] == ["2", "1", "0"]
+            assert {a.headers["RateLimit-Limit"] for a in answers} == {"3"}
+        else:
+            assert not any("RateLimit-Limit" in a.headers for a in answers)
+        r = c.post("/v1/predict", data=body, content_type="application/json")
+        p = problem(r, 429)
+        assert int(r.headers["Retry-After"]) >= 1 and p["retry_after"] >= 1
+        assert r.headers["RateLimit-Limit"] == "3" and r.headers["RateLimit-Remaining"] == "0"
+        assert r.headers["X-RateLimit-Limit"] == "3" and int(r.headers["RateLimit-Reset"]) >= 1
+    with pytest.raises(ValueError, match="rate_limit_headers"):
+        api_env.app_config(b, rate_limit_headers="sometimes")
 
 
 def test_anomaly_gate_reject_is_422_and_flag_is_200(api_env, tmp_path):

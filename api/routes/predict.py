@@ -22,7 +22,7 @@ def predict() -> Response:
     ans = st.predict(dep, x, client_id)
     body = json.dumps({"model": {"name": dep.name, "version": dep.version}, "decision": ans.decision,
                        "reasons": ans.reasons, "labels": ans.labels, "scores": ans.scores})
-    return Response(body, 200, headers=ans.headers, mimetype="application/json")
+    return Response(body, 200, headers=ans.headers, content_type="application/json")
 
 
 @bp.get("/model")

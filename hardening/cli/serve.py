@@ -45,6 +45,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         rollback_error_rate: float = typer.Option(0.2, "--rollback-error-rate", help="Roll a hot update back above this error rate."),
         rollback_min_requests: int = typer.Option(20, "--rollback-min-requests", help="Requests before the error rate is judged."),
         probation_seconds: float = typer.Option(60.0, "--probation-seconds", help="How long a hot update stays on probation."),
+        rate_limit_headers: str = typer.Option("refusals", "--rate-limit-headers", help="RateLimit-* headers on 429s only ('refusals') or on every answer ('always')."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
@@ -64,7 +65,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
                 admin_token_file=str(admin_token_file) if admin_token_file else None,
                 watch_dir=str(watch) if watch else None, watch_interval_s=watch_interval,
-                max_body_bytes=max_body_bytes,
+                max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers,
                 rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
             )
             settings = ServerSettings(host, port, workers, threads, require_shared_storage)
