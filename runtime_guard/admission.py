@@ -25,15 +25,17 @@ what is not scanned is exactly what the walker saw as opaque weight bytes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
 
 from .errors import ModelRejected
 
-__all__ = ["AdmissionLimits", "admit_model", "open_session", "session_options"]
+__all__ = ["AdmissionLimits", "admit_model", "load_session", "open_session", "session_options"]
 
 ORT_MEM_ADDR_MARKER = b"_ORT_MEM_ADDR_"
 MAX_THREADS = 64
@@ -212,8 +214,9 @@ def _len_field(field: int, payload: bytes) -> bytes:
     return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
 
 
-def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, int]]:
-    """(model bytes without large initializer raw_data, {initializer index: stripped length})."""
+def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """(model bytes without large initializer raw_data,
+    {initializer index: (offset of its raw_data bytes in ``buf``, their length)})."""
     out, stripped, graphs = [], {}, 0
     for fnum, wt, start, vstart, end in _fields(buf, 0, len(buf)):
         if fnum != _MODEL_GRAPH or wt != 2:
@@ -232,7 +235,7 @@ def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, int]]:
                 raise ModelRejected("initializer repeats raw_data", check="parse")
             if raws and raws[0][2] - raws[0][1] >= threshold:
                 rs, rv, re_ = raws[0]
-                stripped[index] = re_ - rv
+                stripped[index] = (rv, re_ - rv)
                 gparts.append(_len_field(_GRAPH_INITIALIZER, buf[gv:rs] + buf[re_:ge]))
             else:
                 gparts.append(buf[gs:ge])
@@ -241,11 +244,11 @@ def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, int]]:
     return (buf if not stripped else b"".join(out)), stripped
 
 
-def _check_stripped(model: onnx.ModelProto, stripped: dict[int, int]) -> None:
+def _check_stripped(model: onnx.ModelProto, stripped: dict[int, tuple[int, int]]) -> None:
     """Stripped tensors must hold exactly the bytes their dims/dtype imply and
     no second data field (what onnx.checker's tensor check would enforce)."""
     inits = model.graph.initializer
-    for index, length in stripped.items():
+    for index, (_, length) in stripped.items():
         t = inits[index]
         others = [f.name for f, _ in t.ListFields() if f.name.endswith("_data")]
         if others or _nominal_bytes(t) != length:
@@ -253,7 +256,7 @@ def _check_stripped(model: onnx.ModelProto, stripped: dict[int, int]) -> None:
                                 check="tensor-data")
 
 
-def _checker_view(model: onnx.ModelProto, stripped: dict[int, int]) -> onnx.ModelProto:
+def _checker_view(model: onnx.ModelProto, stripped: dict[int, tuple[int, int]]) -> onnx.ModelProto:
     """The weight-stripped model with stripped initializers declared as typed
     graph inputs, so onnx.checker (full_check: strict shape inference with
     constant propagation through the small, shape-like initializers that are
@@ -283,6 +286,13 @@ def _parse(data: bytes) -> onnx.ModelProto:
     return model
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    model_bytes: bytes
+    skeleton: onnx.ModelProto  # large initializers without their raw_data
+    stripped: dict[int, tuple[int, int]]  # initializer index -> (offset in model_bytes, length)
+
+
 def admit_model(model_bytes: bytes, limits: AdmissionLimits | None = None, *,
                 full_proto: bool = True) -> onnx.ModelProto:
     """Run every admission check; return the parsed model or raise ModelRejected.
@@ -291,9 +301,15 @@ def admit_model(model_bytes: bytes, limits: AdmissionLimits | None = None, *,
     onnx.checker (full_check) last. Checks run on a weight-stripped copy, so
     their cost does not grow with weight size; with ``full_proto=False`` that
     copy is returned (large initializers have no data) and the full parse is
-    skipped -- what the load path uses.
+    skipped.
     """
-    limits = limits or AdmissionLimits()
+    admitted = _admit(model_bytes, limits or AdmissionLimits())
+    if full_proto and admitted.stripped:
+        return _parse(admitted.model_bytes)
+    return admitted.skeleton
+
+
+def _admit(model_bytes: bytes, limits: AdmissionLimits) -> _Admitted:
     if not isinstance(model_bytes, (bytes, bytearray)):
         raise ModelRejected("model must be bytes", check="type")
     model_bytes = bytes(model_bytes)
@@ -324,9 +340,7 @@ def admit_model(model_bytes: bytes, limits: AdmissionLimits | None = None, *,
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ModelRejected(f"onnx.checker failed: {type(exc).__name__}: {msg}",
                             check="checker") from None
-    if full_proto and stripped:
-        return _parse(model_bytes)
-    return model
+    return _Admitted(model_bytes, model, stripped)
 
 
 def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1) -> ort.SessionOptions:
@@ -358,3 +372,73 @@ def open_session(model_bytes: bytes, intra_op_threads: int = 1,
     except Exception as exc:
         raise ModelRejected(f"onnxruntime refused the model: {type(exc).__name__}",
                             check="session") from None
+
+
+# Little-endian numpy dtypes for the ONNX element types a stripped weight may have; others
+# (bfloat16, float8, int4, strings, complex) make load_session hand over the whole bytes.
+_LE_DTYPES = {
+    onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2",
+    onnx.TensorProto.INT8: "i1", onnx.TensorProto.UINT8: "u1", onnx.TensorProto.INT16: "<i2",
+    onnx.TensorProto.UINT16: "<u2", onnx.TensorProto.INT32: "<i4", onnx.TensorProto.UINT32: "<u4",
+    onnx.TensorProto.INT64: "<i8", onnx.TensorProto.UINT64: "<u8", onnx.TensorProto.BOOL: "?",
+}
+
+
+def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.OrtValue]] | None:
+    """(skeleton bytes, names, OrtValues viewing the weights inside ``model_bytes``), or
+    None when the model has no large weights or one of a type we do not map.
+
+    The skeleton marks each such initializer as external data with an *empty*
+    location: onnxruntime takes the supplied value for it and refuses an empty
+    location outright, so no name can ever fall back to reading a file.
+    """
+    if not admitted.stripped or sys.byteorder != "little":
+        return None
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(admitted.skeleton)  # small: the large raw_data is not in it
+    inits = skeleton.graph.initializer
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    for index, (offset, length) in sorted(admitted.stripped.items()):
+        t = inits[index]
+        code = _LE_DTYPES.get(t.data_type)
+        if code is None:
+            return None
+        dtype = np.dtype(code)
+        arr = np.frombuffer(admitted.model_bytes, dtype=dtype, count=length // dtype.itemsize,
+                            offset=offset).reshape(tuple(t.dims))
+        if not arr.flags.aligned:  # raw_data sits wherever protobuf put it
+            arr = arr.copy()
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        t.external_data.add(key="location", value="")
+    return skeleton.SerializeToString(), names, values
+
+
+def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intra_op_threads: int = 1,
+                 inter_op_threads: int = 1) -> ort.InferenceSession:
+    """Admission checks, then a locked-down CPU session: the one way the runtime loads a model.
+
+    Large weights are not copied: onnxruntime gets the small skeleton plus
+    OrtValues that view the weight bytes inside ``model_bytes`` (the decrypted
+    payload), instead of parsing a second copy of every weight out of the
+    protobuf (for a 51 MB model that copy, with its page faults, costs more
+    than decryption and hashing together). The session keeps those buffers
+    alive (``_edgeward_weights``) for as long as it exists.
+    """
+    admitted = _admit(model_bytes, limits or AdmissionLimits())
+    in_place = _weights_in_place(admitted)
+    if in_place is None:
+        return open_session(admitted.model_bytes, intra_op_threads, inter_op_threads)
+    skeleton, names, values = in_place
+    so = session_options(intra_op_threads, inter_op_threads)
+    so.add_external_initializers(names, values)
+    try:
+        sess = ort.InferenceSession(skeleton, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelRejected(f"onnxruntime refused the model: {type(exc).__name__}",
+                            check="session") from None
+    sess._edgeward_weights = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
+    return sess

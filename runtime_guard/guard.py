@@ -111,10 +111,9 @@ class GuardedModel:
         self.config = config = config or GuardConfig()
         self.manifest: dict[str, Any] | None = None  # set by load()
         if isinstance(model, (bytes, bytearray, memoryview)):
-            from .admission import admit_model, open_session
+            from .admission import load_session
 
-            admit_model(bytes(model), admission_limits)
-            model = open_session(bytes(model), threads, 1)
+            model = load_session(bytes(model), admission_limits, threads, 1)
         self.session = model
         inputs = model.get_inputs()
         if len(inputs) != 1:

@@ -81,10 +81,10 @@ class OpenedBundle:
 
     def open_session(self, limits: "AdmissionLimits | None" = None, intra_op_threads: int = 1,
                      inter_op_threads: int = 1) -> "onnxruntime.InferenceSession":
-        """Admission checks, then a CPU-only session from the in-memory bytes."""
-        from ..admission import open_session
-        self.admit(limits, full_proto=False)
-        return open_session(self.model_bytes, intra_op_threads, inter_op_threads)
+        """Admission checks, then a CPU-only session from the in-memory bytes
+        (admission.load_session: large weights are handed over without a copy)."""
+        from ..admission import load_session
+        return load_session(self.model_bytes, limits, intra_op_threads, inter_op_threads)
 
 
 @dataclass(frozen=True)
