@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import os
-import pickle
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime_guard.admission import AdmissionLimits, load_session
-from runtime_guard.bundle import build_bundle, generate_kek, generate_signing_keypair, open_bundle
+from runtime_guard.bundle import (build_bundle, generate_kek, generate_signing_keypair, load_kek, open_bundle,
+                                  write_secret_file)
 
 
 def gemm_model(dim: int, seed: int = 0) -> bytes:
@@ -90,8 +90,12 @@ def bench(name: str, dim: int, repeats: int, threads: int, workdir: Path, model:
     x = {name_in: np.ones(shape, np.float32)}
     p, b, parts = [], [], {}
     if fresh:
-        job = workdir / f"{name}.job"
-        job.write_bytes(pickle.dumps((str(onnx_path), str(bundle_path), pub, kek, x, threads)))
+        # the job for the child processes: plain JSON + the KEK in a 0600 file (never pickle)
+        job = workdir / f"{name}.job.json"
+        kek_path = workdir / f"{name}.kek"
+        write_secret_file(kek_path, kek)
+        job.write_text(json.dumps({"onnx": str(onnx_path), "bundle": str(bundle_path), "pub": pub.decode(),
+                                   "kek": str(kek_path), "input": name_in, "shape": shape, "threads": threads}))
         for _ in range(repeats):
             for kind, acc in (("plain", p), ("bundle", b)):
                 out = subprocess.run([sys.executable, __file__, "--child", kind, str(job)],
@@ -124,7 +128,10 @@ def child(kind: str, job: Path) -> None:
     runtimes are initialised (a tiny model is loaded both ways first, so neither
     path pays onnxruntime's or OpenSSL's one-time set-up), on a fresh heap, so no
     memory freed by an earlier iteration is reused. Prints [wall, cpu, parts]."""
-    onnx_path, bundle_path, pub, kek, x, threads = pickle.loads(job.read_bytes())
+    spec = json.loads(job.read_text())
+    onnx_path, bundle_path, pub, threads = spec["onnx"], spec["bundle"], spec["pub"].encode(), spec["threads"]
+    kek = load_kek(file=spec["kek"])
+    x = {spec["input"]: np.ones(spec["shape"], np.float32)}
     with tempfile.TemporaryDirectory() as d:
         tiny = gemm_model(8)
         priv2, pub2 = generate_signing_keypair()
