@@ -26,9 +26,6 @@ class ApiState:
     admin: AdminToken | None
     watcher: DirectoryWatcher | None = None
 
-    def __post_init__(self) -> None:
-        self._status_headers = self.config.rate_limit_headers == "always"
-
     def require_model(self) -> Deployment:
         dep = self.holder.current()
         if dep is None:
@@ -40,7 +37,7 @@ class ApiState:
         """Guarded predict that also feeds metrics and the hot-update probation
         (refusals count as healthy; only server-side failures are errors)."""
         try:
-            ans = run_predict(dep, x, client_id, self._status_headers)
+            ans = run_predict(dep, x, client_id, self.config.rate_limit_headers == "always")
         except ApiProblem as exc:
             self.holder.record(dep, exc.status < 500)
             self.metrics.observe_decision(

@@ -141,11 +141,6 @@ class GuardedModel:
         self.monitor = ExtractionMonitor(config.extraction) if config.extraction.enabled else None
         self.telemetry = Telemetry(config.telemetry, n_classes)
         self._gate_reject = config.anomaly.action == "reject"
-        self._ood_threshold = self.anomaly.threshold if self.anomaly is not None else math.inf
-        # bound methods looked up once: predict() is the per-request hot path
-        self._run = model.run
-        self._policy = self.policy.apply_labelled
-        self._record = self.telemetry.record
         self._throttle = config.extraction.enabled and config.extraction.action == "throttle"
         self.smoke_test()  # a model/detector mismatch fails here, not on the first request
 
@@ -231,7 +226,7 @@ class GuardedModel:
         except SanitizerError as e:
             return self._finish(t0, PredictionResult("rejected", [f"input:{e.reason}"]))
 
-        outs = self._run(self._run_names, {self.input_name: arr})
+        outs = self.session.run(self._run_names, {self.input_name: arr})
         logits = outs[0]
         one = logits.shape[0] == 1
         if one:  # one row: Python floats beat a numpy call per step (see output_policy.softmax)
@@ -251,10 +246,10 @@ class GuardedModel:
         if self.anomaly is not None:
             ood_scores = self.anomaly.score(arr, logits, outs[1] if len(outs) > 1 else None)
             if one:
-                any_ood = ood_scores.item() > self._ood_threshold
+                any_ood = ood_scores.item() > self.anomaly.threshold
                 ood = _array((any_ood,))
             else:
-                ood = ood_scores > self._ood_threshold
+                ood = ood_scores > self.anomaly.threshold
                 any_ood = bool(_any(ood, axis=None))
             if any_ood:
                 reasons.append("ood")
@@ -268,16 +263,16 @@ class GuardedModel:
         if any_ood and self._gate_reject:
             res = PredictionResult("rejected", reasons, None, None, ood_scores, 0.0, None, None, logits)
         else:
-            labels, scores = self._policy(logits, ood, raw_labels)
+            labels, scores = self.policy.apply_labelled(logits, ood, raw_labels)
             res = PredictionResult(decision, reasons, labels, scores, ood_scores, 0.0, None, None, logits)
         res.latency_s = latency = _clock() - t0
-        self._record(res.decision, reasons, latency, raw_labels, ood_scores)
+        self.telemetry.record(res.decision, reasons, latency, raw_labels, ood_scores)
         return res
 
     def _finish(self, t0: float, res: PredictionResult) -> PredictionResult:
         """Refusals before the model answered: timing and telemetry."""
         res.latency_s = _clock() - t0
-        self._record(res.decision, res.reasons, res.latency_s, None, None)
+        self.telemetry.record(res.decision, res.reasons, res.latency_s, None, None)
         return res
 
     # -- introspection for the API and audits -----------------------------------------------
