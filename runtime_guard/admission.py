@@ -365,10 +365,12 @@ def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1) -> ort
 def open_session(model_bytes: bytes, intra_op_threads: int = 1,
                  inter_op_threads: int = 1) -> ort.InferenceSession:
     """CPU-only InferenceSession from in-memory bytes. Call admit_model first."""
-    so = session_options(intra_op_threads, inter_op_threads)
+    return _session(bytes(model_bytes), session_options(intra_op_threads, inter_op_threads))
+
+
+def _session(data: bytes, so: ort.SessionOptions) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(bytes(model_bytes), sess_options=so,
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelRejected(f"onnxruntime refused the model: {type(exc).__name__}",
                             check="session") from None
@@ -435,10 +437,6 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     skeleton, names, values = in_place
     so = session_options(intra_op_threads, inter_op_threads)
     so.add_external_initializers(names, values)
-    try:
-        sess = ort.InferenceSession(skeleton, sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelRejected(f"onnxruntime refused the model: {type(exc).__name__}",
-                            check="session") from None
+    sess = _session(skeleton, so)
     sess._edgeward_weights = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
     return sess
