@@ -39,6 +39,10 @@ __all__ = ["AdmissionLimits", "admit_model", "load_session", "open_session", "se
 
 ORT_MEM_ADDR_MARKER = b"_ORT_MEM_ADDR_"
 MAX_THREADS = 64
+# Below this many large-weight bytes, onnxruntime opens the plain bytes faster than
+# the skeleton plus external OrtValues (measured: 0.3-0.5 ms slower for the 0.29 MB
+# demo, even at 1-4 MB, 2x faster at 16+ MB; benchmarks/results/cold_start.md).
+IN_PLACE_MIN_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -386,15 +390,15 @@ _LE_DTYPES = {
 }
 
 
-def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.OrtValue]] | None:
+def _weights_in_place(admitted: _Admitted, min_bytes: int) -> tuple[bytes, list[str], list[ort.OrtValue]] | None:
     """(skeleton bytes, names, OrtValues viewing the weights inside ``model_bytes``), or
-    None when the model has no large weights or one of a type we do not map.
+    None when the large weights total under ``min_bytes`` or one is of a type we do not map.
 
     The skeleton marks each such initializer as external data with an *empty*
     location: onnxruntime takes the supplied value for it and refuses an empty
     location outright, so no name can ever fall back to reading a file.
     """
-    if not admitted.stripped or sys.byteorder != "little":
+    if sum(n for _, n in admitted.stripped.values()) < max(min_bytes, 1) or sys.byteorder != "little":
         return None
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(admitted.skeleton)  # small: the large raw_data is not in it
@@ -420,7 +424,7 @@ def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.O
 
 
 def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intra_op_threads: int = 1,
-                 inter_op_threads: int = 1) -> ort.InferenceSession:
+                 inter_op_threads: int = 1, *, in_place_min_bytes: int = IN_PLACE_MIN_BYTES) -> ort.InferenceSession:
     """Admission checks, then a locked-down CPU session: the one way the runtime loads a model.
 
     Large weights are not copied: onnxruntime gets the small skeleton plus
@@ -428,10 +432,12 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     payload), instead of parsing a second copy of every weight out of the
     protobuf (for a 51 MB model that copy, with its page faults, costs more
     than decryption and hashing together). The session keeps those buffers
-    alive (``_edgeward_weights``) for as long as it exists.
+    alive (``_edgeward_weights``) for as long as it exists. Models whose large
+    weights total under ``in_place_min_bytes`` go to onnxruntime as plain bytes,
+    which is faster at that size.
     """
     admitted = _admit(model_bytes, limits or AdmissionLimits())
-    in_place = _weights_in_place(admitted)
+    in_place = _weights_in_place(admitted, in_place_min_bytes)
     if in_place is None:
         return open_session(admitted.model_bytes, intra_op_threads, inter_op_threads)
     skeleton, names, values = in_place
