@@ -39,10 +39,6 @@ __all__ = ["AdmissionLimits", "admit_model", "load_session", "open_session", "se
 
 ORT_MEM_ADDR_MARKER = b"_ORT_MEM_ADDR_"
 MAX_THREADS = 64
-# Below this many large-weight bytes, onnxruntime opens the plain bytes faster than
-# the skeleton plus external OrtValues (measured: 0.3-0.5 ms slower for the 0.29 MB
-# demo, even at 1-4 MB, 2x faster at 16+ MB; benchmarks/results/cold_start.md).
-IN_PLACE_MIN_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +58,11 @@ class AdmissionLimits:
     # checker + strict shape inference cost does not scale with weight bytes.
     # onnxruntime still validates every tensor's data size when it loads them.
     checker_strip_bytes: int = 64 * 1024
+    # Models smaller than this are checked whole and reach onnxruntime as plain
+    # bytes: there the Python wire walk and the skeleton-plus-OrtValues session
+    # cost more than they save (benchmarks/results/cold_start.md: 0.3 ms of walk
+    # for the int8 demo; in-place sessions slower up to ~4 MB, 2x faster from 16 MB).
+    strip_min_model_bytes: int = 2 * 1024 * 1024
 
 
 def _norm(domain: str) -> str:
@@ -248,14 +249,17 @@ def _strip_weights(buf: bytes, threshold: int) -> tuple[bytes, dict[int, tuple[i
     return (buf if not stripped else b"".join(out)), stripped
 
 
-def _check_stripped(model: onnx.ModelProto, stripped: dict[int, tuple[int, int]]) -> None:
-    """Stripped tensors must hold exactly the bytes their dims/dtype imply and
-    no second data field (what onnx.checker's tensor check would enforce)."""
-    inits = model.graph.initializer
-    for index, (_, length) in stripped.items():
-        t = inits[index]
-        others = [f.name for f, _ in t.ListFields() if f.name.endswith("_data")]
-        if others or _nominal_bytes(t) != length:
+def _check_sizes(model: onnx.ModelProto, stripped: dict[int, tuple[int, int]]) -> None:
+    """Top-level initializers' raw bytes must be exactly what their dims/dtype
+    imply (onnx.checker does not compare them), and stripped ones may have no
+    second data field (the checker never sees those tensors)."""
+    for index, t in enumerate(model.graph.initializer):
+        if index in stripped:
+            others = [f.name for f, _ in t.ListFields() if f.name.endswith("_data")]
+            bad = bool(others) or _nominal_bytes(t) != stripped[index][1]
+        else:
+            bad = t.HasField("raw_data") and _nominal_bytes(t) not in (-1, len(t.raw_data))
+        if bad:
             raise ModelRejected(f"initializer {t.name!r} data does not match its shape/type",
                                 check="tensor-data")
 
@@ -320,7 +324,10 @@ def _admit(model_bytes: bytes, limits: AdmissionLimits) -> _Admitted:
     if len(model_bytes) > limits.max_model_bytes:
         raise ModelRejected(f"model is {len(model_bytes)} bytes, over the {limits.max_model_bytes} cap",
                             check="size")
-    skeleton, stripped = _strip_weights(model_bytes, limits.checker_strip_bytes)
+    if len(model_bytes) >= limits.strip_min_model_bytes:
+        skeleton, stripped = _strip_weights(model_bytes, limits.checker_strip_bytes)
+    else:  # small: every byte is scanned and checked
+        skeleton, stripped = model_bytes, {}
     # Every byte except the raw_data of large top-level initializers (see the
     # module docstring for why the weight bytes need no scan).
     if ORT_MEM_ADDR_MARKER in skeleton:
@@ -337,9 +344,10 @@ def _admit(model_bytes: bytes, limits: AdmissionLimits) -> _Admitted:
         raise ModelRejected("training_info is not allowed", check="training-info")
     _check_opsets(model, limits)
     _Walker(limits).graph(model.graph, 0)
-    _check_stripped(model, stripped)
+    _check_sizes(model, stripped)
     try:
-        onnx.checker.check_model(_checker_view(model, stripped), full_check=True)
+        # unstripped: the bytes themselves, which the checker would otherwise re-serialise
+        onnx.checker.check_model(_checker_view(model, stripped) if stripped else skeleton, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, ...
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ModelRejected(f"onnx.checker failed: {type(exc).__name__}: {msg}",
@@ -390,15 +398,15 @@ _LE_DTYPES = {
 }
 
 
-def _weights_in_place(admitted: _Admitted, min_bytes: int) -> tuple[bytes, list[str], list[ort.OrtValue]] | None:
+def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.OrtValue]] | None:
     """(skeleton bytes, names, OrtValues viewing the weights inside ``model_bytes``), or
-    None when the large weights total under ``min_bytes`` or one is of a type we do not map.
+    None when the model has no stripped weights or one of a type we do not map.
 
     The skeleton marks each such initializer as external data with an *empty*
     location: onnxruntime takes the supplied value for it and refuses an empty
     location outright, so no name can ever fall back to reading a file.
     """
-    if sum(n for _, n in admitted.stripped.values()) < max(min_bytes, 1) or sys.byteorder != "little":
+    if not admitted.stripped or sys.byteorder != "little":
         return None
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(admitted.skeleton)  # small: the large raw_data is not in it
@@ -424,7 +432,7 @@ def _weights_in_place(admitted: _Admitted, min_bytes: int) -> tuple[bytes, list[
 
 
 def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intra_op_threads: int = 1,
-                 inter_op_threads: int = 1, *, in_place_min_bytes: int = IN_PLACE_MIN_BYTES) -> ort.InferenceSession:
+                 inter_op_threads: int = 1) -> ort.InferenceSession:
     """Admission checks, then a locked-down CPU session: the one way the runtime loads a model.
 
     Large weights are not copied: onnxruntime gets the small skeleton plus
@@ -432,12 +440,12 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     payload), instead of parsing a second copy of every weight out of the
     protobuf (for a 51 MB model that copy, with its page faults, costs more
     than decryption and hashing together). The session keeps those buffers
-    alive (``_edgeward_weights``) for as long as it exists. Models whose large
-    weights total under ``in_place_min_bytes`` go to onnxruntime as plain bytes,
-    which is faster at that size.
+    alive (``_edgeward_weights``) for as long as it exists. Models under
+    ``limits.strip_min_model_bytes`` go to onnxruntime as plain bytes, which is
+    faster at that size.
     """
     admitted = _admit(model_bytes, limits or AdmissionLimits())
-    in_place = _weights_in_place(admitted, in_place_min_bytes)
+    in_place = _weights_in_place(admitted)
     if in_place is None:
         return open_session(admitted.model_bytes, intra_op_threads, inter_op_threads)
     skeleton, names, values = in_place

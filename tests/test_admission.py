@@ -206,12 +206,16 @@ def big_model(k: int = 4, n: int = 5000) -> onnx.ModelProto:
     return m
 
 
+STRIP = AdmissionLimits(strip_min_model_bytes=0)  # treat these 80 KB models as large
+
+
 def test_large_model_passes_and_full_proto_choice():
     m = big_model()
     data = m.SerializeToString()
-    full = admit_model(data)
+    full = admit_model(data, STRIP)
     assert full == m  # full parse returned by default
-    light = admit_model(data, full_proto=False)
+    assert admit_model(data) == m  # under strip_min_model_bytes: checked whole
+    light = admit_model(data, STRIP, full_proto=False)
     assert light.graph.initializer[0].raw_data == b""  # weights not copied
     assert light.graph.initializer[1] == m.graph.initializer[1]  # small ones kept
     assert [n.op_type for n in light.graph.node] == ["MatMul", "Reshape"]
@@ -221,23 +225,31 @@ def test_large_model_passes_and_full_proto_choice():
 
 def test_large_model_shape_error_still_caught():
     m = big_model(k=5)  # x is [N, 4] but W is [5, N]: MatMul mismatch
+    rejected(m.SerializeToString(), "checker", STRIP)
     rejected(m.SerializeToString(), "checker")
 
 
 def test_large_initializer_with_wrong_data_size():
     m = big_model()
     m.graph.initializer[0].dims[1] = 4999  # raw_data now longer than dims imply
-    rejected(m.SerializeToString(), "tensor-data")
+    rejected(m.SerializeToString(), "tensor-data", STRIP)
+    rejected(m.SerializeToString(), "tensor-data")  # checked whole: same check
+    small = big_model(n=50)  # a 800-byte initializer is never stripped
+    small.graph.initializer[0].dims[1] = 49
+    rejected(small.SerializeToString(), "tensor-data", STRIP)
     m2 = big_model()
     m2.graph.initializer[0].float_data.append(1.0)  # two value fields
-    rejected(m2.SerializeToString(), "tensor-data")
+    rejected(m2.SerializeToString(), "tensor-data", STRIP)
+    rejected(m2.SerializeToString(), "checker")  # checked whole: onnx.checker refuses it
 
 
 def test_wire_oddities_rejected():
     data = big_model().SerializeToString()
-    # a second graph field (protobuf would merge it; we refuse)
+    # a second graph field (protobuf would merge it; the wire walk refuses it)
     g = big_model().graph.SerializeToString()
     from runtime_guard.admission import _len_field
-    rejected(data + _len_field(7, g), "parse")
-    rejected(data + b"\x0b", "parse")  # group wire type
-    rejected(data[:-3], "parse")  # truncated field
+    rejected(data + _len_field(7, g), "parse", STRIP)
+    rejected(data + _len_field(7, g), "duplicate-initializer")  # checked whole: merged, then refused
+    for bad in (data + b"\x0b", data[:-3]):  # group wire type; truncated field
+        rejected(bad, "parse", STRIP)
+        rejected(bad, "parse")

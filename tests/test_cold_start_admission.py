@@ -15,7 +15,7 @@ from runtime_guard.errors import ModelRejected
 
 MARK = ORT_MEM_ADDR_MARKER.decode()
 D = 160  # 160*160*4 B = 100 KiB > checker_strip_bytes (64 KiB): W is stripped
-LIMITS = AdmissionLimits()
+LIMITS = AdmissionLimits(strip_min_model_bytes=0)  # strip even these 100 KiB models
 
 
 def big_w(name: str = "W", fill: bytes | None = None) -> onnx.TensorProto:
@@ -117,6 +117,15 @@ def test_marker_only_inside_stripped_weight_bytes_is_inert():
     admit_model(data, LIMITS, full_proto=False)
     out = open_session(data).run(None, {"x": np.ones((1, D), np.float32)})[0]
     assert out.shape == (1, D)
+
+
+def test_small_models_are_scanned_whole():
+    """Under strip_min_model_bytes nothing is stripped, so even weight bytes are scanned."""
+    data = model(w=big_w(fill=ORT_MEM_ADDR_MARKER)).SerializeToString()
+    assert len(data) < AdmissionLimits().strip_min_model_bytes
+    with pytest.raises(ModelRejected) as ei:
+        admit_model(data, AdmissionLimits())
+    assert ei.value.check == "ort-mem-addr"
 
 
 def test_marker_in_weight_bytes_with_external_data_still_refused():

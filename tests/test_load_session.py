@@ -4,9 +4,10 @@ the (decrypted) model bytes, not as a second parsed copy.
 Checked: outputs equal a plain session's for aligned and misaligned weights and
 several element types; no copy for aligned weights; the buffers outlive every
 other reference; an external-data entry is never resolved as a file; models
-whose weights cannot be mapped, or total under ``IN_PLACE_MIN_BYTES``, take
-the plain path; admission still refuses what it refused before. The small
-models here take the in-place path through ``in_place_min_bytes=1``.
+whose weights cannot be mapped, and models under
+``AdmissionLimits.strip_min_model_bytes``, take the plain path; admission still
+refuses what it refused before. The small models here take the in-place path
+through ``strip_min_model_bytes=0``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime_guard.admission import IN_PLACE_MIN_BYTES, AdmissionLimits, _admit, _weights_in_place, load_session
+from runtime_guard.admission import AdmissionLimits, _admit, _weights_in_place, load_session
 from runtime_guard.errors import ModelRejected
 
 D = 160  # 160*160*4 B = 100 KiB > checker_strip_bytes (64 KiB): W is stripped
-IN_PLACE = {"in_place_min_bytes": 1}  # take the in-place path even for these small weights
+STRIP = AdmissionLimits(strip_min_model_bytes=0)  # strip and load in place even these small models
 
 
 def gemm(doc: str = "", dtype=np.float32, seed: int = 0) -> bytes:
@@ -61,9 +62,9 @@ X = x_for(gemm())
 @pytest.mark.parametrize("shift", range(4))  # W's raw_data lands on every offset mod 4
 def test_outputs_equal_plain_session_aligned_or_not(shift):
     model = gemm(doc="d" * shift)
-    admitted = _admit(model, AdmissionLimits())
+    admitted = _admit(model, STRIP)
     (offset, length), = admitted.stripped.values()
-    sess = load_session(model, **IN_PLACE)
+    sess = load_session(model, STRIP)
     assert hasattr(sess, "_edgeward_weights")  # the in-place path was taken
     np.testing.assert_array_equal(sess.run(None, {"x": X})[0], plain_run(model, X))
     assert length == D * D * 4 and model[offset:offset + 16] == np.asarray(
@@ -73,7 +74,7 @@ def test_outputs_equal_plain_session_aligned_or_not(shift):
 @pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int8, np.int32])
 def test_other_element_types(dtype):
     model = gemm(dtype=dtype)
-    sess = load_session(model, **IN_PLACE)
+    sess = load_session(model, STRIP)
     assert hasattr(sess, "_edgeward_weights")
     x = x_for(model)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], plain_run(model, x))
@@ -82,11 +83,11 @@ def test_other_element_types(dtype):
 def test_aligned_weights_are_views_not_copies():
     for shift in range(4):
         model = gemm(doc="d" * shift)
-        admitted = _admit(model, AdmissionLimits())
+        admitted = _admit(model, STRIP)
         (offset, _), = admitted.stripped.values()
         if offset % 4 == 0:
             break
-    _, names, values = _weights_in_place(admitted, 1)
+    _, names, values = _weights_in_place(admitted)
     base = np.frombuffer(admitted.model_bytes, np.uint8).ctypes.data
     assert names == ["W"] and values[0].data_ptr() == base + offset
 
@@ -94,7 +95,7 @@ def test_aligned_weights_are_views_not_copies():
 def test_buffers_outlive_every_other_reference():
     model = bytearray(gemm(seed=3))  # a private copy whose only owner ends up being the session
     want = plain_run(bytes(model), X)
-    sess = load_session(bytes(model), **IN_PLACE)
+    sess = load_session(bytes(model), STRIP)
     assert hasattr(sess, "_edgeward_weights")
     del model
     gc.collect()
@@ -106,7 +107,7 @@ def test_external_entries_never_resolve_to_files(tmp_path, monkeypatch):
     """The skeleton's external-data location is empty: without the supplied values
     onnxruntime refuses it instead of reading a file, whatever sits in the cwd."""
     model = gemm()
-    skeleton, names, _ = _weights_in_place(_admit(model, AdmissionLimits()), 1)
+    skeleton, names, _ = _weights_in_place(_admit(model, STRIP))
     m = onnx.load_from_string(skeleton)
     ext = [t for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     assert [t.name for t in ext] == names == ["W"]
@@ -127,9 +128,9 @@ def test_unmappable_weights_fall_back_to_plain_bytes():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     model = m.SerializeToString()
-    admitted = _admit(model, AdmissionLimits())
-    assert list(admitted.stripped) == [0] and _weights_in_place(admitted, 1) is None
-    sess = load_session(model, **IN_PLACE)
+    admitted = _admit(model, STRIP)
+    assert list(admitted.stripped) == [0] and _weights_in_place(admitted) is None
+    sess = load_session(model, STRIP)
     x = np.ones((1, 2), np.float32)
     assert not hasattr(sess, "_edgeward_weights") and np.array_equal(sess.run(None, {"x": x})[0], x)
 
@@ -137,7 +138,7 @@ def test_unmappable_weights_fall_back_to_plain_bytes():
 def test_small_weights_go_as_plain_bytes_large_ones_in_place():
     small = gemm()
     assert not hasattr(load_session(small), "_edgeward_weights")
-    d = 736  # 736*736*4 B = 2.07 MiB, just over IN_PLACE_MIN_BYTES
+    d = 736  # 736*736*4 B = 2.07 MiB, just over the default strip_min_model_bytes
     w = numpy_helper.from_array(np.random.default_rng(2).standard_normal((d, d)).astype(np.float32), "W")
     g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d])],
@@ -145,7 +146,7 @@ def test_small_weights_go_as_plain_bytes_large_ones_in_place():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     large = m.SerializeToString()
-    assert d * d * 4 >= IN_PLACE_MIN_BYTES
+    assert len(large) >= AdmissionLimits().strip_min_model_bytes
     sess = load_session(large)
     assert hasattr(sess, "_edgeward_weights")
     x = x_for(large)
