@@ -7,8 +7,10 @@ data (file reads relative to the process), ``_ORT_MEM_ADDR_`` markers (raw
 pointers into process memory), custom-op domains (native code we did not
 vet), model-local functions, and opsets outside the tested range.
 
-Where the ``_ORT_MEM_ADDR_`` scan looks: onnxruntime gives the marker meaning
-in exactly one place, the ``location`` string of a tensor's ``external_data``
+Where the ``_ORT_MEM_ADDR_`` scan looks (models under
+``AdmissionLimits.strip_min_model_bytes`` are scanned whole; the rest of this
+paragraph is about larger ones): onnxruntime gives the marker meaning in exactly
+one place, the ``location`` string of a tensor's ``external_data``
 (it then treats ``offset`` as a raw pointer). The scan covers every byte of the
 model *except* the ``raw_data`` payload of large top-level initializers, i.e.
 the weight-stripped skeleton the structural checks parse anyway: all names,
@@ -306,7 +308,8 @@ def admit_model(model_bytes: bytes, limits: AdmissionLimits | None = None, *,
     """Run every admission check; return the parsed model or raise ModelRejected.
 
     Cheap byte-level checks run first, then structural walks, and
-    onnx.checker (full_check) last. Checks run on a weight-stripped copy, so
+    onnx.checker (full_check) last. For models of at least
+    ``limits.strip_min_model_bytes`` checks run on a weight-stripped copy, so
     their cost does not grow with weight size; with ``full_proto=False`` that
     copy is returned (large initializers have no data) and the full parse is
     skipped.
