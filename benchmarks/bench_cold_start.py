@@ -93,8 +93,11 @@ def mandated_floor(model: bytes, bundle_path: Path, pub: bytes, repeats: int) ->
     n = max(1, -(-len(model) // DEFAULT_CHUNK_SIZE))
     chunks = [aead.encrypt(chunk_nonce(i, i == n - 1), model[i * DEFAULT_CHUNK_SIZE:(i + 1) * DEFAULT_CHUNK_SIZE], aad)
               for i in range(n)]
-    skeleton, stripped = _strip_weights(model, AdmissionLimits().checker_strip_bytes)
-    view = _checker_view(_parse(skeleton), stripped)  # what admission hands onnx.checker
+    limits = AdmissionLimits()
+    view: onnx.ModelProto | bytes = model  # what admission hands onnx.checker
+    if len(model) >= limits.strip_min_model_bytes:
+        skeleton, stripped = _strip_weights(model, limits.checker_strip_bytes)
+        view = _checker_view(_parse(skeleton), stripped)
     steps = {
         "ed25519": lambda: key.verify(header.signature, SIG_CONTEXT + header.signed),
         "aes-gcm": lambda: [aead.decrypt(chunk_nonce(i, i == n - 1), c, aad) for i, c in enumerate(chunks)],

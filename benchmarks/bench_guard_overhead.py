@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -228,8 +229,6 @@ def _in_context(g: GuardedModel, xs: list[np.ndarray], n: int) -> dict[str, floa
     """The target guard's stages timed one after another inside each request, in
     ``predict``'s order, with a bare run first as in the end-to-end rows: what each
     stage costs with caches as a real request leaves them (alone they look cheaper)."""
-    import math
-
     clock = time.perf_counter_ns
     feeds = [{g.input_name: x} for x in xs]
     names = ["bare session.run", "rate limit", "sanitizer", "guarded session.run", "finite check + argmax",
