@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runtime_guard.admission import AdmissionLimits, _checker_view, _parse, _strip_weights, load_session
+from runtime_guard.admission import AdmissionLimits, _checker_view, _parse, _skeleton, load_session
 from runtime_guard.bundle import (build_bundle, generate_kek, generate_signing_keypair, load_kek, open_bundle,
                                   write_secret_file)
 from runtime_guard.bundle.format import DEFAULT_CHUNK_SIZE, SIG_CONTEXT, Source, chunk_nonce, parse_header
@@ -93,11 +93,8 @@ def mandated_floor(model: bytes, bundle_path: Path, pub: bytes, repeats: int) ->
     n = max(1, -(-len(model) // DEFAULT_CHUNK_SIZE))
     chunks = [aead.encrypt(chunk_nonce(i, i == n - 1), model[i * DEFAULT_CHUNK_SIZE:(i + 1) * DEFAULT_CHUNK_SIZE], aad)
               for i in range(n)]
-    limits = AdmissionLimits()
-    view: onnx.ModelProto | bytes = model  # what admission hands onnx.checker
-    if len(model) >= limits.strip_min_model_bytes:
-        skeleton, stripped = _strip_weights(model, limits.checker_strip_bytes)
-        view = _checker_view(_parse(skeleton), stripped)
+    skeleton, stripped = _skeleton(model, AdmissionLimits())
+    view = _checker_view(skeleton, _parse(skeleton), stripped)  # what admission hands onnx.checker
     steps = {
         "ed25519": lambda: key.verify(header.signature, SIG_CONTEXT + header.signed),
         "aes-gcm": lambda: [aead.decrypt(chunk_nonce(i, i == n - 1), c, aad) for i, c in enumerate(chunks)],

@@ -266,13 +266,24 @@ def _check_sizes(model: onnx.ModelProto, stripped: dict[int, tuple[int, int]]) -
                                 check="tensor-data")
 
 
-def _checker_view(model: onnx.ModelProto, stripped: dict[int, tuple[int, int]]) -> onnx.ModelProto:
-    """The weight-stripped model with stripped initializers declared as typed
-    graph inputs, so onnx.checker (full_check: strict shape inference with
-    constant propagation through the small, shape-like initializers that are
-    kept) sees a valid model whose size does not scale with the weights."""
+def _skeleton(model_bytes: bytes, limits: AdmissionLimits) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """What the checks look at: the weight-stripped bytes and what was cut, or
+    the bytes themselves (nothing cut) under ``limits.strip_min_model_bytes``."""
+    if len(model_bytes) >= limits.strip_min_model_bytes:
+        return _strip_weights(model_bytes, limits.checker_strip_bytes)
+    return model_bytes, {}
+
+
+def _checker_view(skeleton: bytes, model: onnx.ModelProto,
+                  stripped: dict[int, tuple[int, int]]) -> onnx.ModelProto | bytes:
+    """What onnx.checker gets: unstripped, the bytes themselves (a proto would be
+    re-serialised); stripped, the parsed ``model`` with stripped initializers
+    declared as typed graph inputs, so onnx.checker (full_check: strict shape
+    inference with constant propagation through the small, shape-like
+    initializers that are kept) sees a valid model whose size does not scale
+    with the weights."""
     if not stripped:
-        return model
+        return skeleton
     view = onnx.ModelProto()
     view.CopyFrom(model)  # cheap: large raw_data is already gone
     g = view.graph
@@ -327,10 +338,7 @@ def _admit(model_bytes: bytes, limits: AdmissionLimits) -> _Admitted:
     if len(model_bytes) > limits.max_model_bytes:
         raise ModelRejected(f"model is {len(model_bytes)} bytes, over the {limits.max_model_bytes} cap",
                             check="size")
-    if len(model_bytes) >= limits.strip_min_model_bytes:
-        skeleton, stripped = _strip_weights(model_bytes, limits.checker_strip_bytes)
-    else:  # small: every byte is scanned and checked
-        skeleton, stripped = model_bytes, {}
+    skeleton, stripped = _skeleton(model_bytes, limits)
     # Every byte except the raw_data of large top-level initializers (see the
     # module docstring for why the weight bytes need no scan).
     if ORT_MEM_ADDR_MARKER in skeleton:
@@ -349,8 +357,7 @@ def _admit(model_bytes: bytes, limits: AdmissionLimits) -> _Admitted:
     _Walker(limits).graph(model.graph, 0)
     _check_sizes(model, stripped)
     try:
-        # unstripped: the bytes themselves, which the checker would otherwise re-serialise
-        onnx.checker.check_model(_checker_view(model, stripped) if stripped else skeleton, full_check=True)
+        onnx.checker.check_model(_checker_view(skeleton, model, stripped), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, ...
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ModelRejected(f"onnx.checker failed: {type(exc).__name__}: {msg}",
