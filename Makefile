@@ -1,31 +1,48 @@
-# One venv for everything; torch's CPU build goes in first so nothing pulls a CUDA build.
+# One venv for everything; torch's CPU build goes in first so nothing pulls a CUDA build,
+# then every other package at the version requirements.lock pins (`make lock` regenerates it).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeward-installed
 DEMO_OUT ?= demo-out
+TORCH := torch==2.13.0
+LOCK := requirements.lock
+# Where this machine keeps torch's CPU wheel (pip's find-links); the lock is resolved against it.
+TORCH_WHEELS ?= /opt/wheels
+EXTRAS := audit,test,redis,dev
+PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-slow demo clean
+.PHONY: install system-deps lock test test-slow demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[audit,test]'
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Deliberate bumps only: regenerate, review the diff, commit it.
+lock: $(STAMP)
+	echo '$(TORCH)+cpu' > $(VENV)/torch-cpu.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra audit --extra test --extra redis --extra dev \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links $(TORCH_WHEELS) -c $(VENV)/torch-cpu.txt --no-emit-package torch \
+	  --no-header --quiet -o $(LOCK)
+	sed -i '1i # Pinned versions for make, CI and the docs tests; regenerate with `make lock`.\n# torch is installed first, separately: pip install $(TORCH) (CPU build).' $(LOCK)
 
 system-deps:
 	bash scripts/install-system-deps.sh
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP) system-deps
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh $(DEMO_OUT)
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache build dist

@@ -19,6 +19,7 @@ import numpy as np
 from hardening.data import load_dataset
 from hardening.errors import InputError
 from hardening.intake import check_fits, load_model, sha256_file
+from hardening.paths import portable, resolve
 
 KINDS = ("float", "int8_static", "int8_dynamic", "pruned_unstructured", "pruned_structured")
 VARIANTS_FILE = "variants.json"
@@ -55,11 +56,9 @@ class _CalibrationReader:
 
 def _quantize_static(src: Path, dst: Path, input_name: str, x_cal: np.ndarray, per_channel: bool) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        pre = _pre_processed(src, Path(tmp))
         quantize_static(
             str(pre),
             str(dst),
@@ -85,8 +84,20 @@ def _quantize_static(src: Path, dst: Path, input_name: str, x_cal: np.ndarray, p
 def _quantize_dynamic(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", "activations": "dynamic uint8"}
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(str(_pre_processed(src, Path(tmp))), str(dst), weight_type=QuantType.QInt8)
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "pre_process": "quant_pre_process",
+            "weights": "int8", "activations": "dynamic uint8"}
+
+
+def _pre_processed(src: Path, tmp: Path) -> Path:
+    """onnxruntime's recommended pre-processing (shape inference, graph optimisation), which
+    both quantizers expect; it tags the model so they do not warn that it is missing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "pre.onnx"
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    return pre
 
 
 def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, structured: bool) -> dict:
@@ -166,7 +177,7 @@ def compress(
     for kind in kinds:
         dst = out / f"{kind}.onnx"
         if kind == "float":
-            recipe = {"tool": "copy", "source": str(model_path)}
+            recipe = {"tool": "copy", "source": str(Path(model_path).resolve())}
         elif kind == "int8_static":
             recipe = _quantize_static(float_path, dst, info.input_name, x_cal, per_channel)
         elif kind == "int8_dynamic":
@@ -179,12 +190,20 @@ def compress(
         variants.append(
             Variant(kind, str(dst), kind, None if kind == "float" else "float", recipe, sha256_file(dst), src)
         )
-    (out / VARIANTS_FILE).write_text(json.dumps([v.to_dict() for v in variants], indent=2))
+    (out / VARIANTS_FILE).write_text(json.dumps([_stored(v, out) for v in variants], indent=2))
     return variants
 
 
+def _stored(v: Variant, folder: Path) -> dict:
+    d = v.to_dict()
+    d["path"] = portable(v.path, folder)
+    if v.torch_source:
+        d["torch_source"] = portable(v.torch_source, folder)
+    return d
+
+
 def load_variants(path: str | Path) -> list[Variant]:
-    """Read a ``variants.json``; relative paths resolve against its folder."""
+    """Read a ``variants.json``; relative paths resolve against its folder (``hardening.paths``)."""
     path = Path(path)
     try:
         rows = json.loads(path.read_text())
@@ -192,7 +211,7 @@ def load_variants(path: str | Path) -> list[Variant]:
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise InputError(f"{path}: not a valid variants file ({e})") from None
     for v in variants:
-        p = Path(v.path)
-        if not p.is_absolute():
-            v.path = str(path.parent / p)
+        v.path = str(resolve(v.path, path.parent))
+        if v.torch_source:
+            v.torch_source = str(resolve(v.torch_source, path.parent))
     return variants

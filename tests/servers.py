@@ -39,7 +39,13 @@ def _env() -> dict[str, str]:
 class ServerProcess:
     """``edgeward serve ...`` in a subprocess; ``url`` once started."""
 
-    def __init__(self, args: list[str], log_path: Path, port: int | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, port: int | None = None,
+                 executable: list[str] | None = None, cwd: Path | None = None) -> None:
+        """``executable``: another installed ``edgeward`` (then the source tree is kept off
+        PYTHONPATH so that install is what runs); default this interpreter on the tree."""
+        self.executable = executable or [sys.executable, *CLI]
+        self.cwd = cwd or REPO
+        self.env = _env() if executable is None else {k: v for k, v in _env().items() if k != "PYTHONPATH"}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -48,7 +54,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, *CLI, *self.args], cwd=REPO, env=_env(),
+        self.proc = subprocess.Popen([*self.executable, *self.args], cwd=self.cwd, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + timeout

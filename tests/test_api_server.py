@@ -95,32 +95,63 @@ def _load(url: str, clients: int, per_client: int, body: str, stop: threading.Ev
         return list(ex.map(run, range(clients)))
 
 
+def _load_until(url: str, clients: int, body: str, started: threading.Barrier, done: threading.Event,
+                final_version: int, max_requests: int = 2000, max_seconds: float = 120.0):
+    """``clients`` keep-alive clients that each send requests until ``done`` is set *and* they
+    have been answered by ``final_version`` (bounded in count and time).
+    Each waits on ``started`` after its first answer, so the caller knows load is running."""
+
+    def run(_i: int):
+        out = []
+        deadline = time.monotonic() + max_seconds
+        with requests.Session() as s:
+            while len(out) < max_requests and time.monotonic() < deadline:
+                try:
+                    r = s.post(url + "/v1/predict", data=body, headers=JSON, timeout=30)
+                    out.append((r.status_code, r.json().get("model", {}).get("version")))
+                except requests.RequestException as exc:
+                    out.append((type(exc).__name__, None))
+                if len(out) == 1:
+                    started.wait(timeout=60)
+                if done.is_set() and out[-1][1] == final_version:
+                    break
+        return out
+
+    with ThreadPoolExecutor(clients) as ex:
+        return list(ex.map(run, range(clients)))
+
+
 def test_hot_update_under_load(api_env, bundle_v1, tmp_path):
+    """By construction: every client is answered by v1 before the reload starts and keeps
+    sending until it has been answered by v2 after the reload returned."""
     from runtime_guard.bundle import generate_signing_keypair
 
     v2 = api_env.make_bundle(tmp_path / "v2.ewb", 2)
     forged = api_env.make_bundle(tmp_path / "forged.ewb", 3, signing_key=generate_signing_keypair()[0])
     smoke_fail = api_env.make_bundle(tmp_path / "smoke.ewb", 4, golden=api_env.golden(wrong=True))
     args = api_env.serve_args(bundle_v1, "--admin-token-file", str(api_env.admin_token_path))
+    clients = 8
     with ServerProcess(args, tmp_path / "server.log") as srv:
         body = json_body(api_env.x[:2])
         results: list = []
-        t = threading.Thread(target=lambda: results.extend(_load(srv.url, 8, 60, body)))
+        started = threading.Barrier(clients + 1)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: results.extend(_load_until(srv.url, clients, body, started, done, 2)))
         t.start()
-        time.sleep(0.5)
+        started.wait(timeout=60)  # every client has been answered once, by v1
         r = requests.post(srv.url + "/v1/admin/reload", json={"path": str(v2)}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["outcome"] == "swapped"
         for bad, check in ((bundle_v1, "version"), (forged, "signature"), (smoke_fail, "smoke-test")):
             r = requests.post(srv.url + "/v1/admin/reload", json={"path": str(bad)}, headers=ADMIN)
             assert r.status_code == 409 and r.json()["check"] == check
+        done.set()
         t.join()
         flat = [x for per in results for x in per]
-        assert len(flat) == 8 * 60
+        assert len(results) == clients
         assert all(status == 200 for status, _ in flat), {s for s, _ in flat}
-        for per in results:  # each client moves from v1 to v2 once and never back
+        for per in results:  # each client saw v1 first, v2 last, and never went back
             versions = [v for _, v in per]
-            assert versions == sorted(versions)
-        assert {v for _, v in flat} == {1, 2}
+            assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions), versions
         assert requests.get(srv.url + "/v1/model").json()["version"] == 2
 
 

@@ -8,6 +8,8 @@ import typer
 from typer.core import TyperGroup
 
 from hardening.cli import bundle, extraction, foundation, ood, report, robustness, serve
+from hardening.cli.common import Settings, error_line, report_internal_error
+from hardening.cli.extras import release_time_refusal, version
 
 app = typer.Typer(
     name="edgeward",
@@ -37,6 +39,28 @@ audit_app = typer.Typer(
     no_args_is_help=True,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgeward {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an internal error (exit 3)."),
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Exit codes: 0 ok, 1 a check/policy/regression failed, 2 usage or input error, 3 internal error."""
+    Settings.debug = debug
+    refusal = release_time_refusal(ctx.invoked_subcommand or "")
+    if refusal:
+        error_line(refusal)
+        raise typer.Exit(2)
+
+
 for _module in (foundation, robustness, extraction, ood, bundle, serve, report):
     _module.register(app, audit_app)
 
@@ -44,4 +68,7 @@ app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # escaped every command's handler (e.g. raised while parsing)
+        raise SystemExit(report_internal_error(exc)) from None

@@ -1,4 +1,8 @@
-"""Shared CLI plumbing: one error path, JSON or rich output, exit codes 0 / 1 / 2."""
+"""Shared CLI plumbing: one error path, JSON or rich output, exit codes 0 / 1 / 2 / 3.
+
+0 ok, 1 a check, policy or regression failed, 2 usage or input error, 3 internal error
+(a bug in edgeward or a library: one line, the traceback only with ``--debug``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hardening.errors import EdgewardError
@@ -20,18 +26,46 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+INTERNAL_ERROR = 3
+
+
+class Settings:
+    """Process-wide CLI flags set by the top-level callback."""
+
+    debug = False
+
+
+def error_line(message: str) -> None:
+    """The one stderr line of a refused command (the message is text, never rich markup)."""
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def report_internal_error(exc: BaseException) -> int:
+    """One line (or the traceback under --debug) for an exception nobody anticipated."""
+    if Settings.debug:
+        console.print_exception()
+    else:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        console.print(f"[red]internal error:[/red] {escape(type(exc).__name__ + (': ' + msg if msg else ''))} "
+                      "(a bug, not your input; rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+    return INTERNAL_ERROR
 
 
 def handle_errors(fn: F) -> F:
-    """Turn edgeward errors into a one-line message and their exit code (2 input, 1 check)."""
+    """Turn edgeward errors into a one-line message and their exit code (2 input, 1 check);
+    anything else is an internal error (exit 3)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except EdgewardError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            error_line(str(e))
             raise typer.Exit(e.exit_code) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise typer.Exit(report_internal_error(e)) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -30,11 +30,15 @@ def audit_full(
         "profiling,robustness,extraction,ood", "--areas", help="Comma-separated areas to run; others show as skipped checks."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for every area (recorded in the report)."),
+    allow_skipped: bool = typer.Option(
+        False, "--allow-skipped", help="Accept a partial review: skipped checks do not fail the verdict."
+    ),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Compress, profile, attack (evasion, extraction) and OOD-test every variant; write the review.
 
-    Exit 0 if every policy check passed, 1 if any failed, 2 on bad input.
+    Exit 0 if every policy check passed, 1 if any failed (or was skipped, without
+    --allow-skipped), 2 on bad input.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -59,6 +63,7 @@ def audit_full(
         res = run_full_audit(
             model, data, out_dir, torch_source=torch_source, variants_file=variants, kinds=kind_t, policy=pol,
             profile=profile, seed=seed, areas=area_t, progress=progress, command=command,
+            allow_skipped=allow_skipped,
         )
     rep = res.report
     if json_out:

@@ -116,7 +116,3 @@ def evaluate_policy(summary: dict, policy: Policy, ran: dict[str, bool]) -> list
                 _cmp(out, name, "budgets", metric, s.get(metric), "<=", limit, label,
                      fmt=lambda v, u=unit: f"{v:.3g} {u}")
     return out
-
-
-def variant_passed(checks: list[Check], variant: str) -> bool:
-    return not any(c.failed for c in checks if c.variant in (variant, None))

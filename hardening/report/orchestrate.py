@@ -21,8 +21,9 @@ from pathlib import Path
 
 from hardening.errors import InputError
 from hardening.intake import sha256_file
+from hardening.paths import portable
 from hardening.report import summary as S
-from hardening.report.checks import FAIL, SKIP, Check, evaluate_policy, variant_passed
+from hardening.report.checks import FAIL, SKIP, Check, evaluate_policy
 from hardening.report.policy import Policy
 from hardening.report.schema import SCHEMA_NAME, SCHEMA_VERSION, validate_report
 
@@ -53,11 +54,13 @@ class AuditOutputs:
         return bool(self.report["verdict"]["passed"])
 
 
-def _file(path: str | Path | None) -> dict | None:
+def _file(path: str | Path | None, base: Path | None) -> dict | None:
+    """A recorded input: its path (``hardening.paths`` rule, absolute without ``base``) and digest."""
     if path is None:
         return None
     p = Path(path)
-    return {"path": str(p), "sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+    stored = portable(p, base) if base is not None else str(p.resolve())
+    return {"path": stored, "sha256": sha256_file(p), "size_bytes": p.stat().st_size}
 
 
 def library_versions() -> dict[str, str | None]:
@@ -107,13 +110,14 @@ def run_full_audit(
     sizes: dict | None = None,
     progress: Progress | None = None,
     command: str = "",
+    allow_skipped: bool = False,
 ) -> AuditOutputs:
     """Audit every variant of ``model`` and write report.json, report.html and junit.xml to ``out_dir``.
 
     ``variants_file``: use these variants (a ``variants.json``) instead of compressing.
     ``kinds``: compression kinds (default: all; pruned ones only with ``torch_source``).
     ``areas``: subset of profiling/robustness/extraction/ood to run (skipped ones show as
-    skipped checks, never as passes).
+    skipped checks, never as passes; the verdict fails on them unless ``allow_skipped``).
     ``sizes``: override the profile's work sizes (keys of ``PROFILE_SETTINGS`` plus
     ``extraction_budgets``), e.g. to keep tests small; recorded in the settings.
     """
@@ -238,7 +242,7 @@ def run_full_audit(
     ran = {a: a in areas for a in AREAS}
     checks = evaluate_policy(summ, policy, ran)
     findings = _findings(checks, results, extra_findings)
-    verdict = _verdict(checks, names)
+    verdict = _verdict(checks, names, allow_skipped)
     timings["total_s"] = time.perf_counter() - t_all
     report = {
         "schema": SCHEMA_NAME,
@@ -252,15 +256,15 @@ def run_full_audit(
             "libraries": library_versions(),
         },
         "inputs": {
-            "model": _file(model),
-            "data": _file(data),
-            "torch_source": _file(torch_source),
-            "variants_file": _file(variants_file),
-            "policy": _file(policy.source),
+            "model": _file(model, out),
+            "data": _file(data, out),
+            "torch_source": _file(torch_source, out),
+            "variants_file": _file(variants_file, out),
+            "policy": _file(policy.source, out),
         },
         "settings": {"profile": profile, "seed": seed, "policy": policy.to_dict(), "areas": settings_areas},
         "variants": [
-            {"name": v.name, "kind": v.kind, "parent": v.parent, "path": str(v.path), "sha256": v.sha256,
+            {"name": v.name, "kind": v.kind, "parent": v.parent, "path": portable(v.path, out), "sha256": v.sha256,
              "size_bytes": Path(v.path).stat().st_size, "recipe": v.recipe}
             for v in variants
         ],
@@ -303,9 +307,9 @@ def rejudge(report: dict, policy: Policy) -> dict:
     extra = [f for f in report["findings"] if f["code"] in ("EXTRACTION_SELF_CHECK", "EXTRACTION_UNAVAILABLE", "ADMISSION_REJECTED")]
     out["checks"] = [c.to_dict() for c in checks]
     out["findings"] = _findings(checks, out["results"], extra)
-    out["verdict"] = _verdict(checks, [v["name"] for v in out["variants"]])
+    out["verdict"] = _verdict(checks, [v["name"] for v in out["variants"]], report["verdict"].get("allow_skipped", False))
     out["settings"]["policy"] = policy.to_dict()
-    out["inputs"]["policy"] = _file(policy.source)
+    out["inputs"]["policy"] = _file(policy.source, None)
     return validate_report(json.loads(_dumps(out)), "re-judged report")
 
 
@@ -365,20 +369,32 @@ def _findings(checks: list[Check], results: dict, extra: list[dict]) -> list[dic
     return sorted(out, key=lambda f: order[f["severity"]])
 
 
-def _verdict(checks: list[Check], names: list[str]) -> dict:
+def _verdict(checks: list[Check], names: list[str], allow_skipped: bool = False) -> dict:
+    """PASS only when nothing failed and nothing was skipped, unless skipped checks are allowed:
+    a check that was not evaluated never passes by default."""
     failed = [c for c in checks if c.status == FAIL]
-    per = {n: variant_passed(checks, n) for n in names}
+    skipped = [c for c in checks if c.status == SKIP]
+    blocking = failed + ([] if allow_skipped else skipped)
+    per = {n: not any(c.variant in (n, None) for c in blocking) for n in names}
     ok = [n for n, p in per.items() if p]
-    if not failed:
-        headline = f"PASS: all {len(checks)} policy checks passed for {len(names)} variant(s)"
+    passing = f"variants passing: {', '.join(ok) if ok else 'none'}"
+    if failed:
+        headline = f"FAIL: {len(failed)} of {len(checks)} policy checks failed, {len(skipped)} skipped; {passing}"
+    elif skipped and not allow_skipped:
+        areas = ", ".join(sorted({c.area for c in skipped}))
+        headline = (f"INCOMPLETE: {len(skipped)} of {len(checks)} policy checks skipped ({areas} not measured); "
+                    "none failed; --allow-skipped accepts a partial review")
+    elif skipped:
+        headline = (f"PASS (partial): {len(checks) - len(skipped)} policy checks passed, {len(skipped)} skipped "
+                    f"and allowed, for {len(names)} variant(s)")
     else:
-        headline = (f"FAIL: {len(failed)} of {len(checks)} policy checks failed; "
-                    f"variants passing: {', '.join(ok) if ok else 'none'}")
+        headline = f"PASS: all {len(checks)} policy checks passed for {len(names)} variant(s)"
     return {
-        "passed": not failed,
+        "passed": not blocking,
         "total_checks": len(checks),
         "failed_checks": len(failed),
-        "skipped_checks": sum(c.status == SKIP for c in checks),
+        "skipped_checks": len(skipped),
+        "allow_skipped": allow_skipped,
         "variants": per,
         "headline": headline,
     }
