@@ -43,13 +43,17 @@ class Budgets:
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise InputError(f"{path}: cannot read budgets ({e})") from None
         section = doc.get("budgets", doc)
+        where = "[budgets]" if "budgets" in doc else "the top level"
+        if not isinstance(section, dict):
+            raise InputError(f"{path}: [budgets] must be a table")
         unknown = set(section) - set(BUDGET_KEYS)
         if unknown:
-            raise InputError(f"{path}: unknown budget key(s) {sorted(unknown)}; known: {', '.join(BUDGET_KEYS)}")
-        try:
-            return cls(**{k: float(v) for k, v in section.items()})
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{path}: budget values must be numbers ({e})") from None
+            raise InputError(f"{path}: unknown budget key(s) {sorted(unknown)} in {where}; known: {', '.join(BUDGET_KEYS)}")
+        bad = {k: v for k, v in section.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise InputError(f"{path}: {where} {k} must be a number, got {v!r}")
+        return cls(**{k: float(v) for k, v in section.items()})
 
 
 @dataclass

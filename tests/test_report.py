@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -66,8 +67,9 @@ def test_report_records_settings_seeds_versions_and_digests(audit, digits_demo):
     assert doc["inputs"]["model"]["sha256"] == sha256_file(digits_demo.model_path)
     assert doc["inputs"]["data"]["sha256"] == sha256_file(digits_demo.data_path)
     assert [v["name"] for v in doc["variants"]] == ["float", "int8_dynamic"]
-    for v in doc["variants"]:
-        assert v["sha256"] == sha256_file(v["path"])
+    for v in doc["variants"]:  # stored relative to the report's folder
+        assert not Path(v["path"]).is_absolute()
+        assert v["sha256"] == sha256_file(audit[0].report_path.parent / v["path"])
 
 
 def test_every_area_produced_figures(audit):
@@ -136,10 +138,10 @@ def test_policy_defaults_and_errors(tmp_path):
     cases = {
         "[accuracy]\nmin_clen = 0.9\n": "unknown key(s) ['min_clen'] in [accuracy]",
         "[acuracy]\n": "unknown section(s) ['acuracy']",
-        "[ood]\nmin_auroc = 1.5\n": "ood.min_auroc is a fraction",
+        "[ood]\nmin_auroc = 1.5\n": "[ood] min_auroc is a fraction",
         "[robustness]\nmin_robust_accuracy = [{eps = 0.1}]\n": "exactly 'eps' and 'min'",
         "[accuracy\n": "not valid TOML",
-        "[extraction]\nbudget = 'lots'\n": "extraction.budget must be a positive integer",
+        "[extraction]\nbudget = 'lots'\n": "[extraction] budget must be a positive integer",
     }
     for text, msg in cases.items():
         f = tmp_path / "bad.toml"
@@ -156,7 +158,7 @@ def test_cli_routes_audit_model_to_full_review_and_bad_policy_exits_2(digits_dem
     r = runner.invoke(app, ["audit", str(digits_demo.model_path), "--data", str(digits_demo.data_path),
                             "--out", str(tmp_path / "o"), "--policy", str(bad)])
     assert r.exit_code == 2
-    assert "gate.max_size_growth must not be negative" in r.output
+    assert "[gate] max_size_growth must not be negative" in r.output
     r = runner.invoke(app, ["audit", "robustness", "--help"])
     assert r.exit_code == 0 and "robust" in r.output.lower()
     r = runner.invoke(app, ["audit", "--help"])

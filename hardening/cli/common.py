@@ -62,8 +62,8 @@ def handle_errors(fn: F) -> F:
         except EdgewardError as e:
             error_line(str(e))
             raise typer.Exit(e.exit_code) from None
-        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
-            raise
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # the command's own exit, or a usage error click reports (exit 2)
         except Exception as e:
             raise typer.Exit(report_internal_error(e)) from None
 

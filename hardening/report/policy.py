@@ -119,33 +119,39 @@ _FRACTIONS = {
 }
 
 
+def _where(key: str) -> str:
+    """``section.key`` as the user wrote it in TOML: ``[section] key``."""
+    section, _, rest = key.partition(".")
+    return f"[{section}] {rest}" if rest else f"[{section}]"
+
+
 def _number(key: str, v: Any, *, allow_none: bool = False) -> float | None:
     if v is None and allow_none:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise PolicyError(f"policy: {key} must be a finite number, got {v!r}")
+        raise PolicyError(f"policy: {_where(key)} must be a finite number, got {v!r}")
     if v < 0:
-        raise PolicyError(f"policy: {key} must not be negative, got {v}")
+        raise PolicyError(f"policy: {_where(key)} must not be negative, got {v}")
     if key in _FRACTIONS and v > 1:
-        raise PolicyError(f"policy: {key} is a fraction in [0, 1], got {v}")
+        raise PolicyError(f"policy: {_where(key)} is a fraction in [0, 1], got {v}")
     return float(v)
 
 
 def _parse_eps(key: str, v: Any) -> list[EpsThreshold]:
     if not isinstance(v, list):
-        raise PolicyError(f"policy: {key} must be a list like [{{eps = 0.1, min = 0.3}}]")
+        raise PolicyError(f"policy: {_where(key)} must be a list like [{{eps = 0.1, min = 0.3}}]")
     out = []
     for i, row in enumerate(v):
         if not isinstance(row, dict) or set(row) != {"eps", "min"}:
-            raise PolicyError(f"policy: {key}[{i}] must be a table with exactly 'eps' and 'min'")
-        eps, lo = _number(f"{key}[{i}].eps", row["eps"]), _number(f"{key}[{i}].min", row["min"])
+            raise PolicyError(f"policy: {_where(key)}[{i}] must be a table with exactly 'eps' and 'min'")
+        eps, lo = _number(f"{_where(key)}[{i}].eps", row["eps"]), _number(f"{_where(key)}[{i}].min", row["min"])
         if not eps or eps <= 0:
-            raise PolicyError(f"policy: {key}[{i}].eps must be > 0")
+            raise PolicyError(f"policy: {_where(key)}[{i}].eps must be > 0")
         if lo > 1:  # type: ignore[operator]
-            raise PolicyError(f"policy: {key}[{i}].min is a fraction in [0, 1], got {lo}")
+            raise PolicyError(f"policy: {_where(key)}[{i}].min is a fraction in [0, 1], got {lo}")
         out.append(EpsThreshold(eps, lo))  # type: ignore[arg-type]
     if len({t.eps for t in out}) != len(out):
-        raise PolicyError(f"policy: {key} lists an epsilon twice")
+        raise PolicyError(f"policy: {_where(key)} lists an epsilon twice")
     return out
 
 
@@ -167,27 +173,27 @@ def _parse_section(name: str, cls: type, raw: Any) -> Any:
             kwargs[k] = _parse_eps(key, v)
         elif isinstance(dv, bool):
             if not isinstance(v, bool):
-                raise PolicyError(f"policy: {key} must be true or false, got {v!r}")
+                raise PolicyError(f"policy: {_where(key)} must be true or false, got {v!r}")
             kwargs[k] = v
         elif isinstance(dv, str):
             if not isinstance(v, str):
-                raise PolicyError(f"policy: {key} must be a string, got {v!r}")
+                raise PolicyError(f"policy: {_where(key)} must be a string, got {v!r}")
             kwargs[k] = v
         elif isinstance(dv, list):
             if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-                raise PolicyError(f"policy: {key} must be a list of strings")
+                raise PolicyError(f"policy: {_where(key)} must be a list of strings")
             kwargs[k] = v
         elif isinstance(dv, int) and not isinstance(dv, bool):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PolicyError(f"policy: {key} must be a positive integer, got {v!r}")
+                raise PolicyError(f"policy: {_where(key)} must be a positive integer, got {v!r}")
             kwargs[k] = v
         else:
             kwargs[k] = _number(key, v)
     victims = ("bare", "full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation", "guarded")
     if name == "extraction" and kwargs.get("victim", "bare") not in victims:
-        raise PolicyError(f"policy: extraction.victim must be one of {', '.join(victims)}, got {kwargs['victim']!r}")
+        raise PolicyError(f"policy: [extraction] victim must be one of {', '.join(victims)}, got {kwargs['victim']!r}")
     if name == "robustness" and kwargs.get("norm", "inf") not in ("inf", "2"):
-        raise PolicyError(f"policy: robustness.norm must be 'inf' or '2', got {kwargs['norm']!r}")
+        raise PolicyError(f"policy: [robustness] norm must be 'inf' or '2', got {kwargs['norm']!r}")
     return cls(**kwargs)
 
 
@@ -198,7 +204,7 @@ def policy_from_dict(doc: dict, source: str | None = None) -> Policy:
     parts = {name: _parse_section(name, cls, doc[name]) for name, cls in _SECTIONS.items() if name in doc}
     p = Policy(**parts, source=source)
     if p.ood.alpha >= 1:
-        raise PolicyError("policy: ood.alpha must be below 1")
+        raise PolicyError("policy: [ood] alpha must be below 1")
     return p
 
 
