@@ -30,17 +30,28 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def test_conformal_threshold_is_kth_smallest():
-    scores = np.arange(1.0, 101.0)[::-1]  # order must not matter
-    t = conformal_threshold(scores, 0.05)
-    assert t.n == 100 and t.k == math.ceil(101 * 0.95) == 96
-    assert t.threshold == 96.0
+def test_conformal_threshold_is_the_smallest_order_statistic_meeting_the_guarantee():
+    from scipy.stats import beta
+
+    scores = np.arange(1.0, 201.0)[::-1]  # order must not matter
+    t = conformal_threshold(scores, 0.05, slack=0.01, delta=0.1)
+    assert t.n == 200 and t.threshold == float(t.k)  # the k-th smallest score
+    tail = lambda k: beta.sf(0.06, 201 - k, k)  # P(true FRR > 6%) at order statistic k
+    assert tail(t.k) <= 0.1 < tail(t.k - 1)
+    assert t.k >= math.ceil(201 * 0.95)  # never below the marginal split-conformal rank
+    d = t.to_dict()
+    assert d["method"] == "pac_conformal" and d["frr_bound"] == pytest.approx(0.06)
 
 
-def test_conformal_threshold_inf_when_too_few_scores():
-    t = conformal_threshold(np.arange(10.0), 0.05)  # k = ceil(11 * .95) = 11 > 10
-    assert t.k == 11 and math.isinf(t.threshold)
-    assert t.to_dict()["threshold"] is None
+def test_too_small_calibration_set_is_refused_not_inf():
+    from hardening.ood.calibration import CalibrationTooSmall, min_calibration_size
+
+    need = min_calibration_size(0.01, 0.01, 0.1)
+    assert need == 114  # (1 - 0.02)^n <= 0.1
+    conformal_threshold(np.arange(float(need)), 0.01)
+    with pytest.raises(CalibrationTooSmall, match="needs at least 114"):
+        conformal_threshold(np.arange(float(need - 1)), 0.01)
+    assert issubclass(CalibrationTooSmall, InputError)  # exit 2 at the CLI
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5])
@@ -49,13 +60,26 @@ def test_conformal_threshold_refuses_bad_alpha(alpha):
         conformal_threshold(np.arange(100.0), alpha)
 
 
-def test_conformal_false_rejection_is_controlled(rng):
-    # exchangeable draws: average FRR over repeats must be <= alpha (+ MC noise), and close to it
-    alpha, frr = 0.1, []
-    for _ in range(300):
-        cal, test = rng.normal(size=200), rng.normal(size=2000)
-        frr.append(np.mean(test > conformal_threshold(cal, alpha).threshold))
-    assert 0.085 <= np.mean(frr) <= alpha + 0.005
+def test_pac_guarantee_holds_over_calibration_draws(rng):
+    """Gaussian scores: the true FRR of a threshold t is 1 - Phi(t), known exactly. Over
+    400 calibration sets of 200, FRR exceeds alpha + slack in at most delta of them
+    (+ Monte-Carlo noise), and the average FRR stays at or below alpha."""
+    from scipy.stats import norm
+
+    alpha, slack, delta, frr = 0.05, 0.01, 0.1, []
+    for _ in range(400):
+        frr.append(norm.sf(conformal_threshold(rng.normal(size=200), alpha, slack, delta).threshold))
+    frr = np.array(frr)
+    assert np.mean(frr > alpha + slack) <= delta + 3 * np.sqrt(delta * (1 - delta) / 400)
+    assert np.mean(frr) <= alpha
+
+
+def test_rate_interval_covers_the_observed_rate():
+    from hardening.ood.calibration import rate_interval
+
+    lo, hi = rate_interval(6, 200)
+    assert lo < 0.03 < hi and hi - lo < 0.06
+    assert rate_interval(0, 50)[0] == 0.0 and rate_interval(50, 50)[1] == 1.0
 
 
 def _blobs(rng, n=300, d=8, shift=0.0):

@@ -18,7 +18,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 
 
 def _thr(v: float | None) -> str:
-    return "+inf (too few calibration samples for this alpha: nothing rejected)" if v is None else f"{v:.6g}"
+    return "+inf" if v is None else f"{v:.6g}"
 
 
 @handle_errors
@@ -29,13 +29,20 @@ def fit_ood_cmd(
     alpha: float = typer.Option(0.05, "--alpha", help="Target false-rejection rate of in-distribution inputs, in (0, 1)."),
     features_tensor: str = typer.Option(None, "--features-tensor", help="Tensor to expose as penultimate features (default: model's 'features' output, else input of the final Gemm/MatMul)."),
     seed: int = typer.Option(0, help="Seed for the calibration split and kNN bank subsampling."),
+    slack: float = typer.Option(None, "--slack", help="Guarantee: P(false-rejection rate > alpha + slack) <= delta "
+                                "[default: hardening.ood.calibration.DEFAULT_SLACK, 0.01]."),
+    delta: float = typer.Option(None, "--delta", help="Allowed probability that a calibration set misses alpha + slack "
+                                "[default: DEFAULT_DELTA, 0.1]."),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Fit OOD detectors, fuse them and calibrate the rejection threshold (split conformal)."""
+    """Fit OOD detectors, fuse them and calibrate the rejection threshold (PAC conformal).
+
+    Exit 2 if the calibration split is too small for the guarantee at this alpha."""
     from hardening.ood.pipeline import fit_ood
 
     with console.status("fitting OOD detectors"):
-        rep = fit_ood(model, data, out, alpha=alpha, features_tensor=features_tensor, seed=seed)
+        guarantee = {k: v for k, v in (("slack", slack), ("delta", delta)) if v is not None}
+        rep = fit_ood(model, data, out, alpha=alpha, features_tensor=features_tensor, seed=seed, **guarantee)
     if json_out:
         print_json(rep.to_dict())
         return
@@ -43,7 +50,9 @@ def fit_ood_cmd(
     rows.append(("ensemble", _thr(rep.threshold), rep.heldout_frr, "-"))
     table(f"OOD gate, target FRR {rep.alpha:g} (higher score = more anomalous)", ["detector", "threshold", "held-out FRR", "fused"], rows)
     console.print(
-        f"threshold = {rep.conformal_k}-th smallest of {rep.n_threshold} calibration scores; "
+        f"threshold = {rep.conformal_k}-th smallest of {rep.n_threshold} calibration scores, so that "
+        f"P(FRR > {rep.alpha + rep.frr_slack:.1%}) <= {rep.frr_delta:.0%}; held-out FRR {rep.heldout_frr:.1%} "
+        f"(95% CI {rep.heldout_frr_ci[0]:.1%}-{rep.heldout_frr_ci[1]:.1%}); "
         f"normalisation on {rep.n_norm} other calibration inputs; held-out FRR on {rep.n_heldout} test inputs. "
         f"Wrote {rep.out_dir}/detectors.npz and detectors.json",
         highlight=False,

@@ -25,7 +25,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.neighbors import NearestNeighbors
 
 from hardening.errors import DataError
-from hardening.ood.calibration import conformal_threshold
+from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, conformal_threshold
 
 
 def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
@@ -65,9 +65,10 @@ class Detector(BaseEstimator):
         """Fitted state as (float arrays, JSON-able params) for the numpy runtime."""
         raise NotImplementedError  # pragma: no cover
 
-    def calibrate(self, X: np.ndarray, alpha: float) -> Detector:
-        """Set ``threshold_`` to the split-conformal quantile of in-distribution scores."""
-        self.calibration_ = conformal_threshold(self.score_samples(X), alpha)
+    def calibrate(self, X: np.ndarray, alpha: float, slack: float = DEFAULT_SLACK,
+                  delta: float = DEFAULT_DELTA) -> Detector:
+        """Set ``threshold_`` to the PAC-conformal order statistic of in-distribution scores."""
+        self.calibration_ = conformal_threshold(self.score_samples(X), alpha, slack, delta)
         self.threshold_ = self.calibration_.threshold
         return self
 

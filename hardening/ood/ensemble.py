@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.exceptions import NotFittedError
 
 from hardening.errors import InputError
-from hardening.ood.calibration import ConformalThreshold, conformal_threshold
+from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, ConformalThreshold, conformal_threshold
 from hardening.ood.detectors import Detector, default_detectors
 from hardening.ood.views import ModelViews
 
@@ -74,13 +74,14 @@ class DetectorEnsemble:
         """Fused anomaly score; higher = more anomalous."""
         return self.fuse(self.scores_by_detector(views))
 
-    def calibrate(self, views: ModelViews, alpha: float) -> DetectorEnsemble:
-        """Conformal thresholds for the fused score and for each detector alone."""
+    def calibrate(self, views: ModelViews, alpha: float, slack: float = DEFAULT_SLACK,
+                  delta: float = DEFAULT_DELTA) -> DetectorEnsemble:
+        """PAC-conformal thresholds for the fused score and for each detector alone."""
         scores = self.scores_by_detector(views)
-        self.calibration_: ConformalThreshold = conformal_threshold(self.fuse(scores), alpha)
+        self.calibration_: ConformalThreshold = conformal_threshold(self.fuse(scores), alpha, slack, delta)
         self.threshold_ = self.calibration_.threshold
         self.alpha_ = self.calibration_.alpha
-        self.detector_calibration_ = {n: conformal_threshold(s, alpha) for n, s in scores.items()}
+        self.detector_calibration_ = {n: conformal_threshold(s, alpha, slack, delta) for n, s in scores.items()}
         for n, det in self.detectors.items():
             det.calibration_ = self.detector_calibration_[n]
             det.threshold_ = det.calibration_.threshold

@@ -51,7 +51,8 @@ def export_detectors(ensemble: DetectorEnsemble, model: dict | None = None) -> t
         "fusion": {"rule": FUSION_RULE, "members": list(ensemble.fused)},
         "threshold": _num(cal.threshold),
         "alpha": cal.alpha,
-        "calibration": {"k": cal.k, "n": cal.n, "method": "split_conformal"},
+        "calibration": {"k": cal.k, "n": cal.n, "method": "pac_conformal", "slack": cal.slack, "delta": cal.delta,
+                        "frr_bound": cal.frr_bound},
         "needs": sorted({d["view"] for d in dets}),
         "model": model or {},
     }

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import ModelInfo, check_fits, load_model, make_session
-from hardening.ood.calibration import check_alpha, false_rejection_rate
+from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, check_alpha, false_rejection_rate, rate_interval
 from hardening.ood.ensemble import DetectorEnsemble
 from hardening.ood.evaluate import ENSEMBLE, OODAudit, family_metrics
 from hardening.ood.export import export_detectors
@@ -77,6 +77,9 @@ class FitReport:
     n_threshold: int
     n_heldout: int
     heldout_frr: float  # achieved false-rejection rate of the fused score on x (test)
+    heldout_frr_ci: tuple[float, float]  # its Clopper-Pearson 95% interval
+    frr_slack: float  # guarantee: P(true FRR > alpha + slack) <= delta over calibration draws
+    frr_delta: float
     detector_thresholds: dict[str, float | None]
     detector_heldout_frr: dict[str, float]
     fused: list[str]
@@ -97,7 +100,8 @@ def _load_data(data_path: str | Path) -> Dataset:
     return ds
 
 
-def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0) -> tuple[DetectorEnsemble, FitReport, ModelViews]:
+def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0, slack: float = DEFAULT_SLACK,
+                 delta: float = DEFAULT_DELTA) -> tuple[DetectorEnsemble, FitReport, ModelViews]:
     """Fit, normalise and calibrate on disjoint splits; also returns test-split views."""
     alpha = check_alpha(alpha)
     train, cal, test = pm.views(ds.x_train), pm.views(ds.x_cal), pm.views(ds.x)
@@ -108,8 +112,10 @@ def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0) ->
     for det in ens.detectors.values():
         if "random_state" in det.get_params():
             det.set_params(random_state=seed)  # kNN bank subsampling
-    ens.fit(train, ds.y_train).fit_normalisation(norm_split).calibrate(thr_split, alpha)
+    ens.fit(train, ds.y_train).fit_normalisation(norm_split).calibrate(thr_split, alpha, slack, delta)
     by_det = ens.scores_by_detector(test)
+    fused = ens.fuse(by_det)
+    rejected = int(np.sum(fused > ens.threshold_))
     report = FitReport(
         alpha=alpha,
         threshold=ens.calibration_.to_dict()["threshold"],
@@ -118,7 +124,10 @@ def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0) ->
         n_norm=len(norm_split),
         n_threshold=len(thr_split),
         n_heldout=len(test),
-        heldout_frr=false_rejection_rate(ens.fuse(by_det), ens.threshold_),
+        heldout_frr=rejected / len(fused),
+        heldout_frr_ci=rate_interval(rejected, len(fused)),
+        frr_slack=ens.calibration_.slack,
+        frr_delta=ens.calibration_.delta,
         detector_thresholds={n: c.to_dict()["threshold"] for n, c in ens.detector_calibration_.items()},
         detector_heldout_frr={n: false_rejection_rate(s, ens.detectors[n].threshold_) for n, s in by_det.items()},
         fused=list(ens.fused),
@@ -136,11 +145,13 @@ def fit_ood(
     alpha: float = 0.05,
     features_tensor: str | None = None,
     seed: int = 0,
+    slack: float = DEFAULT_SLACK,
+    delta: float = DEFAULT_DELTA,
 ) -> FitReport:
     """Fit and calibrate the gate; writes ``detectors.npz`` + ``detectors.json`` to ``out_dir``."""
     ds = _load_data(data_path)
     pm = prepare_model(model_path, ds, features_tensor)
-    ens, report, _ = fit_ensemble(pm, ds, alpha, seed)
+    ens, report, _ = fit_ensemble(pm, ds, alpha, seed, slack, delta)
     npz, meta = export_detectors(ens, model=pm.model_meta())
     meta["fit"] = {k: v for k, v in report.to_dict().items() if k not in ("out_dir",)}
     report.out_dir = str(AnomalyScorer.from_bytes(npz, meta).save(out_dir))

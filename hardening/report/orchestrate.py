@@ -216,7 +216,8 @@ def run_full_audit(
         from hardening.ood import audit_ood, fit_ood
 
         t0 = time.perf_counter()
-        os_ = {"alpha": policy.ood.alpha, "n_synthetic": ps["ood_synthetic"], "seed": seed, "detector": "ensemble"}
+        os_ = {"alpha": policy.ood.alpha, "frr_slack": policy.ood.frr_slack, "frr_delta": policy.ood.frr_delta,
+               "n_synthetic": ps["ood_synthetic"], "seed": seed, "detector": "ensemble"}
         settings_areas["ood"] = os_
         results["ood"] = {"variants": {}}
         artifacts["detectors"] = {}
@@ -224,7 +225,8 @@ def run_full_audit(
         for v in variants:
             steps.say("ood", f"{v.name}: fitting detectors")
             det_dir = out / "detectors" / v.name
-            fit = fit_ood(v.path, data, det_dir, alpha=policy.ood.alpha, seed=seed)
+            fit = fit_ood(v.path, data, det_dir, alpha=policy.ood.alpha, seed=seed,
+                          slack=policy.ood.frr_slack, delta=policy.ood.frr_delta)
             audit = audit_ood(v.path, data, det_dir, out / "ood" / v.name, n_synthetic=ps["ood_synthetic"], seed=seed,
                               progress=lambda m, v=v: steps.say("ood", f"{v.name}: {m}"))
             d = audit.to_dict()

@@ -61,6 +61,8 @@ class OODPolicy:
     families: list[str] = field(default_factory=list)  # empty = every family the audit built
     max_id_frr: float = 0.10  # achieved false-rejection rate on in-distribution eval data
     alpha: float = 0.05  # target false-rejection rate the gate is calibrated for
+    frr_slack: float = 0.01  # guarantee: P(true false-rejection rate > alpha + frr_slack) <= frr_delta
+    frr_delta: float = 0.10
 
 
 @dataclass
@@ -114,7 +116,7 @@ _SECTIONS = {
 }
 _FRACTIONS = {
     "accuracy.min_clean", "accuracy.max_drop_vs_float", "extraction.max_fidelity", "extraction.target_fidelity",
-    "ood.min_auroc", "ood.max_id_frr", "gate.max_clean_accuracy_drop", "gate.max_robust_accuracy_drop",
+    "ood.min_auroc", "ood.max_id_frr", "ood.frr_slack", "ood.frr_delta", "gate.max_clean_accuracy_drop", "gate.max_robust_accuracy_drop",
     "gate.max_auroc_drop", "gate.max_extraction_fidelity_rise",
 }
 
