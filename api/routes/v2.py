@@ -51,8 +51,11 @@ def live() -> Response:
 
 @bp.get("/health/ready")
 def ready() -> Response:
-    ok = state().holder.ready
-    return jsonify(ready=ok), (200 if ok else 503)
+    try:
+        state().readiness()
+    except ApiProblem:
+        return jsonify(ready=False), 503
+    return jsonify(ready=True), 200
 
 
 @bp.get("/models/<name>")
