@@ -151,9 +151,10 @@ class ModelHolder:
         }
 
     # -- transitions ---------------------------------------------------------
-    def _event(self, outcome: str, **info: Any) -> None:
+    def _event(self, outcome: str, quiet: bool = False, **info: Any) -> None:
         self.last_event = {"outcome": outcome, "at": time.time(), **info}
-        log.info("reload %s %s", outcome, info)
+        if not quiet:  # quiet: the caller reports it (start-up failures are one stderr line)
+            log.info("reload %s %s", outcome, info)
         try:
             self._on_event(outcome)
         except Exception:  # metrics must not break a reload
@@ -167,7 +168,7 @@ class ModelHolder:
                 dep = self._candidate(source, None)
             except (Exception, ReloadRefused) as exc:
                 err = _refusal(exc)
-                self._event("refused", check=getattr(err, "check", "load"))
+                self._event("refused", quiet=True, check=getattr(err, "check", "load"))
                 raise err from None
             assert dep is not None
             _commit(dep)
