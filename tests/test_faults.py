@@ -235,7 +235,8 @@ def _flood(url: str, n: int) -> None:
 
 def _label_flood(api_env, bundle_v1, tmp_path, n: int) -> tuple[int, int]:
     with ServerProcess(api_env.serve_args(bundle_v1), tmp_path / "server.log") as srv:
-        _flood(srv.url, 50)  # the fixed "other" children exist from here on
+        _flood(srv.url, 200)  # every fixed "other" child exists from here on
+        _series(srv.url)  # the first scrape adds the /metrics series themselves
         before = _series(srv.url)
         _flood(srv.url, n)
         after = _series(srv.url)
@@ -364,8 +365,9 @@ def test_slow_header_clients_do_not_lock_out_others(api_env, bundle_v1, tmp_path
                         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10,
                                                           source_address=("127.0.0.2", 0))
                     conn.request("POST", "/v1/predict", body=json_body(api_env.x[:1]), headers=JSON)
-                    codes.append(conn.getresponse().status)
-                    conn.getresponse  # keep-alive
+                    resp = conn.getresponse()
+                    resp.read()  # keep-alive: the next request reuses the connection
+                    codes.append(resp.status)
                 except (OSError, http.client.HTTPException) as exc:
                     codes.append(type(exc).__name__)
                     conn = None
