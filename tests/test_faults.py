@@ -387,3 +387,59 @@ def test_slow_header_clients_do_not_lock_out_others(api_env, bundle_v1, tmp_path
         assert p99 < 1.0
         assert len(socks) >= 900 and closed == len(socks)  # refused at the cap or cut at the deadline
         assert requests.get(srv.url + "/healthz").status_code == 200
+
+
+# -- every error path through the real server ----------------------------------------------
+
+def test_every_error_path_has_a_status_below_500(api_env, tmp_path):
+    keys = tmp_path / "keys.json"
+    key = json.loads(run_cli(["api-key", "add", str(keys), "--id", "k", "--json"]).stdout)["key"]
+    b = api_env.make_bundle(tmp_path / "rl.ewb", 1, runtime=api_env.runtime(per_client="5/minute"))
+    args = api_env.serve_args(b, "--api-keys", str(keys), "--admin-token-file",
+                              str(api_env.admin_token_path), "--max-body-bytes", "4096")
+    auth = {"Authorization": "Bearer " + key}
+    x = api_env.x[0].ravel().tolist()
+    with ServerProcess(args, tmp_path / "server.log") as srv:
+        u = srv.url
+
+        def post(path, **kw):
+            return requests.post(u + path, timeout=10, **kw)
+
+        cases = {
+            "json": post("/v1/predict", data=b"{", headers={**JSON, **auth}),
+            "range": post("/v1/predict", data=json_body(api_env.x[:1] * 9), headers={**JSON, **auth}),
+            "no-key": post("/v1/predict", data=json_body(api_env.x[:1]), headers=JSON),
+            "client-key-on-admin": post("/v1/admin/reload", headers=auth),
+            "unknown-path": requests.get(u + "/nope"),
+            "wrong-method": requests.get(u + "/v1/predict"),
+            "odd-method": requests.request("BREW", u + "/v1/predict"),
+            "reload-missing": post("/v1/admin/reload", json={"path": str(tmp_path / "none.ewb")}, headers=ADMIN),
+            "reload-dir": post("/v1/admin/reload", json={"path": str(tmp_path)}, headers=ADMIN),
+            "reload-body": post("/v1/admin/reload", json={"path": {"x": 1}}, headers=ADMIN),
+            "too-big": post("/v1/predict", data=b"[" + b"0," * 4000 + b"0]", headers={**JSON, **auth}),
+            "media-type": post("/v1/predict", data=b"a", headers={"Content-Type": "text/csv", **auth}),
+            "npy": post("/v1/predict", data=b"\x93NUMPY junk", headers={"Content-Type": "application/x-npy", **auth}),
+            "v2-datatype": post("/v2/models/digits/infer", headers=auth, json={"inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": {"x": 1}, "data": x}]}),
+            "v2-uint64": post("/v2/models/digits/infer", headers=auth, json={"inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT64", "data": [2**64] * 64}]}),
+            "v2-name": post("/v2/models/digits/infer", headers=auth, json={"inputs": [
+                {"name": "nope", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x}]}),
+            "v2-model": post("/v2/models/other/infer", headers=auth, json={}),
+        }
+        for _ in range(6):
+            last = post("/v1/predict", data=json_body(api_env.x[:1]), headers={**JSON, **auth})
+        cases["rate-limited"] = last
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:  # not HTTP at all
+            s.sendall(b"\x00\x01garbage\r\n\r\n")
+            raw = s.recv(200)
+        log = srv.log()
+    statuses = {name: r.status_code for name, r in cases.items()}
+    print("error paths:", statuses)
+    assert all(400 <= s < 500 for s in statuses.values()), statuses
+    assert statuses["rate-limited"] == 429 and statuses["reload-missing"] == 409
+    assert statuses["reload-dir"] == 409 and cases["reload-dir"].json()["check"] == "io"
+    for name, r in cases.items():
+        assert r.headers["Content-Type"] == "application/problem+json", (name, r.headers)
+    assert raw.startswith(b"HTTP/1.") and b" 400 " in raw.split(b"\r\n", 1)[0]
+    assert "Traceback" not in log
