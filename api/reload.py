@@ -166,7 +166,7 @@ class ModelHolder:
         with self._reload_lock:
             try:
                 dep = self._candidate(source, None)
-            except (Exception, ReloadRefused) as exc:
+            except Exception as exc:
                 err = _refusal(exc)
                 self._event("refused", quiet=True, check=getattr(err, "check", "load"))
                 raise err from None
@@ -205,7 +205,7 @@ class ModelHolder:
 
             try:
                 dep = self._candidate(source, precheck)
-            except (Exception, ReloadRefused) as exc:
+            except Exception as exc:
                 err = _refusal(exc)
                 self._event("refused", check=getattr(err, "check", "load"))
                 raise err from None
@@ -369,7 +369,7 @@ class DirectoryWatcher(threading.Thread):
                     self.holder.load_initial(str(p))
                 else:
                     self.holder.reload(str(p))
-            except (Exception, ReloadRefused) as exc:
+            except Exception as exc:
                 log.warning("watch: %s not loaded: %s", p.name, getattr(exc, "check", type(exc).__name__))
 
     def _note(self, key: tuple, msg: str, *args: Any) -> None:

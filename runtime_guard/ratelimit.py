@@ -117,7 +117,17 @@ def _storage(uri: str) -> Storage:
         return SweptMemoryStorage(uri)
     # wrap_exceptions: every backend failure arrives as limits' StorageError (public API),
     # whatever client library the backend uses, so one except clause covers them all.
-    return storage_from_string(uri, wrap_exceptions=True)
+    options: dict[str, float | str | bool] = {}
+    scheme = uri.split("://", 1)[0]
+    if scheme in _REDIS_SCHEMES and "timeout" not in uri.split("?", 1)[-1]:
+        # redis-py waits forever by default: a black-holed Redis would hang every request
+        # (and readiness) instead of failing closed with a 503.
+        options = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
+    return storage_from_string(uri, wrap_exceptions=True, **options)
+
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix"})
+REDIS_TIMEOUT_S = 1.0
 
 
 class StorageUnavailable(RuntimeError):
