@@ -14,7 +14,13 @@ it crosses ``RollbackTrigger.max_error_rate`` (after ``min_requests``) within
 ``window_s`` seconds, the previous deployment is put back and the new digest
 is remembered as bad. A deployment that survives probation is committed to
 the anti-rollback state (``OpenedBundle.accept``), so the device never
-commits to a version it had to abandon.
+commits to a version it had to abandon. Only failures the bundle causes count
+there: a rate-limit storage outage is answered 503 without touching probation.
+
+Every candidate (start-up, reload, watch directory) is loaded and smoke-run on
+a helper thread under ``deadline_s`` (``runtime_guard.deadline``), and every
+way it can fail leaves as ``BundleError`` or ``ReloadRefused`` with a check
+name, so the API answers 409 and ``serve`` exits 2 with one line.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from api_fixtures import ADMIN_TOKEN, api_env, bundle_v1, json_body  # noqa: F401
+from api_fixtures import api_env, bundle_v1, json_body  # noqa: F401
 from servers import ServerProcess, free_port, run_cli
 
 
