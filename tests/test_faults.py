@@ -304,7 +304,7 @@ def test_killed_worker_is_restarted_and_sigterm_drains(api_env, bundle_v1, tmp_p
 
 # -- slow-header clients -----------------------------------------------------------------
 
-def _slow_clients(port: int, n: int, stop: threading.Event) -> list[socket.socket]:
+def _slow_clients(port: int, n: int, stop: threading.Event, every_s: float) -> list[socket.socket]:
     socks = []
     for _ in range(n):
         s = socket.socket()
@@ -318,7 +318,7 @@ def _slow_clients(port: int, n: int, stop: threading.Event) -> list[socket.socke
         socks.append(s)
 
     def trickle() -> None:
-        while not stop.wait(1.0):
+        while not stop.wait(every_s):
             for s in socks:
                 try:
                     s.send(b"X-Slow: 1\r\n")
@@ -342,22 +342,24 @@ def _closed_by_server(s: socket.socket) -> bool:
         return True
 
 
-def test_slow_header_clients_do_not_lock_out_others(api_env, bundle_v1, tmp_path):
+def _slow_headers(api_env, bundle_v1, tmp_path, n_slow: int, header_timeout: float | None,
+                  fresh_requests: int, trickle_s: float) -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2500:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    header_timeout = 3.0
-    args = api_env.serve_args(bundle_v1, "--header-timeout", str(header_timeout), "--threads", "4")
+    if soft < n_slow + 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n_slow + 3000), hard))
+    extra = ["--header-timeout", str(header_timeout)] if header_timeout is not None else []
+    header_timeout = header_timeout or 10.0  # the server's default
+    args = api_env.serve_args(bundle_v1, *extra, "--threads", "4")
     with ServerProcess(args, tmp_path / "server.log") as srv:
         stop = threading.Event()
         t_open = time.monotonic()
-        socks = _slow_clients(srv.port, 1000, stop)
+        socks = _slow_clients(srv.port, n_slow, stop, trickle_s)
         try:
             lat, codes = [], []
             conn = None
-            for _ in range(40):  # a fresh peer (another loopback address) keeps being answered
+            for _ in range(fresh_requests):  # a fresh peer (another loopback address) keeps being answered
                 t0 = time.monotonic()
                 try:
                     if conn is None:
@@ -384,8 +386,18 @@ def test_slow_header_clients_do_not_lock_out_others(api_env, bundle_v1, tmp_path
               f"answered, p99 {p99 * 1e3:.1f} ms; {closed} slow connections closed by the server")
         assert codes.count(200) == len(codes), codes
         assert p99 < 1.0
-        assert len(socks) >= 900 and closed == len(socks)  # refused at the cap or cut at the deadline
+        assert len(socks) >= 0.9 * n_slow and closed == len(socks)  # refused at the cap or cut at the deadline
         assert requests.get(srv.url + "/healthz").status_code == 200
+
+
+def test_slow_header_clients_do_not_lock_out_others(api_env, bundle_v1, tmp_path):
+    _slow_headers(api_env, bundle_v1, tmp_path, 1000, 3.0, fresh_requests=40, trickle_s=1.0)
+
+
+@pytest.mark.slow
+def test_slow_header_clients_default_timeout(api_env, bundle_v1, tmp_path):
+    """The issue's shape: 1,010 connections, a header line every 5 s, default 10 s deadline."""
+    _slow_headers(api_env, bundle_v1, tmp_path, 1010, None, fresh_requests=200, trickle_s=5.0)
 
 
 # -- every error path through the real server ----------------------------------------------
