@@ -217,9 +217,11 @@ def startup_error(exc: BaseException) -> str | None:
     return None
 
 
-def worker_main(config: ApiConfig, settings: ServerSettings, port: int, ready: Any) -> None:
+def worker_main(config: ApiConfig, settings: ServerSettings, port: int, ready: Any,
+                errors: Any = None) -> None:
     """Body of one supervised worker process: build the app, bind, tell the parent, serve.
-    A bundle that cannot be served exits 2 with one line on stderr."""
+    A bundle that cannot be served exits 2; its one-line reason goes to ``errors`` (a
+    queue the parent reports from, so N workers do not print N lines) or stderr."""
     from . import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -230,8 +232,11 @@ def worker_main(config: ApiConfig, settings: ServerSettings, port: int, ready: A
         line = startup_error(exc)
         if line is None:
             raise
-        sys.stderr.write(f"error: {line}\n")
-        sys.stderr.flush()
+        if errors is not None:
+            errors.put(line)
+        else:
+            sys.stderr.write(f"error: {line}\n")
+            sys.stderr.flush()
         sys.exit(2)
     sock = listen_socket(settings.host, port, reuseport=True)
     ready.set()

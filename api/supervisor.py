@@ -54,11 +54,13 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(settings.workers)]
         self.stopping = False
         self.port = 0
+        self.errors = self.ctx.SimpleQueue()  # one-line start-up refusals from workers
 
     def _start(self, slot: _Slot) -> None:
         slot.ready = self.ctx.Event()
         slot.proc = self.ctx.Process(target=worker_main, name=f"edgeward-worker-{slot.index}",
-                                     args=(self.config, self.settings, self.port, slot.ready))
+                                     args=(self.config, self.settings, self.port, slot.ready,
+                                           self.errors))
         slot.proc.start()
         slot.started_at = time.monotonic()
         slot.restart_at = None
@@ -95,15 +97,29 @@ class Supervisor:
             for slot in self.slots:
                 if not slot.proc.is_alive() and not slot.ready.is_set():
                     code = slot.proc.exitcode or 1
+                    line = self._error_line()
+                    if code == 2 and line is not None:  # the bundle cannot be served: one line
+                        sys.stderr.write(f"error: {line}\n")
+                        return 2
                     sys.stderr.write(f"edgeward: worker {slot.index} could not start (exit {code}); "
                                      "stopping\n")
-                    return 2 if code == 2 else code
+                    return code
             if all(slot.ready.is_set() for slot in self.slots):
                 return None
             time.sleep(0.05)
         return 0
 
+    def _error_line(self) -> str | None:
+        line = None
+        while not self.errors.empty():
+            got = self.errors.get()
+            line = line or got
+        return line
+
     def _tick(self, now: float) -> None:
+        line = self._error_line()  # a restarted worker refused the bundle (e.g. replaced on disk)
+        if line is not None:
+            sys.stderr.write(f"edgeward: worker could not serve the bundle: {line}\n")
         for slot in self.slots:
             if slot.restart_at is None and not slot.proc.is_alive():
                 lived = now - slot.started_at

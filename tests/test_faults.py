@@ -182,10 +182,11 @@ def test_hostile_bundle_at_start_up_is_one_line_exit_2(api_env, tmp_path):
     odd = api_env.make_bundle(tmp_path / "scalar.ewb", 1, model_bytes=scalar_output())
     fifo = tmp_path / "start.ewb"
     os.mkfifo(fifo)
-    for bundle, check in ((odd, "outputs"), (fifo, "io")):
-        r = run_cli(["serve", *api_env.serve_args(bundle)], timeout=30)
+    for bundle, check, workers in ((odd, "outputs", "1"), (fifo, "io", "1"), (odd, "outputs", "2")):
+        r = run_cli(["serve", *api_env.serve_args(bundle, "--workers", workers)], timeout=60)
         assert r.returncode == 2, (r.returncode, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "onnxruntime" not in ln]
+        lines = [ln for ln in r.stderr.splitlines()
+                 if ln.strip() and "onnxruntime" not in ln and "warning: 2 workers" not in ln]
         assert len(lines) == 1 and check in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
