@@ -462,3 +462,16 @@ def test_every_error_path_has_a_status_below_500(api_env, tmp_path):
         assert r.headers["Content-Type"] == "application/problem+json", (name, r.headers)
     assert raw.startswith(b"HTTP/1.") and b" 400 " in raw.split(b"\r\n", 1)[0]
     assert "Traceback" not in log
+
+
+def test_fifo_config_files_fail_fast(api_env, bundle_v1, tmp_path):
+    """A FIFO at any configured path is refused at once (exit 2), never waited on."""
+    fifo = tmp_path / "cfg.fifo"
+    os.mkfifo(fifo)
+    base = {"--public-key": str(api_env.public_key_path), "--key-file": str(api_env.kek_path)}
+    for flag in ("--public-key", "--key-file", "--api-keys", "--admin-token-file", "--rollback-state"):
+        opts = {**base, flag: str(fifo)}
+        t0 = time.monotonic()
+        r = run_cli(["serve", str(bundle_v1), *[x for kv in opts.items() for x in kv]], timeout=30)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (flag, r.returncode, r.stderr)
+        assert time.monotonic() - t0 < 20, flag
