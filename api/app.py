@@ -45,7 +45,8 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
         if dep is not None:
             metrics.model_version.set(dep.version)
 
-    holder = ModelHolder(make_loader(cfg), smoke_test, cfg.rollback_trigger, on_event=on_event)
+    holder = ModelHolder(make_loader(cfg), smoke_test, cfg.rollback_trigger, on_event=on_event,
+                         deadline_s=cfg.load_deadline_s)
     metrics_holder["h"] = holder
     keys = KeyStore.load(cfg.api_keys_file) if cfg.api_keys_file else None
     admin = (AdminToken.from_file(cfg.admin_token_file) if cfg.admin_token_file
@@ -64,6 +65,7 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     app.register_blueprint(admin_routes.bp)
     app.register_blueprint(v2.bp)
     register_error_handlers(app)
+    metrics.allow_endpoints({rule.rule for rule in app.url_map.iter_rules()})
     app.wsgi_app = RequestObserver(app.wsgi_app, metrics)  # type: ignore[method-assign]
 
     if cfg.watch_dir is not None:

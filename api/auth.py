@@ -24,13 +24,14 @@ from typing import Union
 
 from flask import Request
 
-from runtime_guard.fileio import atomic_write
+from runtime_guard.fileio import atomic_write, read_regular_file
 
 PathLike = Union[str, os.PathLike]
 KEY_PREFIX = "ew_"
 KEYS_FORMAT = 1
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_TOKEN_LEN = 512
+MAX_KEYS_FILE = 16 * 1024 * 1024
 
 
 class AuthConfigError(ValueError):
@@ -57,10 +58,12 @@ class KeyStore:
     @classmethod
     def load(cls, path: PathLike) -> "KeyStore":
         try:
-            obj = json.loads(Path(path).read_text("utf-8"))
+            obj = json.loads(read_regular_file(path, MAX_KEYS_FILE)[0].decode("utf-8"))
         except FileNotFoundError:
             raise AuthConfigError(f"keys file not found: {path}") from None
-        except (OSError, ValueError, UnicodeDecodeError):
+        except OSError as exc:
+            raise AuthConfigError(f"cannot read keys file {path}: {exc.strerror}") from None
+        except (ValueError, UnicodeDecodeError):
             raise AuthConfigError(f"keys file is not valid JSON: {path}") from None
         if not isinstance(obj, dict) or obj.get("format") != KEYS_FORMAT or not isinstance(obj.get("keys"), list):
             raise AuthConfigError("keys file must be {\"format\": 1, \"keys\": [...]}")
@@ -130,12 +133,13 @@ class AdminToken:
 
     @classmethod
     def from_file(cls, path: PathLike) -> "AdminToken":
-        p = Path(path)
         try:
-            st = p.stat()
-            text = p.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AuthConfigError(f"cannot read admin token file: {exc}") from None
+            raw, st = read_regular_file(path, 4096)
+            text = raw.decode("utf-8")
+        except OSError as exc:
+            raise AuthConfigError(f"cannot read admin token file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise AuthConfigError("admin token file is not UTF-8") from None
         if st.st_mode & 0o077:
             raise AuthConfigError("admin token file permissions are wider than 0600")
         return cls(text)

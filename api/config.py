@@ -25,6 +25,7 @@ class ApiConfig:
     kek_file: str | None = None
     kek_env: str | None = None
     kek: Any = None  # runtime_guard.bundle.Kek or 32 raw bytes (in-process use, tests)
+    passphrase_env: str | None = None  # name of the variable holding a KEK passphrase (scrypt)
     rollback_state: str | None = None
     storage_uri: str = "memory://"
     api_keys_file: str | None = None
@@ -42,16 +43,21 @@ class ApiConfig:
     # read it off every answer, and "always" costs one more storage read per request
     # (a network round trip with Redis).
     rate_limit_headers: str = "refusals"
+    # Wall-clock budget for one candidate bundle (verify, admit, open, smoke runs): a
+    # hostile graph is terminated / abandoned past it and the reload answers 409.
+    load_deadline_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.bundle is None and self.watch_dir is None:
             raise ValueError("give a bundle path or a watch directory")
         if self.public_key is None:
             raise ValueError("a pinned public key is required")
-        if sum(x is not None for x in (self.kek_file, self.kek_env, self.kek)) != 1:
-            raise ValueError("give exactly one of kek_file, kek_env, kek")
+        if sum(x is not None for x in (self.kek_file, self.kek_env, self.kek, self.passphrase_env)) != 1:
+            raise ValueError("give exactly one of kek_file, kek_env, passphrase_env, kek")
         if self.rate_limit_headers not in RATE_LIMIT_HEADERS:
             raise ValueError(f"rate_limit_headers must be one of {RATE_LIMIT_HEADERS}")
+        if not 0.1 <= float(self.load_deadline_s) <= 3600:
+            raise ValueError("load_deadline_s must be between 0.1 and 3600 seconds")
         if not 1024 <= int(self.max_body_bytes) <= 1 << 30:
             raise ValueError("max_body_bytes must be between 1 KiB and 1 GiB")
         for name in ("bundle", "kek_file", "rollback_state", "api_keys_file",
@@ -68,4 +74,12 @@ class ApiConfig:
 
         if self.kek is not None:
             return as_kek(self.kek)
+        if self.passphrase_env is not None:
+            from runtime_guard.errors import BundleKeyError
+
+            value = os.environ.get(self.passphrase_env)
+            if not value:
+                raise BundleKeyError(f"environment variable {self.passphrase_env} is not set",
+                                     check="kek-source")
+            return load_kek(passphrase=value)
         return load_kek(file=self.kek_file) if self.kek_file else load_kek(env=self.kek_env)

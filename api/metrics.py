@@ -14,7 +14,7 @@ the guard's telemetry -- drift -- stay per-process in that mode).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -23,6 +23,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# Every label value comes from one of these fixed sets; anything else is "other", so no
+# request (a random method token, an odd path, a status werkzeug invents) can add series.
+OTHER = "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+STATUSES = frozenset(str(c) for c in (200, 201, 204, 301, 302, 304, 307, 308, 400, 401, 403, 404,
+                                      405, 406, 408, 409, 411, 413, 414, 415, 416, 422, 429, 431,
+                                      500, 501, 502, 503, 504))
+DECISION_LABELS = frozenset({"accepted", "rejected", "rate_limited", "flagged", "error", "unavailable"})
+EXTRA_REASONS = frozenset({"none", "exception", "rate_limit:storage"})
+
+
+def bounded(value: str, allowed: frozenset[str] | set[str]) -> str:
+    return value if value in allowed else OTHER
 
 
 class TelemetryCollector(Collector):
@@ -39,21 +53,31 @@ class TelemetryCollector(Collector):
         drift = GaugeMetricFamily("edgeward_drift_psi",
                                   "Population stability index of recent inputs vs calibration",
                                   labels=["family"])
-        for family, value in _drift_items(snap):
-            drift.add_metric([family], value)
+        samples = GaugeMetricFamily("edgeward_drift_samples",
+                                    "Live samples behind each drift family (PSI is published "
+                                    "only from telemetry.min_samples on)", labels=["family"])
+        for family, value, n in _drift_items(snap):
+            samples.add_metric([family], n)
+            if value is not None:
+                drift.add_metric([family], value)
         yield drift
+        yield samples
 
 
-def _drift_items(snap: dict[str, Any]) -> list[tuple[str, float]]:
-    """``snapshot()["drift"]`` is ``{family: {"psi": float, "alert": bool, "n": int} | None}``."""
+def _drift_items(snap: dict[str, Any]) -> list[tuple[str, float | None, int]]:
+    """``snapshot()["drift"]`` is ``{family: {"psi": float | None, "alert": bool, "n": int} | None}``;
+    PSI is None below the bundle's ``telemetry.min_samples``."""
     drift = snap.get("drift")
     if not isinstance(drift, dict):
         return []
-    out = []
+    out: list[tuple[str, float | None, int]] = []
     for name, entry in drift.items():
-        psi = entry.get("psi") if isinstance(entry, dict) else None
-        if isinstance(psi, (int, float)) and not isinstance(psi, bool):
-            out.append((str(name), float(psi)))
+        if not isinstance(entry, dict) or str(name) not in ("predicted_class", "ood_score"):
+            continue
+        psi, n = entry.get("psi"), entry.get("n")
+        n = n if isinstance(n, int) and not isinstance(n, bool) else 0
+        ok = isinstance(psi, (int, float)) and not isinstance(psi, bool)
+        out.append((str(name), float(psi) if ok else None, n))
     return out
 
 
@@ -79,6 +103,14 @@ class ApiMetrics:
         # Label children cached per label tuple: ``labels()`` validates and locks on every call,
         # which is measurable per request. Label values are bounded (routes, statuses, reason codes).
         self._children: dict[tuple, Any] = {}
+        from runtime_guard.telemetry import REASON_CODES
+
+        self.reasons_allowed = frozenset(REASON_CODES) | EXTRA_REASONS
+        self.endpoints_allowed: frozenset[str] = frozenset({"unmatched"})
+
+    def allow_endpoints(self, templates: Iterable[str]) -> None:
+        """The app's route templates (``/v2/models/<name>``): the only endpoint labels."""
+        self.endpoints_allowed = frozenset(templates) | {"unmatched"}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -88,14 +120,16 @@ class ApiMetrics:
         return child
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self._child(self.requests, endpoint, method, str(status)).inc()
+        endpoint = bounded(endpoint, self.endpoints_allowed)
+        self._child(self.requests, endpoint, bounded(method, METHODS), bounded(str(status), STATUSES)).inc()
         self._child(self.latency, endpoint).observe(seconds)
 
     def observe_decision(self, decision: str, reasons: list[str] | tuple[str, ...]) -> None:
+        decision = bounded(decision, DECISION_LABELS)
         if not reasons:
             self._child(self.decisions, decision, "none").inc()
         for r in reasons:
-            self._child(self.decisions, decision, str(r)[:64]).inc()
+            self._child(self.decisions, decision, bounded(str(r), self.reasons_allowed)).inc()
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:

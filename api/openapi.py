@@ -203,7 +203,8 @@ def openapi_document(*, api_keys: bool = False, admin: bool = False) -> dict[str
     """Build the document; ``api_keys``/``admin`` add the matching security."""
     key_sec = [{"apiKey": []}, {"bearer": []}] if api_keys else []
     admin_sec = [{"adminToken": []}]
-    not_ready = _problem("no model loaded yet", RETRY_AFTER)
+    not_ready = _problem("no model loaded yet, the rate-limit storage is unreachable "
+                         "(``check``: ``rate-limit-storage``) or the server is draining", RETRY_AFTER)
     unauthorized = _problem("missing or invalid API key")
     predict_errors = {
         "400": _problem("invalid body or sanitizer rejection (``check`` names the failed check)"),

@@ -14,13 +14,20 @@ it crosses ``RollbackTrigger.max_error_rate`` (after ``min_requests``) within
 ``window_s`` seconds, the previous deployment is put back and the new digest
 is remembered as bad. A deployment that survives probation is committed to
 the anti-rollback state (``OpenedBundle.accept``), so the device never
-commits to a version it had to abandon.
+commits to a version it had to abandon. Only failures the bundle causes count
+there: a rate-limit storage outage is answered 503 without touching probation.
+
+Every candidate (start-up, reload, watch directory) is loaded and smoke-run on
+a helper thread under ``deadline_s`` (``runtime_guard.deadline``), and every
+way it can fail leaves as ``BundleError`` or ``ReloadRefused`` with a check
+name, so the API answers 409 and ``serve`` exits 2 with one line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -87,8 +94,27 @@ class ReloadResult:
                 "previous_version": self.previous_version, "manifest_sha256": self.manifest_sha256}
 
 
-Loader = Callable[[str], Deployment]
-SmokeTest = Callable[[Deployment], None]
+Loader = Callable[..., Deployment]  # (source, deadline) -> Deployment
+SmokeTest = Callable[..., None]  # (deployment, deadline) -> None; raises to refuse
+DEFAULT_DEADLINE_S = 20.0
+_GRACE_S = 1.0  # past the deadline, how long to wait for a terminated run to unwind
+
+
+def _refusal(exc: BaseException) -> BaseException:
+    """The one shape a failed candidate leaves ``ModelHolder`` in: ``BundleError``
+    (its own ``check``) or ``ReloadRefused``. Anything else a signed bundle can
+    provoke in the loader (an odd model that breaks the guard constructor, an
+    onnxruntime failure, an OSError) becomes ``ReloadRefused`` with a check name,
+    so callers answer 409 / exit 2 instead of a 500 or a traceback."""
+    from runtime_guard.errors import BundleError
+
+    if isinstance(exc, (BundleError, ReloadRefused)):
+        return exc
+    if isinstance(exc, OSError):
+        return ReloadRefused("io", f"bundle could not be read: {exc.strerror or type(exc).__name__}")
+    check = getattr(exc, "check", None)
+    msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return ReloadRefused(check if isinstance(check, str) else "load", msg)
 
 
 class ModelHolder:
@@ -96,9 +122,11 @@ class ModelHolder:
 
     def __init__(self, loader: Loader, smoke_test: SmokeTest,
                  trigger: RollbackTrigger | None = None,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None,
+                 deadline_s: float = DEFAULT_DEADLINE_S) -> None:
         self._loader = loader
         self._smoke = smoke_test
+        self.deadline_s = float(deadline_s)
         self.trigger = trigger or RollbackTrigger()
         self._on_event = on_event or (lambda outcome: None)
         self._current: Deployment | None = None
@@ -129,19 +157,26 @@ class ModelHolder:
         }
 
     # -- transitions ---------------------------------------------------------
-    def _event(self, outcome: str, **info: Any) -> None:
+    def _event(self, outcome: str, quiet: bool = False, **info: Any) -> None:
         self.last_event = {"outcome": outcome, "at": time.time(), **info}
-        log.info("reload %s %s", outcome, info)
+        if not quiet:  # quiet: the caller reports it (start-up failures are one stderr line)
+            log.info("reload %s %s", outcome, info)
         try:
             self._on_event(outcome)
         except Exception:  # metrics must not break a reload
             log.exception("reload event hook failed")
 
     def load_initial(self, source: str) -> Deployment:
-        """First bundle: verify + smoke test, serve, commit at once (nothing to roll back to)."""
+        """First bundle: verify + smoke test, serve, commit at once (nothing to roll back to).
+        Raises ``BundleError`` or ``ReloadRefused``."""
         with self._reload_lock:
-            dep = self._loader(source)
-            self._run_smoke(dep)
+            try:
+                dep = self._candidate(source, None)
+            except Exception as exc:
+                err = _refusal(exc)
+                self._event("refused", quiet=True, check=getattr(err, "check", "load"))
+                raise err from None
+            assert dep is not None
             _commit(dep)
             with self._lock:
                 self._current = dep
@@ -152,28 +187,36 @@ class ModelHolder:
         """Verify, smoke test and swap in ``source``; raise ReloadRefused otherwise.
 
         BundleError subclasses from the loader propagate unchanged (callers map
-        them to their check name)."""
+        them to their check name); every other failure is a ReloadRefused. The
+        whole candidate (load, admission, smoke runs) runs under ``deadline_s``:
+        past it the reload is refused with check ``deadline`` and the lock is
+        released even if a hostile graph is still unwinding."""
         with self._reload_lock:
             self.tick()
-            try:
-                dep = self._loader(source)
-            except Exception as exc:
-                self._event("refused", check=getattr(exc, "check", type(exc).__name__))
-                raise
-            try:
+            unchanged: list[ReloadResult] = []
+
+            def precheck(dep: Deployment) -> bool:
                 cur = self._current
                 if dep.manifest_sha256 in self.bad_digests:
                     raise ReloadRefused("known-bad", "this bundle was rolled back before")
                 if cur is not None and dep.manifest_sha256 == cur.manifest_sha256:
-                    return ReloadResult("unchanged", cur.version, cur.version, cur.manifest_sha256)
+                    unchanged.append(ReloadResult("unchanged", cur.version, cur.version,
+                                                  cur.manifest_sha256))
+                    return False
                 if cur is not None and dep.version <= cur.version:
                     raise ReloadRefused(
                         "version", f"bundle version {dep.version} is not above the served "
                         f"version {cur.version}")
-                self._run_smoke(dep)
-            except ReloadRefused as exc:
-                self._event("refused", check=exc.check, version=dep.version)
-                raise
+                return True
+
+            try:
+                dep = self._candidate(source, precheck)
+            except Exception as exc:
+                err = _refusal(exc)
+                self._event("refused", check=getattr(err, "check", "load"))
+                raise err from None
+            if dep is None:
+                return unchanged[0]
             with self._lock:
                 prev = self._current
                 self._current = dep
@@ -188,10 +231,48 @@ class ModelHolder:
             return ReloadResult("swapped", dep.version, None if prev is None else prev.version,
                                 dep.manifest_sha256)
 
-    def _run_smoke(self, dep: Deployment) -> None:
+    def _candidate(self, source: str,
+                   precheck: Callable[[Deployment], bool] | None) -> Deployment | None:
+        """Load + (precheck) + smoke test ``source`` on a helper thread under the deadline.
+
+        ``None`` when ``precheck`` says there is nothing to do. The helper is a
+        daemon thread: if a run cannot be terminated in time it is abandoned
+        (its result discarded), so the caller and the reload lock move on."""
+        from runtime_guard.deadline import Deadline
+
+        deadline = Deadline(self.deadline_s)
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                dep = self._loader(source, deadline)
+                if precheck is not None and not precheck(dep):
+                    box["dep"] = None
+                    return
+                self._run_smoke(dep, deadline)
+                box["dep"] = dep
+            except BaseException as exc:  # handed to the waiting caller
+                box["exc"] = exc
+
+        t = threading.Thread(target=work, name="bundle-candidate", daemon=True)
+        t.start()
+        t.join(self.deadline_s + _GRACE_S)
+        deadline.cancel()
+        if t.is_alive():
+            log.warning("candidate %s still running past the %.3g s deadline; abandoned",
+                        os.path.basename(str(source)), self.deadline_s)
+            raise ReloadRefused("deadline", f"loading the bundle did not finish within the "
+                                f"{self.deadline_s:g} s deadline")
+        if "exc" in box:
+            raise box["exc"]
+        return box["dep"]
+
+    def _run_smoke(self, dep: Deployment, deadline: Any = None) -> None:
+        from runtime_guard.errors import ModelRejected
+
         try:
-            self._smoke(dep)
-        except ReloadRefused:
+            self._smoke(dep, deadline)
+        except (ReloadRefused, ModelRejected):  # incl. DeadlineExceeded: keeps its check
             raise
         except Exception as exc:  # any failure inside the smoke test refuses the bundle
             raise ReloadRefused("smoke-test", f"smoke test failed: {exc}") from None
@@ -263,16 +344,28 @@ class DirectoryWatcher(threading.Thread):
         self._stop.set()
 
     def scan_once(self) -> None:
+        """One pass. Every entry is judged on its own: a FIFO, a device, an
+        unreadable or vanishing file is logged once and skipped, never stops the
+        scan (bundles are opened non-blocking and fstat-checked as well)."""
         self.holder.tick()
         try:
-            files = sorted(self.directory.glob(self.pattern), key=lambda p: p.stat().st_mtime_ns)
-        except OSError:
+            names = list(self.directory.glob(self.pattern))
+        except OSError as exc:
+            self._note(("dir", exc.errno or 0, 0), "watch: cannot list %s: %s", self.directory,
+                       exc.strerror)
             return
-        for p in files:
+        entries = []
+        for p in names:
             try:
                 st = p.stat()
-            except OSError:
+            except OSError as exc:
+                self._note((p.name, -1, exc.errno or 0), "watch: skipping %s: %s", p.name, exc.strerror)
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                self._note((p.name, -2, st.st_mode), "watch: skipping %s: not a regular file", p.name)
+                continue
+            entries.append((st.st_mtime_ns, p, st))
+        for _mtime, p, st in sorted(entries, key=lambda e: e[0]):
             key = (p.name, st.st_size, st.st_mtime_ns)
             if key in self._seen:
                 continue
@@ -283,7 +376,12 @@ class DirectoryWatcher(threading.Thread):
                 else:
                     self.holder.reload(str(p))
             except Exception as exc:
-                log.warning("watch: %s not loaded: %s", p.name, getattr(exc, "check", exc))
+                log.warning("watch: %s not loaded: %s", p.name, getattr(exc, "check", type(exc).__name__))
+
+    def _note(self, key: tuple, msg: str, *args: Any) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            log.warning(msg, *args)
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -4,6 +4,8 @@
 locks do not survive fork) worker processes; each binds its own listening
 socket to the same address with ``SO_REUSEPORT`` and the kernel spreads
 connections across them. Every worker verifies and loads the bundle itself.
+``api.supervisor`` restarts a worker that dies (with backoff) while the
+others keep serving, and SIGTERM drains every worker (see ``_Drain``).
 
 Rate limits are shared only through the storage URI: with ``memory://``
 each worker counts on its own, so N workers allow N times the limit. The
@@ -18,15 +20,18 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import ApiConfig
+from .connections import BoundedListener, ConnectionLimits, ConnectionTable
 
 log = logging.getLogger("api.server")
 
@@ -42,6 +47,11 @@ class ServerSettings:
     workers: int = 1
     threads: int = 4
     require_shared_storage: bool = False
+    header_timeout_s: float = 10.0  # whole request-header block, however slowly it trickles
+    max_connections: int = 1000  # per worker
+    max_connections_per_peer: int = 64  # per client address, per worker
+    connection_reserve: int = 50  # slots only addresses holding no connection may take
+    drain_timeout_s: float = 10.0  # SIGTERM: longest wait for in-flight requests
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -50,6 +60,16 @@ class ServerSettings:
             raise ServerConfigError("threads must be between 1 and 256")
         if not 0 <= self.port <= 65535:
             raise ServerConfigError("port must be between 0 and 65535")
+        if not 0 <= self.drain_timeout_s <= 3600:
+            raise ServerConfigError("drain timeout must be between 0 and 3600 seconds")
+        try:
+            self.connection_limits()
+        except ValueError as exc:
+            raise ServerConfigError(str(exc)) from None
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.header_timeout_s, self.max_connections,
+                                self.max_connections_per_peer, self.connection_reserve)
 
 
 def check_storage(config: ApiConfig, settings: ServerSettings) -> str | None:
@@ -77,11 +97,19 @@ def listen_socket(host: str, port: int, reuseport: bool) -> socket.socket:
     return sock
 
 
-def run_waitress(app, sock: socket.socket, threads: int, max_body_bytes: int) -> None:
+def run_waitress(app, sock: socket.socket, threads: int, max_body_bytes: int,
+                 limits: ConnectionLimits | None = None, *,
+                 on_drain: Callable[[], None] | None = None, drain_timeout_s: float = 10.0) -> None:
     """Serve ``app`` on a bound socket with edgeward's waitress settings (blocking).
-    The benchmark's bare baseline uses this too, so both run the same server."""
-    from waitress import serve as waitress_serve
+    The benchmark's bare baseline uses this too, so both run the same server.
 
+    Connections go through ``api.connections`` (header deadline, per-peer caps).
+    In the main thread SIGTERM drains: stop accepting, call ``on_drain`` (readiness
+    turns 503), wait until no request is in progress (at most ``drain_timeout_s``),
+    then return."""
+    from waitress import create_server
+
+    limits = limits or ConnectionLimits()
     # Everything allocated so far (onnx, protobuf, numpy, the model) lives as long as the
     # process: move it out of the cyclic GC's sight so collections triggered by request
     # garbage do not re-scan it.
@@ -92,17 +120,81 @@ def run_waitress(app, sock: socket.socket, threads: int, max_body_bytes: int) ->
     # formatting + writing it costs more CPU than the guard. Backlog shows in latency metrics.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     sock.listen(1024)
-    waitress_serve(
-        app, sockets=[sock], threads=threads, ident="edgeward",
+    table = ConnectionTable(limits)
+    listener = BoundedListener.wrap(sock, table)
+    server = create_server(
+        app, sockets=[listener], threads=threads, ident="edgeward",
         # backstop only: Flask answers 413 as problem+json below this
         max_request_body_size=max(2 * max_body_bytes, 16 * 1024 * 1024),
-        channel_timeout=30, connection_limit=1000, clear_untrusted_proxy_headers=True,
-        _quiet=True,
+        # our listener enforces the real cap (with per-peer shares and a reserve); waitress's
+        # own limit sits above it so it never stops accepting first
+        channel_timeout=30, connection_limit=limits.max_total + 16,
+        clear_untrusted_proxy_headers=True,
+        asyncore_use_poll=True,  # select() cannot watch descriptors above 1023
     )
+    table.start()
+    drain = _Drain(server, listener, table, on_drain, drain_timeout_s)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, drain.on_signal)
+    try:
+        server.run()
+    finally:
+        table.stop()
+
+
+class _Drain:
+    """SIGTERM -> stop accepting -> wait for in-flight requests -> leave ``server.run``.
+
+    The signal handler runs in the main thread (the one in waitress's loop): it
+    stops the listener (``accepting`` off, so the loop stops polling it; the
+    socket is shut down so the kernel's SO_REUSEPORT group sends new connections
+    to the other workers) and starts a waiter thread. When no request is in
+    progress the waiter signals the process again and the handler raises
+    SystemExit, which ``server.run`` handles by stopping its threads."""
+
+    def __init__(self, server: Any, listener: socket.socket, table: ConnectionTable,
+                 on_drain: Callable[[], None] | None, timeout_s: float) -> None:
+        self.server, self.listener, self.table = server, listener, table
+        self.on_drain, self.timeout_s = on_drain, timeout_s
+        self.started = False
+        self.done = threading.Event()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        if self.done.is_set():
+            raise SystemExit(0)
+        if self.started:
+            return
+        self.started = True
+        if self.on_drain is not None:
+            self.on_drain()
+        self.server.accepting = False  # wasyncore's public flag: the listener is not polled
+        try:
+            self.listener.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        threading.Thread(target=self._wait, name="drain", daemon=True).start()
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        quiet = 0
+        while time.monotonic() < deadline and quiet < 2:
+            quiet = quiet + 1 if self.table.busy() == 0 else 0
+            time.sleep(0.05)
+        log.info("drained (%s); stopping", "idle" if quiet >= 2 else "timeout")
+        self.done.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _waitress(app, sock: socket.socket, settings: ServerSettings, config: ApiConfig) -> None:
-    run_waitress(app, sock, settings.threads, config.max_body_bytes)
+    from .state import EXT
+
+    st = app.extensions[EXT]
+
+    def on_drain() -> None:
+        st.draining = True
+
+    run_waitress(app, sock, settings.threads, config.max_body_bytes, settings.connection_limits(),
+                 on_drain=on_drain, drain_timeout_s=settings.drain_timeout_s)
 
 
 def _announce(host: str, port: int, workers: int) -> None:
@@ -111,13 +203,43 @@ def _announce(host: str, port: int, workers: int) -> None:
     sys.stderr.flush()
 
 
-def _worker_main(config: ApiConfig, settings: ServerSettings, port: int) -> None:
+def startup_error(exc: BaseException) -> str | None:
+    """One-line text for a failure to start serving a bundle (None: not one of those)."""
+    from runtime_guard.errors import BundleError
+
+    from .reload import ReloadRefused
+
+    if isinstance(exc, (BundleError, ReloadRefused)):
+        check = getattr(exc, "check", None)
+        return f"{check}: {exc}" if check else str(exc)
+    if isinstance(exc, (ValueError, OSError, LookupError)):
+        return str(exc)
+    return None
+
+
+def worker_main(config: ApiConfig, settings: ServerSettings, port: int, ready: Any,
+                errors: Any = None) -> None:
+    """Body of one supervised worker process: build the app, bind, tell the parent, serve.
+    A bundle that cannot be served exits 2; its one-line reason goes to ``errors`` (a
+    queue the parent reports from, so N workers do not print N lines) or stderr."""
     from . import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except Exception as exc:
+        line = startup_error(exc)
+        if line is None:
+            raise
+        if errors is not None:
+            errors.put(line)
+        else:
+            sys.stderr.write(f"error: {line}\n")
+            sys.stderr.flush()
+        sys.exit(2)
     sock = listen_socket(settings.host, port, reuseport=True)
+    ready.set()
     _waitress(app, sock, settings, config)
 
 
@@ -138,46 +260,6 @@ def serve(config: ApiConfig, settings: ServerSettings) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    return _serve_multi(config, settings)
+    from .supervisor import Supervisor
 
-
-def _serve_multi(config: ApiConfig, settings: ServerSettings) -> int:
-    # Hold the port (bound, not listening: it never receives connections) so
-    # port 0 resolves once and every worker joins the same reuseport group.
-    holder = listen_socket(settings.host, settings.port, reuseport=True)
-    port = holder.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(config, settings, port), name=f"edgeward-worker-{i}")
-             for i in range(settings.workers)]
-    stopping = False
-
-    def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for p in procs:
-            p.start()
-        _announce(settings.host, port, settings.workers)
-        code = 0
-        while not stopping:
-            dead = [p for p in procs if not p.is_alive()]
-            if dead:
-                code = dead[0].exitcode or 1
-                sys.stderr.write(f"edgeward: worker {dead[0].name} exited ({dead[0].exitcode}); stopping\n")
-                break
-            time.sleep(0.2)
-        return code
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        holder.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+    return Supervisor(config, settings).run()

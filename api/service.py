@@ -33,12 +33,12 @@ def make_loader(cfg: ApiConfig) -> Loader:
     kek = cfg.load_kek()
     state = RollbackState(cfg.rollback_state) if cfg.rollback_state else None
 
-    def load(source: str) -> Deployment:
+    def load(source: str, deadline: Any = None) -> Deployment:
         from runtime_guard.guard import GuardedModel
 
         model = GuardedModel.load(source, public_key, kek, rollback_state=state,
                                   storage_uri=cfg.storage_uri, threads=cfg.intra_op_threads,
-                                  accept=False)
+                                  accept=False, deadline=deadline)
         manifest = model.manifest
         # The reader refuses non-canonical manifests, so this is the signed digest.
         digest = hashlib.sha256(canonical_json(manifest)).hexdigest()
@@ -55,12 +55,13 @@ def make_loader(cfg: ApiConfig) -> Loader:
     return load
 
 
-def smoke_test(dep: Deployment) -> None:
+def smoke_test(dep: Deployment, deadline: Any = None) -> None:
     """The guard's own sanity run, then the golden set from the signed manifest:
     ``{"inputs": [...], "expected_labels": [...], "expected_logits": [[...]]?,
-    "atol": 1e-4?}``. Runs the session directly: no rate limit or telemetry."""
+    "atol": 1e-4?}``. Runs the session directly: no rate limit or telemetry.
+    With a ``runtime_guard.deadline.Deadline`` every run is terminated when it expires."""
     model = dep.model
-    model.smoke_test()
+    model.smoke_test(deadline)
     golden = dep.manifest.get(SMOKE_FIELD)
     if golden is None:
         return
@@ -68,7 +69,9 @@ def smoke_test(dep: Deployment) -> None:
         raise ValueError("smoke_test needs 'inputs' and 'expected_labels'")
     x = np.asarray(golden["inputs"], dtype=np.float32)
     arr = model.sanitizer(x)
-    logits = model.session.run([model.logits_name], {model.input_name: arr})[0]
+    feeds = {model.input_name: arr}
+    logits = (deadline.run(model.session, [model.logits_name], feeds) if deadline is not None
+              else model.session.run([model.logits_name], feeds))[0]
     want = np.asarray(golden["expected_labels"], dtype=np.int64)
     got = logits.argmax(axis=1)
     if got.shape != want.shape or not np.array_equal(got, want):

@@ -14,7 +14,18 @@ from .problems import ApiProblem
 from .reload import Deployment, DirectoryWatcher, ModelHolder
 from .service import Answer, run_predict
 
+from runtime_guard.ratelimit import StorageUnavailable
+
 EXT = "edgeward"
+
+
+def storage_problem(exc: StorageUnavailable) -> ApiProblem:
+    """503 for a rate-limit storage outage (fail closed), naming the cause."""
+    wait = max(1, int(exc.retry_after))
+    return ApiProblem(503, "rate-limit-storage-unavailable", "Service Unavailable",
+                      f"the rate-limit storage is unreachable ({exc.cause}); retry in {wait}s",
+                      extra={"check": "rate-limit-storage", "cause": exc.cause},
+                      headers={"Retry-After": str(wait)})
 
 
 @dataclass
@@ -25,6 +36,23 @@ class ApiState:
     keys: KeyStore | None
     admin: AdminToken | None
     watcher: DirectoryWatcher | None = None
+
+    draining: bool = False
+
+    def readiness(self) -> Deployment:
+        """The deployment if this process should get traffic; else a 503 naming why
+        (draining for shutdown, no model, rate-limit storage down)."""
+        if self.draining:
+            raise ApiProblem(503, "draining", "Service Unavailable", "the server is shutting down",
+                             extra={"check": "draining"}, headers={"Retry-After": "1"})
+        dep = self.require_model()
+        health = dep.model.limiter.health
+        if not health.ok and not health.probe():
+            raise ApiProblem(503, "rate-limit-storage-unavailable", "Service Unavailable",
+                             f"the rate-limit storage is unreachable ({health.cause})",
+                             extra={"check": "rate-limit-storage", "cause": health.cause},
+                             headers={"Retry-After": "1"})
+        return dep
 
     def require_model(self) -> Deployment:
         dep = self.holder.current()
@@ -38,6 +66,11 @@ class ApiState:
         (refusals count as healthy; only server-side failures are errors)."""
         try:
             ans = run_predict(dep, x, client_id, self.config.rate_limit_headers == "always")
+        except StorageUnavailable as exc:
+            # Not the bundle's fault: never fed to probation (a Redis outage must not roll
+            # back a good hot update), answered 503 rather than served unlimited.
+            self.metrics.observe_decision("unavailable", ["rate_limit:storage"])
+            raise storage_problem(exc) from None
         except ApiProblem as exc:
             self.holder.record(dep, exc.status < 500)
             self.metrics.observe_decision(

@@ -5,7 +5,8 @@
     gunicorn -w 4 -b 127.0.0.1:8080 'api.wsgi:app'
 
 Optional: EDGEWARD_API_KEYS, EDGEWARD_ADMIN_TOKEN_FILE, EDGEWARD_ROLLBACK_STATE,
-EDGEWARD_WATCH, EDGEWARD_KEK_ENV (instead of EDGEWARD_KEY_FILE). Each gunicorn
+EDGEWARD_WATCH, EDGEWARD_KEK_ENV or EDGEWARD_PASSPHRASE_ENV (instead of
+EDGEWARD_KEY_FILE). Each gunicorn
 worker builds its own app (do not use --preload: onnxruntime must not be
 forked after start-up).
 """
@@ -23,6 +24,7 @@ def config_from_env(env: "os._Environ[str] | dict[str, str]" = os.environ) -> Ap
         public_key=env.get("EDGEWARD_PUBLIC_KEY"),
         kek_file=env.get("EDGEWARD_KEY_FILE"),
         kek_env=env.get("EDGEWARD_KEK_ENV"),
+        passphrase_env=env.get("EDGEWARD_PASSPHRASE_ENV"),
         rollback_state=env.get("EDGEWARD_ROLLBACK_STATE"),
         storage_uri=env.get("EDGEWARD_STORAGE_URI", "memory://"),
         api_keys_file=env.get("EDGEWARD_API_KEYS"),

@@ -69,19 +69,26 @@ def runtime_config(
     gate_action: str = "flag",
     rate_limit: str | None = "600/minute",
     overrides: dict | None = None,
+    detector_npz: bytes | None = None,
 ) -> dict:
     """The manifest's ``runtime`` dict, validated by ``GuardConfig``.
 
     Sanitizer schema from the model input and the data's value range; telemetry's class
     reference from the model's predictions on the calibration split; OOD gate from the
-    exported detectors (``off`` when there are none).
+    exported detectors (``off`` when there are none). With detectors, the OOD-score
+    reference too: deciles of the calibration scores as ``ood_edges`` and the
+    calibration histogram over them, so the ``ood_score`` drift family exists on device.
     """
     from runtime_guard.config import GuardConfig, GuardConfigError
 
     x_cal, _ = ds.calibration()
-    preds = np.concatenate([predict_logits(make_session(info.path), info, x_cal[i:i + 256]).argmax(1)
-                            for i in range(0, len(x_cal), 256)])
+    sess = make_session(info.path)
+    logits = np.concatenate([predict_logits(sess, info, x_cal[i:i + 256]) for i in range(0, len(x_cal), 256)])
+    preds = logits.argmax(1)
     counts = np.bincount(preds, minlength=int(info.num_classes or preds.max() + 1)).astype(float)
+    telemetry: dict[str, Any] = {"reference_class_counts": (counts + 0.5).tolist()}  # +0.5: no empty class in PSI
+    if detector_meta is not None and detector_npz is not None:
+        telemetry.update(_ood_reference(sess, info, x_cal, logits, detector_meta, detector_npz))
     shape = [int(d) if isinstance(d, int) else None for d in info.input_shape[1:]]
     doc: dict[str, Any] = {
         "input": {"sample_shape": None if None in shape else shape, "value_range": list(_value_range(ds)),
@@ -89,7 +96,7 @@ def runtime_config(
         "rate_limit": {"per_client": rate_limit},
         "anomaly": {"action": gate_action if detector_meta is not None else "off", "detector_meta": detector_meta},
         "output": {"policy": output_policy},
-        "telemetry": {"reference_class_counts": (counts + 0.5).tolist()},  # +0.5: no empty class in PSI
+        "telemetry": telemetry,
     }
     for section, values in (overrides or {}).items():
         if not isinstance(values, dict):
@@ -99,6 +106,26 @@ def runtime_config(
         return GuardConfig.from_dict(doc).to_dict()
     except GuardConfigError as e:
         raise InputError(str(e)) from None
+
+
+def _ood_reference(sess: Any, info: ModelInfo, x_cal: np.ndarray, logits: np.ndarray,
+                   meta: dict, npz: bytes) -> dict[str, Any]:
+    """``ood_edges`` (calibration-score deciles) and ``reference_ood_counts`` (+0.5 per bin)."""
+    from runtime_guard.anomaly import AnomalyScorer
+
+    scorer = AnomalyScorer.from_bytes(npz, meta)
+    feats = None
+    if "features" in scorer.needs and info.features_output is not None:
+        feats = np.concatenate([sess.run([info.features_output], {info.input_name: x_cal[i:i + 256]})[0]
+                                for i in range(0, len(x_cal), 256)])
+    scores = np.concatenate([scorer.score(x_cal[i:i + 256], logits[i:i + 256],
+                                          None if feats is None else feats[i:i + 256])
+                             for i in range(0, len(x_cal), 256)])
+    edges = np.unique(np.quantile(scores, np.linspace(0.1, 0.9, 9)))
+    if len(edges) == 0:
+        return {}
+    ref = np.histogram(scores, bins=[-np.inf, *edges.tolist(), np.inf])[0].astype(float) + 0.5
+    return {"ood_edges": [float(e) for e in edges], "reference_ood_counts": ref.tolist()}
 
 
 def _pick_variant(report: dict, variant: str | None) -> dict:
@@ -201,7 +228,8 @@ def package_variant(
             raise ModelError(f"{det}: detectors were fitted for another model (sha256 {det_sha[:12]}...)")
 
     runtime = runtime_config(info, ds, meta, output_policy=output_policy, gate_action=gate_action,
-                             rate_limit=rate_limit, overrides=runtime_overrides)
+                             rate_limit=rate_limit, overrides=runtime_overrides,
+                             detector_npz=payloads.get("detectors.npz"))
     fields = {
         "model": {"name": Path(report["inputs"]["model"]["path"]).stem + "-" + name, "variant": name, "kind": v["kind"],
                   "sha256": v["sha256"], "input_name": info.input_name, "num_classes": info.num_classes},

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import ModelRejected
 
@@ -65,6 +65,10 @@ class AdmissionLimits:
     # cost more than they save (benchmarks/results/cold_start.md: 0.3 ms of walk
     # for the int8 demo; in-place sessions slower up to ~4 MB, 2x faster from 16 MB).
     strip_min_model_bytes: int = 2 * 1024 * 1024
+    # ConstantOfShape / Expand whose target shape is a constant in the graph: refused when
+    # it asks for more elements than this (2**28 float32 = 1 GiB), before onnxruntime runs
+    # anything. Shapes computed at run time are bounded by the smoke-run deadline instead.
+    max_static_elements: int = 1 << 28
 
 
 def _norm(domain: str) -> str:
@@ -85,20 +89,36 @@ class _Walker:
         self.tensor(s.values, where)
         self.tensor(s.indices, where)
 
-    def graph(self, g: onnx.GraphProto, depth: int) -> None:
+    def graph(self, g: onnx.GraphProto, depth: int, outer: dict[str, list[int]] | None = None) -> None:
         if depth > self.limits.max_subgraph_depth:
             raise ModelRejected("subgraphs nested too deeply", check="subgraph-depth")
         where = f"graph {g.name!r}"
         names: set[str] = set()
+        shapes = dict(outer or {})  # small constant int64 vectors visible here (shape operands)
         for t in g.initializer:
             self.tensor(t, where)
             if t.name in names:
                 raise ModelRejected(f"duplicate initializer {t.name!r} in {where}",
                                     check="duplicate-initializer")
             names.add(t.name)
+            _note_shape(shapes, t.name, t)
         for s in g.sparse_initializer:
             self.sparse(s, where)
         for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for a in node.attribute:
+                    if a.name == "value" and a.HasField("t") and node.output:
+                        _note_shape(shapes, node.output[0], a.t)
+            operand = _SHAPE_OPERAND.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if operand is not None and len(node.input) > operand and node.input[operand] in shapes:
+                dims = shapes[node.input[operand]]
+                n = 1
+                for d in dims:
+                    n *= max(d, 0)
+                if n > self.limits.max_static_elements:
+                    raise ModelRejected(
+                        f"{node.op_type} asks for a constant shape of {n} elements, over the "
+                        f"{self.limits.max_static_elements} cap", check="static-size")
             self.nodes += 1
             if self.nodes > self.limits.max_nodes:
                 raise ModelRejected(f"more than {self.limits.max_nodes} nodes", check="node-count")
@@ -116,9 +136,27 @@ class _Walker:
                 for s in a.sparse_tensors:
                     self.sparse(s, at)
                 if a.HasField("g"):
-                    self.graph(a.g, depth + 1)
+                    self.graph(a.g, depth + 1, shapes)
                 for sg in a.graphs:
-                    self.graph(sg, depth + 1)
+                    self.graph(sg, depth + 1, shapes)
+
+
+# op type -> index of the input that is a target shape
+_SHAPE_OPERAND = {"ConstantOfShape": 0, "Expand": 1}
+
+
+def _note_shape(shapes: dict[str, list[int]], name: str, t: onnx.TensorProto) -> None:
+    """Remember ``name`` if ``t`` is a small int64 vector with its data inline."""
+    if t.data_type != onnx.TensorProto.INT64 or len(t.dims) > 1 or t.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    if t.dims and not 0 < t.dims[0] <= 16:
+        return
+    try:
+        vals = numpy_helper.to_array(t).reshape(-1).tolist()
+    except Exception:  # malformed tensor: the checker reports it
+        return
+    if len(vals) <= 16:
+        shapes[name] = [int(v) for v in vals]
 
 
 def _check_opsets(model: onnx.ModelProto, limits: AdmissionLimits) -> None:

@@ -280,6 +280,9 @@ class TelemetryConfig(_Section):
     reference_class_counts: tuple[float, ...] | None = None
     psi_alert: float = 0.25
     epsilon: float | None = None
+    # PSI over a handful of samples is noise (8 requests read 2.6 against a 0.25 alert);
+    # below this many live samples a family reports only its count ``n``.
+    min_samples: int = 100
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latency_buckets_ms", _edges("latency_buckets_ms", self.latency_buckets_ms))
@@ -297,6 +300,9 @@ class TelemetryConfig(_Section):
                 self, "reference_class_counts", _counts("reference_class_counts", self.reference_class_counts)
             )
         _num("psi_alert", self.psi_alert, 0.0, open_lo=True)
+        if (not isinstance(self.min_samples, int) or isinstance(self.min_samples, bool)
+                or not 1 <= self.min_samples <= 10**9):
+            raise GuardConfigError("min_samples", "must be an integer in 1..1e9")
         if self.epsilon is not None:
             _num("epsilon", self.epsilon, 0.0, 1e6, open_lo=True)
 

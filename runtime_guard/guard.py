@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import GuardConfig
+from .errors import ModelRejected
 from .extraction_monitor import ExtractionMonitor, MonitorState
 from .output_policy import OutputPolicy
 from .ratelimit import RateLimiter, RateLimitStatus
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
     from .admission import AdmissionLimits
     from .anomaly import AnomalyScorer
+    from .deadline import Deadline
 
 __all__ = ["GuardedModel", "PredictionResult", "DECISIONS"]
 
@@ -80,14 +82,32 @@ class PredictionResult:
         }
 
 
-def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None]:
-    """(logits, features) output names, same convention as release-time intake:
-    an output named "features" (else the second output) is features, the other
-    first output is logits."""
-    names = [o.name for o in session.get_outputs()]
+def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None, int]:
+    """(logits, features, classes) from the session's outputs, same convention as
+    release-time intake: an output named "features" (else the second output) is
+    features, the other first output is logits, shaped [N, C] with a fixed C.
+
+    A signed model can still have any outputs at all (a scalar, only
+    ``features``); each such shape is refused here as ``ModelRejected`` with
+    check ``outputs`` rather than failing later as an IndexError.
+    """
+    outs = session.get_outputs()
+    names = [o.name for o in outs]
+    if not names:
+        raise ModelRejected("model has no outputs", check="outputs")
     feats = "features" if "features" in names else (names[1] if len(names) > 1 else None)
-    logits = next(n for n in names if n != feats)
-    return logits, feats
+    logits = next((n for n in names if n != feats), None)
+    if logits is None:
+        raise ModelRejected("model has no logits output (its only output is 'features')",
+                            check="outputs")
+    shape = dict((o.name, o.shape) for o in outs)[logits]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2:
+        raise ModelRejected(f"logits output {logits!r} must be [N, C], has shape {shape}",
+                            check="outputs")
+    n_classes = shape[-1]
+    if not isinstance(n_classes, int) or n_classes < 1:
+        raise ModelRejected("model logits must have a fixed number of classes", check="outputs")
+    return logits, feats, n_classes
 
 
 class GuardedModel:
@@ -107,6 +127,7 @@ class GuardedModel:
         *,
         admission_limits: "AdmissionLimits | None" = None,
         threads: int = 1,
+        deadline: "Deadline | None" = None,
     ) -> None:
         self.config = config = config or GuardConfig()
         self.manifest: dict[str, Any] | None = None  # set by load()
@@ -117,13 +138,12 @@ class GuardedModel:
         self.session = model
         inputs = model.get_inputs()
         if len(inputs) != 1:
-            raise ValueError(f"model must have exactly one input, has {len(inputs)}")
+            raise ModelRejected(f"model must have exactly one input, has {len(inputs)}", check="inputs")
+        if not isinstance(inputs[0].shape, (list, tuple)) or len(inputs[0].shape) < 1:
+            raise ModelRejected("model input must have a batch dimension", check="inputs")
         self.input_name = inputs[0].name
         model_shape = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape[1:]]
-        self.logits_name, self.features_name = _outputs(model)
-        n_classes = dict((o.name, o.shape) for o in model.get_outputs())[self.logits_name][-1]
-        if not isinstance(n_classes, int):
-            raise ValueError("model logits must have a fixed number of classes")
+        self.logits_name, self.features_name, n_classes = _outputs(model)
         self.num_classes = n_classes
 
         if config.anomaly.action != "off" and anomaly is None:
@@ -142,7 +162,7 @@ class GuardedModel:
         self.telemetry = Telemetry(config.telemetry, n_classes)
         self._gate_reject = config.anomaly.action == "reject"
         self._throttle = config.extraction.enabled and config.extraction.action == "throttle"
-        self.smoke_test()  # a model/detector mismatch fails here, not on the first request
+        self.smoke_test(deadline)  # a model/detector mismatch fails here, not on the first request
 
     @classmethod
     def load(
@@ -157,6 +177,7 @@ class GuardedModel:
         admission_limits: "AdmissionLimits | None" = None,
         threads: int = 1,
         accept: bool = True,
+        deadline: "Deadline | None" = None,
     ) -> GuardedModel:
         """Verify + decrypt a bundle in memory and build the guard from its signed parts.
 
@@ -165,7 +186,7 @@ class GuardedModel:
         (its ``anomaly.detector_meta`` is the detectors' JSON). With ``accept``
         the anti-rollback state is advanced once the guard answered a smoke
         request; BundleError subtypes, ModelRejected and GuardConfigError
-        propagate.
+        propagate. ``deadline`` bounds the smoke run (``DeadlineExceeded``).
         """
         from .bundle import open_bundle
 
@@ -182,22 +203,34 @@ class GuardedModel:
                 )
             scorer = AnomalyScorer.from_bytes(opened.payloads[DETECTORS_PAYLOAD], config.anomaly.detector_meta)
         guard = cls(
-            opened.model_bytes, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads
+            opened.model_bytes, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads,
+            deadline=deadline,
         )
         guard.manifest = opened.manifest
         if accept:  # the constructor's smoke test passed
             opened.accept()
         return guard
 
-    def smoke_test(self) -> None:
+    def smoke_test(self, deadline: "Deadline | None" = None) -> None:
         """Run one mid-range sample through model and detectors (no limits, no telemetry).
 
-        Raises ValueError (or the scorer's AnomalyInputError) if the parts do not fit.
+        Raises ValueError (or the scorer's AnomalyInputError) if the parts do not fit,
+        ``ModelRejected`` (check ``smoke-run``) if onnxruntime fails on the sample
+        (e.g. a runtime allocation of TiBs) and ``DeadlineExceeded`` past ``deadline``.
         """
         shape = [1] + [d or 1 for d in self.sanitizer.sample_shape]
         rng = self.config.input.value_range or (0.0, 1.0)
         x = np.full(shape, (rng[0] + rng[1]) / 2, dtype=np.float32)
-        outs = self.session.run(self._run_names, {self.input_name: x})
+        feeds = {self.input_name: x}
+        try:
+            outs = (deadline.run(self.session, self._run_names, feeds) if deadline is not None
+                    else self.session.run(self._run_names, feeds))
+        except ModelRejected:
+            raise
+        except Exception as exc:  # onnxruntime's Fail/RuntimeException: name the op, not the trace
+            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ModelRejected(f"onnxruntime failed on the smoke sample: {type(exc).__name__}: {msg}",
+                                check="smoke-run") from None
         if outs[0].shape != (1, self.num_classes) or not np.isfinite(outs[0]).all():
             raise ValueError("smoke test failed: model output is not finite [1, C] logits")
         if self.anomaly is not None:

@@ -12,11 +12,13 @@ also use up the global budget that other clients share.
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
+from limits.errors import StorageError
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import (
     FixedWindowRateLimiter,
@@ -27,7 +29,9 @@ from limits.strategies import (
 
 from .config import RateLimitConfig
 
-__all__ = ["RateLimitStatus", "RateLimiter", "STRATEGIES", "SweptMemoryStorage"]
+__all__ = ["RateLimitStatus", "RateLimiter", "STRATEGIES", "StorageHealth", "StorageUnavailable",
+           "SweptMemoryStorage"]
+log = logging.getLogger("runtime_guard.ratelimit")
 
 STRATEGIES: dict[str, type[_LimitsStrategy]] = {
     "moving-window": MovingWindowRateLimiter,
@@ -111,7 +115,83 @@ for _name in ("incr", "get", "get_expiry", "check", "reset", "clear"):
 def _storage(uri: str) -> Storage:
     if uri.split("://", 1)[0] == "memory":
         return SweptMemoryStorage(uri)
-    return storage_from_string(uri)
+    # wrap_exceptions: every backend failure arrives as limits' StorageError (public API),
+    # whatever client library the backend uses, so one except clause covers them all.
+    options: dict[str, float | str | bool] = {}
+    scheme = uri.split("://", 1)[0]
+    if scheme in _REDIS_SCHEMES and "timeout" not in uri.split("?", 1)[-1]:
+        # redis-py waits forever by default: a black-holed Redis would hang every request
+        # (and readiness) instead of failing closed with a 503.
+        options = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
+    return storage_from_string(uri, wrap_exceptions=True, **options)
+
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix"})
+REDIS_TIMEOUT_S = 1.0
+
+
+class StorageUnavailable(RuntimeError):
+    """The shared rate-limit storage could not be reached: the request is refused
+    (fail closed), not answered unlimited. ``cause`` names the backend error class
+    (never its message: it may carry a URI with credentials)."""
+
+    def __init__(self, cause: str, retry_after: float) -> None:
+        super().__init__(f"rate-limit storage unavailable ({cause})")
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+class StorageHealth:
+    """Up/down state of the storage, so an outage is logged once when it starts and
+    once when it ends (not per request), and readiness can report it."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._lock = threading.Lock()
+        self.down_since: float | None = None
+        self.failures = 0
+        self.cause = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.down_since is None
+
+    def failed(self, exc: BaseException) -> StorageUnavailable:
+        inner = getattr(exc, "storage_error", None) or exc.__cause__ or exc
+        cause = type(inner).__name__
+        with self._lock:
+            self.failures += 1
+            first = self.down_since is None
+            if first:
+                self.down_since = time.monotonic()
+                self.cause = cause
+        if first:
+            log.warning("rate-limit storage unavailable (%s): refusing requests with 503 until it "
+                        "answers again", cause)
+        return StorageUnavailable(cause, 1.0)
+
+    def succeeded(self) -> None:
+        if self.down_since is None:  # hot path: one attribute read
+            return
+        with self._lock:
+            since, n = self.down_since, self.failures
+            self.down_since, self.failures = None, 0
+        if since is not None:
+            log.warning("rate-limit storage reachable again after %.1f s (%d requests refused)",
+                        time.monotonic() - since, n)
+
+    def probe(self) -> bool:
+        """During an outage, ask the storage directly (readiness checks use this:
+        a server that gets no traffic while unready must still notice recovery)."""
+        if self.down_since is None:
+            return True
+        try:
+            alive = bool(self._storage.check())
+        except Exception:  # check() should not raise; a broken backend may
+            alive = False
+        if alive:
+            self.succeeded()
+        return alive
 
 
 @dataclass(frozen=True)
@@ -138,27 +218,37 @@ class RateLimiter:
         self.strategy = STRATEGIES[config.strategy](self.storage)
         self._client: RateLimitItem | None = parse(config.per_client) if config.per_client else None
         self._global: RateLimitItem | None = parse(config.global_limit) if config.global_limit else None
+        self.health = StorageHealth(self.storage)
 
     @property
     def enabled(self) -> bool:
         return self._client is not None or self._global is not None
 
     def hit(self, client_id: str) -> RateLimitStatus | None:
-        """Consume one request from the client and global budgets."""
+        """Consume one request from the client and global budgets.
+
+        Raises ``StorageUnavailable`` when the storage cannot be reached."""
         hit = self.strategy.hit
-        if self._client is not None and not hit(self._client, _NS, "client", client_id):
-            return self._stats(self._client, "client", client_id)
-        if self._global is not None and not hit(self._global, _NS, "global"):
-            return self._stats(self._global, "global")
+        try:
+            if self._client is not None and not hit(self._client, _NS, "client", client_id):
+                return self._stats(self._client, "client", client_id)
+            if self._global is not None and not hit(self._global, _NS, "global"):
+                return self._stats(self._global, "global")
+        except StorageError as exc:
+            raise self.health.failed(exc) from None
+        self.health.succeeded()
         return None
 
     def status(self, client_id: str) -> RateLimitStatus | None:
         """The most constraining scope right now, without consuming (for response headers)."""
         found = []
-        if self._client is not None:
-            found.append(self._stats(self._client, "client", client_id))
-        if self._global is not None:
-            found.append(self._stats(self._global, "global"))
+        try:
+            if self._client is not None:
+                found.append(self._stats(self._client, "client", client_id))
+            if self._global is not None:
+                found.append(self._stats(self._global, "global"))
+        except StorageError as exc:
+            raise self.health.failed(exc) from None
         return min(found, key=lambda s: (s.remaining, -s.reset_after)) if found else None
 
     def _stats(self, item: RateLimitItem, scope: str, *ident: str) -> RateLimitStatus:

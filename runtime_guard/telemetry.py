@@ -147,11 +147,16 @@ class Telemetry:
             ("predicted_class", classes, cfg.reference_class_counts),
             ("ood_score", ood, cfg.reference_ood_counts),
         ):
-            if ref is None or live is None or sum(live) <= 0:
+            if ref is None or live is None:
                 out[name] = None
                 continue
+            n = int(sum(live))
+            if n < cfg.min_samples:  # too few samples for PSI to mean anything: count only
+                out[name] = {"psi": None, "alert": False, "n": n, "min_samples": cfg.min_samples}
+                continue
             value = psi(live, ref)
-            out[name] = {"psi": value, "alert": value > cfg.psi_alert, "n": int(sum(live))}
+            out[name] = {"psi": value, "alert": value > cfg.psi_alert, "n": n,
+                         "min_samples": cfg.min_samples}
         return out
 
 

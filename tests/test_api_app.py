@@ -218,6 +218,52 @@ def test_v2_protocol(client, api_env):
     assert problem(client.post("/v2/models/digits/infer", json=req), 400)["check"] == "oip-datatype"
 
 
+def test_v2_tensors_are_checked_exactly(client, api_env):
+    """Every malformed tensor is a 400 problem naming the check; never a 200 or a 500."""
+    x = api_env.x[0].ravel().tolist()
+    nested = api_env.x[:1].tolist()  # [1][1][8][8]
+
+    def infer(tensor=None, **doc):
+        t = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x}
+        t.update(tensor or {})
+        return client.post("/v2/models/digits/infer", json={"inputs": [t], **doc})
+
+    ok = infer({"data": nested})  # exact nesting is fine
+    assert ok.status_code == 200 and ok.get_json()["outputs"][0]["data"] == [int(api_env.labels[0])]
+    u8 = infer({"datatype": "UINT8", "data": [0] * 64})
+    assert u8.status_code == 200
+    bad = {
+        # non-list items inside nested data used to be dropped silently
+        "oip-shape": [{"data": [nested[0][0][:7] + [5.0]]}, {"data": [[x[:32], 1.0]]},
+                      {"data": [[[[0.0] * 8] * 8]] + [0.0]}, {"data": x + [0.0]},
+                      {"data": [[[[[0.0]] * 8] * 8]]}],
+        "oip-datatype": [{"datatype": {"x": 1}}, {"datatype": ["FP32"]}, {"datatype": "BYTES"},
+                         {"datatype": "UINT64", "data": [2**64 - 1] * 64},  # exact: passes type, then range
+                         {"datatype": "UINT64", "data": [2**64] * 64},
+                         {"datatype": "INT8", "data": [128] * 64}, {"datatype": "UINT8", "data": [-1] * 64},
+                         {"datatype": "INT32", "data": [0.5] * 64}, {"datatype": "INT32", "data": [1.0] * 64},
+                         {"datatype": "FP16", "data": [1e5] * 64}, {"datatype": "FP32", "data": [1e39] * 64},
+                         {"datatype": "FP64", "data": [10**400] * 64}],
+        "json-type": [{"data": [True] * 64}, {"data": ["0.5"] * 64}, {"data": [None] * 64}],
+        "oip-name": [{"name": "wrong"}, {"name": 3}, {"name": None}],
+        "oip": [{"parameters": []}, {"data": "abc"}],
+    }
+    for check, cases in bad.items():
+        for t in cases:
+            r = infer(t)
+            assert r.status_code == 400, (t, r.status_code, r.get_data(as_text=True)[:200])
+            body = r.get_json()
+            if not (check == "oip-datatype" and t.get("datatype") == "UINT64" and t["data"][0] == 2**64 - 1):
+                assert body["check"] == check, (t, body)
+            assert "error" in body and r.headers["Content-Type"] == "application/problem+json"
+    # 2**64-1 is a valid UINT64: it reaches the sanitizer and fails its value range, not the type
+    r = infer({"datatype": "UINT64", "data": [2**64 - 1] * 64})
+    assert r.get_json()["check"] == "range"
+    for doc in ({"id": 5}, {"parameters": "x"}, {"outputs": {}}):
+        r = infer(**doc)
+        assert r.status_code == 400 and r.get_json()["check"] == "oip", doc
+
+
 # -- auth -------------------------------------------------------------------
 
 def test_api_keys_hashed_and_checked(api_env, bundle_v1, tmp_path):

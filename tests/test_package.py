@@ -65,6 +65,9 @@ def test_package_records_report_digest_and_verifies(reviewed, tmp_path):
     assert m["runtime"]["anomaly"]["action"] == "reject" and m["runtime"]["input"]["value_range"] == [0.0, 1.0]
     assert m["runtime"]["input"]["sample_shape"] == [1, 8, 8]
     assert m["review"]["passed"] is True
+    tel = m["runtime"]["telemetry"]  # both drift references are signed into the bundle
+    assert len(tel["reference_class_counts"]) == 6
+    assert len(tel["reference_ood_counts"]) == len(tel["ood_edges"]) + 1 >= 2
 
 
 def test_packaged_bundle_loads_in_the_runtime_and_passes_its_golden_smoke_test(reviewed, tmp_path):
@@ -82,6 +85,9 @@ def test_packaged_bundle_loads_in_the_runtime_and_passes_its_golden_smoke_test(r
     smoke_test(Deployment(model=g, version=3, name="m", manifest_sha256="", source=str(bundle), manifest=g.manifest))
     res = g.predict(np.asarray(golden["inputs"], dtype=np.float32), "client-1")
     assert list(res.labels) == golden["expected_labels"]
+    drift = g.snapshot()["drift"]  # the ood_score family exists; no PSI from 4 samples
+    assert drift["ood_score"] == {"psi": None, "alert": False, "n": 4, "min_samples": 100}
+    assert drift["predicted_class"]["psi"] is None and drift["predicted_class"]["n"] == 4
 
 
 def test_refuses_failed_variant_unless_forced(reviewed, tmp_path):

@@ -41,10 +41,8 @@ def reload() -> Response:
             check, detail = exc.check, str(exc)
         elif isinstance(exc, OSError):
             check, detail = "io", f"bundle could not be read: {exc.strerror}"
-        elif isinstance(exc, ValueError):  # GuardConfigError, detector/model mismatch, ...
-            check, detail = "load", str(exc)
-        else:
-            raise
+        else:  # ModelHolder normalises failures; anything left is still the bundle's doing
+            check, detail = "load", type(exc).__name__
         raise ApiProblem(409, "reload-refused", "Reload refused", detail, extra={"check": check}) from None
     return jsonify(result.to_dict())
 

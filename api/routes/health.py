@@ -20,8 +20,9 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready = a verified, smoke-tested bundle is being served."""
-    dep = state().require_model()
+    """Ready = a verified, smoke-tested bundle is being served, its rate-limit storage
+    answers and the process is not draining for shutdown."""
+    dep = state().readiness()
     return jsonify(status="ready", model={"name": dep.name, "version": dep.version})
 
 

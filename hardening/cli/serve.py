@@ -30,6 +30,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         public_key: Path = typer.Option(..., "--public-key", help="Pinned Ed25519 public key (PEM)."),
         key_file: Optional[Path] = typer.Option(None, "--key-file", help="KEK file (0600; raw, hex or base64)."),
         kek_env: Optional[str] = typer.Option(None, "--kek-env", help="Read the KEK from this environment variable instead."),
+        passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help="Environment variable holding the passphrase of passphrase-wrapped bundles."),
         host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless told otherwise)."),
         port: int = typer.Option(8080, "--port", help="TCP port (0 = pick a free one)."),
         workers: int = typer.Option(1, "--workers", help="Worker processes sharing the port (SO_REUSEPORT)."),
@@ -46,6 +47,11 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         rollback_min_requests: int = typer.Option(20, "--rollback-min-requests", help="Requests before the error rate is judged."),
         probation_seconds: float = typer.Option(60.0, "--probation-seconds", help="How long a hot update stays on probation."),
         rate_limit_headers: str = typer.Option("refusals", "--rate-limit-headers", help="RateLimit-* headers on 429s only ('refusals') or on every answer ('always')."),
+        load_deadline: float = typer.Option(20.0, "--load-deadline", help="Seconds a candidate bundle (verify, admit, smoke runs) may take; past it: refused."),
+        header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds a connection may take to send a request's headers."),
+        max_connections: int = typer.Option(1000, "--max-connections", help="Open connections per worker."),
+        max_connections_per_peer: int = typer.Option(64, "--max-connections-per-peer", help="Open connections per client address per worker."),
+        connection_reserve: int = typer.Option(50, "--connection-reserve", help="Connections kept for addresses that hold none yet."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
@@ -55,12 +61,13 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 
         if bundle is None and watch is None:
             raise InputError("give a BUNDLE or --watch DIR")
-        if (key_file is None) == (kek_env is None):
-            raise InputError("give exactly one of --key-file or --kek-env")
+        if sum(x is not None for x in (key_file, kek_env, passphrase_env)) != 1:
+            raise InputError("give exactly one of --key-file, --kek-env or --passphrase-env")
         try:
             cfg = ApiConfig(
                 bundle=str(bundle) if bundle else None, public_key=str(public_key),
                 kek_file=str(key_file) if key_file else None, kek_env=kek_env,
+                passphrase_env=passphrase_env, load_deadline_s=load_deadline,
                 rollback_state=str(rollback_state) if rollback_state else None,
                 storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
                 admin_token_file=str(admin_token_file) if admin_token_file else None,
@@ -68,14 +75,18 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers,
                 rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
             )
-            settings = ServerSettings(host, port, workers, threads, require_shared_storage)
+            settings = ServerSettings(host, port, workers, threads, require_shared_storage,
+                                      header_timeout_s=header_timeout, max_connections=max_connections,
+                                      max_connections_per_peer=max_connections_per_peer,
+                                      connection_reserve=connection_reserve)
             code = run(cfg, settings)
         except (ValueError, OSError, LookupError) as exc:  # incl. ServerConfigError, AuthConfigError
             raise _input_error(exc) from None
         except Exception as exc:
+            from api.reload import ReloadRefused
             from runtime_guard.errors import BundleError
 
-            if isinstance(exc, BundleError):
+            if isinstance(exc, (BundleError, ReloadRefused)):  # the bundle could not be served
                 raise _input_error(exc) from None
             raise
         raise typer.Exit(code)
@@ -96,6 +107,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             key = add_key(keys_file, key_id)
         except AuthConfigError as exc:
             raise InputError(str(exc)) from None
+        except OSError as exc:  # e.g. the folder does not exist: one line, exit 2
+            raise InputError(f"cannot write {keys_file}: {exc.strerror or type(exc).__name__}") from None
         if json_out:
             print_json({"id": key_id, "key": key, "keys_file": str(keys_file)})
         else:
@@ -112,6 +125,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             remove_key(keys_file, key_id)
         except AuthConfigError as exc:
             raise InputError(str(exc)) from None
+        except OSError as exc:
+            raise InputError(f"cannot write {keys_file}: {exc.strerror or type(exc).__name__}") from None
 
     @keys_app.command("list")
     @handle_errors

@@ -110,11 +110,20 @@ class Source:
             self._mem = memoryview(path_or_bytes).cast("B")
             self.size = len(self._mem)
         elif isinstance(path_or_bytes, (str, os.PathLike)):
+            # O_NONBLOCK: opening a FIFO (or a device) without it blocks until a writer
+            # appears, i.e. forever for a planted special file. fstat on the descriptor
+            # we opened (not a path stat: no race) refuses anything but a regular file
+            # before the first read; regular files ignore O_NONBLOCK for reads.
+            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
             try:
-                self._fd = os.open(Path(path_or_bytes), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fd = os.open(Path(path_or_bytes), flags)
             except OSError as exc:
                 raise FormatError(f"cannot open bundle: {exc.strerror}", check="io") from None
-            st = os.fstat(self._fd)
+            try:
+                st = os.fstat(self._fd)
+            except OSError as exc:
+                self.close()
+                raise FormatError(f"cannot stat bundle: {exc.strerror}", check="io") from None
             if not stat.S_ISREG(st.st_mode):
                 self.close()
                 raise FormatError("bundle is not a regular file", check="io")

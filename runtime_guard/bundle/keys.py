@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..errors import BundleKeyError, FormatError
+from ..fileio import read_regular_file
 from .format import (
     KEK_BLOCK_AAD_LEN,
     KEK_KIND_RAW,
@@ -108,7 +109,9 @@ def write_secret_file(path: PathLike, data: bytes) -> None:
 def read_secret_file(path: PathLike) -> bytes:
     """Read a private file; refuse symlinks, non-regular files and modes wider than 0600."""
     try:
-        fd = os.open(Path(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO at the key path must not block the open (fstat refuses it below)
+        fd = os.open(Path(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise BundleKeyError(f"cannot open key file: {exc.strerror}", check="key-file") from None
     try:
@@ -167,7 +170,7 @@ def coerce_public_key(key: Union[Ed25519PublicKey, bytes, str, os.PathLike]) -> 
 def load_public_key(path: PathLike) -> Ed25519PublicKey:
     """Load a pinned Ed25519 public key (PEM). Not secret: no mode check."""
     try:
-        pem = Path(path).read_bytes()
+        pem, _ = read_regular_file(path, 64 * 1024)
     except OSError as exc:
         raise BundleKeyError(f"cannot read public key: {exc.strerror}", check="public-key") from None
     return coerce_public_key(pem)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Union
 
 from ..errors import RollbackError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_regular_file
 
 STATE_FORMAT = 1
 
@@ -42,7 +42,7 @@ class RollbackState:
     def load(self) -> RollbackRecord | None:
         """Current record, or None before the first accepted bundle."""
         try:
-            raw = self.path.read_bytes()
+            raw, _ = read_regular_file(self.path, 1 << 20)
         except FileNotFoundError:
             return None
         except OSError as exc:
