@@ -10,6 +10,10 @@ LOCK := requirements.lock
 TORCH_WHEELS ?= /opt/wheels
 EXTRAS := audit,test,redis,dev
 PYTEST_ARGS ?=
+# Tests run in a random order (pytest-randomly); the seed is printed, `make test SEED=N` repeats one.
+ifeq ($(origin SEED), undefined)
+SEED := $(shell python3 -c 'import random; print(random.randrange(1, 10**6))')
+endif
 
 .PHONY: install system-deps lock test test-slow demo clean
 
@@ -36,10 +40,11 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	@echo "test order seed: $(SEED) (make test SEED=$(SEED) repeats it)"
+	$(PY) -m pytest -m "not slow" -q -p randomly --randomly-seed=$(SEED) $(PYTEST_ARGS)
 
 test-slow: $(STAMP) system-deps
-	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow -q -p randomly --randomly-seed=$(SEED) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh $(DEMO_OUT)
