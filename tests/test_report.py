@@ -179,3 +179,28 @@ def test_given_variants_file_and_area_subset(audit, digits_demo, tmp_path):
     with pytest.raises(InputError, match="unknown size override"):
         run_full_audit(digits_demo.model_path, digits_demo.data_path, tmp_path / "x", variants_file=vfile,
                        areas=("profiling",), sizes={"bogus": 1})
+
+
+def test_queries_to_steal_is_judged_on_what_the_budgets_prove():
+    """A copy already at target at the smallest budget is "<= 50" and fails the default
+    check (min 50), instead of passing at exactly the minimum."""
+    from hardening.report.checks import evaluate_policy
+    from hardening.report.summary import extraction_figures
+
+    def fig(*fids):
+        return extraction_figures([{"queries": q, "fidelity": f} for q, f in zip((50, 200, 500), fids)], 200, 0.9, "copycat")
+
+    early, mid, never = fig(0.91, 0.95, 0.97), fig(0.6, 0.93, 0.97), fig(0.5, 0.6, 0.7)
+    assert (early["steal_bound"], early["queries_to_steal"], early["queries_survived"]) == ("at_most", 50, 0.0)
+    assert (mid["steal_bound"], mid["queries_to_steal"], mid["queries_survived"]) == ("between", 200, 50)
+    assert (never["steal_bound"], never["queries_to_steal"], never["queries_survived"]) == ("not_reached", None, 500)
+
+    def status(ex):
+        summary = {"reference": "float", "reference_clean_accuracy": 0.97,
+                   "variants": {"float": {"kind": "float", "clean_accuracy": 0.97, "extraction": ex}}}
+        checks = evaluate_policy(summary, Policy(), {"extraction": True})
+        return next(c for c in checks if c.metric == "queries_to_steal")
+
+    c = status(early)
+    assert c.status == "fail" and "within <= 50 queries" in c.message, c.message
+    assert status(mid).status == "pass" and status(never).status == "pass"

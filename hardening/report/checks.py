@@ -87,11 +87,14 @@ def evaluate_policy(summary: dict, policy: Policy, ran: dict[str, bool]) -> list
         skip = "not measured (extraction audit not run)" if not ran.get("extraction") else "not measured"
         _cmp(out, name, "extraction", "fidelity_at_budget", ex.get("fidelity_at_budget"), "<=", e.max_fidelity,
              f"stolen-copy fidelity at {e.budget} queries", why_skipped=skip)
-        qts = ex.get("queries_to_steal")
-        if qts is None and ex.get("max_queries") is not None:
-            qts = float(ex["max_queries"])  # never reached the target: at least the largest budget tried
-        _cmp(out, name, "extraction", "queries_to_steal", qts, ">=", e.min_queries_to_steal,
-             f"queries to reach {e.target_fidelity:.0%} fidelity", fmt=lambda v: f"{v:.0f}", why_skipped=skip)
+        # judged on what the budgets prove: the largest budget at which the copy was still below target
+        survived = ex.get("queries_survived")
+        label = (f"stolen to {e.target_fidelity:.0%} fidelity within <= {ex.get('queries_to_steal') or 0:.0f} queries "
+                 "(the smallest budget tried); queries a thief provably needs"
+                 if ex.get("steal_bound") == "at_most" else
+                 f"queries a thief provably needs to reach {e.target_fidelity:.0%} fidelity")
+        _cmp(out, name, "extraction", "queries_to_steal", survived, ">=", e.min_queries_to_steal,
+             label, fmt=lambda v: f"{v:.0f}", why_skipped=skip)
 
         o, od = policy.ood, s.get("ood") or {}
         skip = "not measured (OOD audit not run)" if not ran.get("ood") else "not measured"

@@ -87,11 +87,22 @@ def _overview(report: dict) -> str:
             *[_td(_f(ra.get(e), True), True) for e in eps],
             _td(_f((s.get("ood") or {}).get("min_auroc")), True),
             _td(_f(ex.get("fidelity_at_budget"), True), True),
-            _td(_e(f"{ex['queries_to_steal']:.0f}" if ex.get("queries_to_steal") is not None else
-                   (f"> {ex['max_queries']:.0f}" if ex.get("max_queries") else None)), True),
+            _td(_e(_steal(ex)), True),
             _td(_f(s.get("latency_p95_ms")), True),
         ])
     return _table(head, rows)
+
+
+def _steal(ex: dict) -> str | None:
+    """Queries to steal as the budgets prove it: "<= 50", "201-500", "> 500"."""
+    q, bound = ex.get("queries_to_steal"), ex.get("steal_bound")
+    if bound == "not_reached":
+        return f"> {ex['max_queries']:.0f}"
+    if bound == "at_most":
+        return f"<= {q:.0f}"
+    if bound == "between":
+        return f"{ex['queries_survived'] + 1:.0f}-{q:.0f}"
+    return None
 
 
 def _checks(report: dict) -> str:

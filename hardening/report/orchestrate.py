@@ -297,13 +297,11 @@ def rejudge(report: dict, policy: Policy) -> dict:
 
     out = copy.deepcopy(report)
     s = out["summary"]
-    if policy.extraction.budget != report["settings"]["policy"]["extraction"]["budget"] or \
-            policy.extraction.target_fidelity != report["settings"]["policy"]["extraction"]["target_fidelity"]:
-        for v in s["variants"].values():
-            ex = v.get("extraction")
-            if ex:
-                v["extraction"] = S.extraction_figures(ex["curve"], policy.extraction.budget,
-                                                       policy.extraction.target_fidelity, ex.get("attack"))
+    for v in s["variants"].values():  # extraction figures follow the new budget and target
+        ex = v.get("extraction")
+        if ex:
+            v["extraction"] = S.extraction_figures(ex["curve"], policy.extraction.budget,
+                                                   policy.extraction.target_fidelity, ex.get("attack"))
     ran = {a: report["results"].get(a) is not None for a in AREAS}
     checks = evaluate_policy(s, policy, ran)
     extra = [f for f in report["findings"] if f["code"] in ("EXTRACTION_SELF_CHECK", "EXTRACTION_UNAVAILABLE", "ADMISSION_REJECTED")]

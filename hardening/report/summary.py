@@ -56,10 +56,14 @@ def _curve(points: list[tuple[float, float]]) -> list[dict]:
 
 def extraction_figures(curve: list[dict], budget: int, target: float, attack: str | None) -> dict:
     """Fidelity at the policy budget (linear between measured budgets; the last point holds
-    beyond the largest budget tried) and the fewest queries that reached ``target``."""
+    beyond the largest budget tried) and what the measured budgets prove about the queries
+    needed to reach ``target``: ``queries_to_steal`` is the first budget that reached it (an
+    upper bound), ``queries_survived`` the largest budget below it that did not (a proven
+    lower bound; 0 when the smallest budget already reached it, so it is only "<= smallest").
+    Checks judge the lower bound: a copy stolen within the budgets tried is never a pass."""
     if not curve:
         return {"budget": budget, "fidelity_at_budget": None, "queries_to_steal": None, "max_queries": None,
-                "attack": attack, "curve": []}
+                "queries_survived": None, "steal_bound": None, "attack": attack, "curve": []}
     qs = [c["queries"] for c in curve]
     fs = [c["fidelity"] for c in curve]
     if budget <= qs[0]:
@@ -70,9 +74,12 @@ def extraction_figures(curve: list[dict], budget: int, target: float, attack: st
         i = next(i for i, q in enumerate(qs) if q >= budget)
         w = (budget - qs[i - 1]) / (qs[i] - qs[i - 1])
         at = fs[i - 1] + w * (fs[i] - fs[i - 1])
-    steal = next((q for q, f in zip(qs, fs) if f >= target), None)
+    first = next((i for i, f in enumerate(fs) if f >= target), None)
+    steal = None if first is None else qs[first]
+    survived = qs[-1] if first is None else (qs[first - 1] if first > 0 else 0.0)
+    bound = "not_reached" if first is None else ("at_most" if first == 0 else "between")
     return {"budget": budget, "fidelity_at_budget": at, "queries_to_steal": steal, "max_queries": qs[-1],
-            "attack": attack, "curve": curve}
+            "queries_survived": survived, "steal_bound": bound, "attack": attack, "curve": curve}
 
 
 def worst_extraction_curve(ext: dict, victim: str = "bare") -> tuple[list[dict], str | None]:
