@@ -56,14 +56,25 @@ class QueryCounter:
         np.add.at(self.per_example, d.argmin(axis=1), 1)
 
 
-class OrtLogits:
-    """Callable returning the deployed model's logits as float32, counting every row."""
+LOG_FLOOR = 1e-38  # probabilities below this (float32 underflow) are taken as this before the log
 
-    def __init__(self, session, input_name: str, logits_output: str, sample_shape: tuple[int, ...]) -> None:
+
+class OrtLogits:
+    """Callable returning the deployed model's logits as float32, counting every row.
+
+    ``log_probs``: the model outputs probabilities (a final Softmax); return their log,
+    which equals the logits up to a per-row constant, so losses and margins computed on
+    it are the ones on logits (cross-entropy of probabilities is never taken). The
+    argmax, and so every success test, is that of the deployed output.
+    """
+
+    def __init__(self, session, input_name: str, logits_output: str, sample_shape: tuple[int, ...],
+                 log_probs: bool = False) -> None:
         self.session = session
         self.input_name = input_name
         self.logits_output = logits_output
         self.sample_shape = tuple(sample_shape)
+        self.log_probs = log_probs
         self.counter = QueryCounter()
 
     def __call__(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
@@ -73,7 +84,10 @@ class OrtLogits:
             self.session.run([self.logits_output], {self.input_name: x[i : i + batch]})[0]
             for i in range(0, len(x), batch)
         ]
-        return np.concatenate(outs, axis=0).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+        if not outs:
+            return np.zeros((0, 0), np.float32)
+        z = np.concatenate(outs, axis=0).astype(np.float32)
+        return np.log(np.maximum(z, LOG_FLOOR)) if self.log_probs else z
 
     def labels(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)
@@ -177,6 +191,32 @@ class StraightThrough(nn.Module):
         p = self.parent(x)
         o = torch.from_numpy(self.ort_fn(x.detach().cpu().numpy())).to(p.dtype)
         return p + (o - p).detach()
+
+
+class LogOfProbabilities(nn.Module):
+    """A source that returns probabilities, seen through ``log``: log-probabilities are
+    logits up to a per-row constant, so ART's cross-entropy and DLR see logits."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = LogitsOnly(inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.clamp(self.inner(x), min=LOG_FLOOR))
+
+
+class ScaledLogits(nn.Module):
+    """Logits times a constant ``factor`` < 1: same argmax and DLR, but a cross-entropy
+    whose float32 gradient does not vanish when the model's logits are huge (a model whose
+    logits are scaled by 1000 saturates softmax and blinds CE-based attacks)."""
+
+    def __init__(self, inner: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.inner = LogitsOnly(inner)
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.factor
 
 
 def torch_logits(module: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
