@@ -69,8 +69,9 @@ class OrtLogits:
     """
 
     def __init__(self, session, input_name: str, logits_output: str, sample_shape: tuple[int, ...],
-                 log_probs: bool = False) -> None:
+                 log_probs: bool = False, row_by_row: bool = False) -> None:
         self.session = session
+        self.row_by_row = row_by_row  # batch-dependent graphs (dynamic quantisation): one row per run
         self.input_name = input_name
         self.logits_output = logits_output
         self.sample_shape = tuple(sample_shape)
@@ -80,6 +81,8 @@ class OrtLogits:
     def __call__(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape((len(x), *self.sample_shape))
         self.counter.record(x)
+        if self.row_by_row:
+            batch = 1
         outs = [
             self.session.run([self.logits_output], {self.input_name: x[i : i + batch]})[0]
             for i in range(0, len(x), batch)

@@ -145,7 +145,7 @@ def check_fits(info: ModelInfo, ds: Dataset) -> None:
         shown = tuple("?" if w is None else w for w in want)
         raise DataError(f"{ds.source}: samples have shape {got}, model '{info.input_name}' expects {shown}")
     if info.num_classes is not None:
-        top = int(max(ds.y.max(), *(a.max() for a in (ds.y_cal, ds.y_train) if a is not None)))
+        top = int(max([ds.y.max(), *(a.max() for a in (ds.y_cal, ds.y_train) if a is not None)]))
         if top >= info.num_classes:
             raise DataError(f"{ds.source}: label {top} is out of range for a {info.num_classes}-class model")
 

@@ -44,6 +44,7 @@ from hardening.intake import check_fits, load_model, make_session
 from hardening.robustness import checks
 from hardening.robustness.engine import Progress, Stage, Target, run_cascade
 from hardening.robustness.routes import (
+    batch_dependent,
     OutputConvention,
     graph_route,
     logit_scale,
@@ -282,7 +283,8 @@ def _audit_one(
     shape = tuple(x.shape[1:])
     convention = OutputConvention.PROBABILITIES if info.outputs_probabilities else OutputConvention.LOGITS
     log_probs = convention == OutputConvention.PROBABILITIES
-    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, log_probs=log_probs)
+    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, log_probs=log_probs,
+                       row_by_row=batch_dependent(s.path))
     module = _load_torch(s.torch_source, torch_cache)
     graph = graph_route(s.path, info.input_name, info.logits_output, ort_fn, x)
     routes = Routes()
@@ -321,7 +323,8 @@ def _audit_one(
     first = routes.first
     if first is not None:
         routes.scale = logit_scale(torch_logits(first[1], x), y)
-    grad_info: dict = {"graph": graph.to_dict(), "output_convention": convention.value, "logit_scale": routes.scale}
+    grad_info: dict = {"graph": graph.to_dict(), "output_convention": convention.value, "logit_scale": routes.scale,
+                       "judged_row_by_row": ort_fn.row_by_row}
     grad_findings: list[Finding] = []
     restored = None
     if first is not None:
@@ -376,7 +379,8 @@ def _audit_one(
         findings.extend(_self_checks(v, target, x, y, out.correct, eps_grid, norm_v, settings, clip, seed))
     findings.extend(checks.check_family_gaps(v))
     findings.extend(checks.check_losses(v))
-    v.upper_bound_reason = checks.upper_bound_reason(v, findings, routes.first is not None, restored)
+    gradient_ran = any(st.family in ("white-box", "bpda", "transfer") for st in stages)
+    v.upper_bound_reason = checks.upper_bound_reason(v, findings, gradient_ran, restored)
     v.upper_bound = v.upper_bound_reason is not None
     v.seconds = round(time.perf_counter() - t0, 3)
     return v, findings
@@ -425,8 +429,8 @@ def _masking_message(f: Finding, restored: str | None, routes: Routes, graph) ->
 def _route_findings(v, routes: Routes, graph, convention, source_probs: bool) -> list[Finding]:
     out = []
     runs = lambda fam: sum(r.attacked for r in v.attacks if r.family == fam and r.skipped is None)  # noqa: E731
-    if routes.first is None:
-        why = graph.reason or "no PyTorch source"
+    if not any(f in v.families for f in ("white-box", "bpda", "transfer")):
+        why = graph.reason or ("no gradient attack selected" if routes.first is not None else "no PyTorch source")
         out.append(Finding("warning", "NO_GRADIENT_ROUTE", f"no gradient route reaches this model ({why}): only "
                            "score- and decision-based attacks ran; the robust accuracy is an upper bound", v.name))
     elif routes.white_box_source == "onnx-graph":

@@ -80,12 +80,24 @@ def graph_route(path: str, input_name: str, logits_output: str, ort_fn: OrtLogit
         return GraphRoute(GraphStatus.REFUSED, f"the converted graph failed to run: {first}")
     base = dict(op_types=conv.op_types, non_differentiable=conv.non_differentiable,
                 softmax_dropped=conv.softmax_dropped, verification=ver.to_dict())
+    if "DynamicQuantizeLinear" in conv.non_differentiable and ver.top1_agreement >= APPROX_MIN_AGREEMENT:
+        # its quantisation scale is computed over the whole batch (the session judges it row by
+        # row, see batch_dependent): the copy gives the backward, the session the forward
+        return GraphRoute(GraphStatus.STRAIGHT_THROUGH, None, module=StraightThrough(conv.module, ort_fn), **base)
     if ver.exact:
         status = GraphStatus.STRAIGHT_THROUGH if conv.non_differentiable else GraphStatus.EXACT
         return GraphRoute(status, None, module=conv.module, **base)
     if ver.top1_agreement >= APPROX_MIN_AGREEMENT:
         return GraphRoute(GraphStatus.APPROXIMATE, ver.reason, module=StraightThrough(conv.module, ort_fn), **base)
     return GraphRoute(GraphStatus.MISMATCH, ver.reason, **base)
+
+
+def batch_dependent(path: str) -> bool:
+    """DynamicQuantizeLinear takes its scale from the min/max of the whole input batch, so a
+    row's prediction depends on the rows sent with it. Such a model is judged one row at a
+    time: what a device answering single queries does, and the same for every attack."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
 
 
 def looks_like_probabilities(z: np.ndarray) -> bool:
