@@ -84,7 +84,8 @@ def _overview(report: dict) -> str:
             _td(f"<b>{_e(name)}</b>"), _td(_e(s["kind"])),
             _td(f"<span class='st {'pass' if ok else 'fail'}'>{'PASS' if ok else 'FAIL'}</span>"),
             _td(_f(s.get("size_kb"), digits=4), True), _td(_f(s.get("clean_accuracy"), True), True),
-            *[_td(_f(ra.get(e), True), True) for e in eps],
+            *[_td(_f(ra.get(e), True) + ("&nbsp;(upper bound)" if s.get("robust_upper_bound") and e in ra else ""),
+                  True) for e in eps],
             _td(_f((s.get("ood") or {}).get("min_auroc")), True),
             _td(_f(ex.get("fidelity_at_budget"), True), True),
             _td(_e(f"{ex['queries_to_steal']:.0f}" if ex.get("queries_to_steal") is not None else
