@@ -266,7 +266,11 @@ class _StraightThroughRounding(torch.overrides.TorchFunctionMode):
 
 class BPDARounding(nn.Module):
     """The same module with straight-through gradients for round/floor/ceil/trunc/sign,
-    used when its own input gradients are exactly zero (a rounding layer masks them)."""
+    used when its own input gradients are exactly zero (a rounding layer masks them).
+
+    Works on eager modules only: TorchScript bypasses torch function modes, so the audit
+    prefers the straight-through copy of the deployed graph (``attacks.onnx_torch``) and
+    only counts this route as restoring gradients after checking them."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()

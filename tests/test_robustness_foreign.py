@@ -227,3 +227,23 @@ def test_masked_outputs_not_above_reference(scale, softmax, with_source, mlp, tm
     _, v = _audit(path, d / "data.npz", source=m if with_source else None, n=60)
     assert v.output_convention == ("probabilities" if softmax else "logits") and not v.upper_bound
     _assert_not_above_reference(v, path, "sensor_readings", m, x, y)
+
+
+def test_cli_softmax_model_with_torchscript_source_exits_0_and_states_the_convention(mlp, tmp_path):
+    from typer.testing import CliRunner
+
+    from hardening.cli import app
+
+    d, x, y, model, _ = mlp
+    sm = copy.deepcopy(model)
+    sm.softmax, sm.scale = True, 20.0
+    path = export(sm, x, tmp_path / "softmax.onnx", "sensor_readings", "probs")
+    ts = tmp_path / "softmax.pt"
+    torch.jit.trace(sm, torch.from_numpy(x[:4])).save(str(ts))
+    res = CliRunner().invoke(app, ["audit", "robustness", str(path), "--data", str(d / "data.npz"), "--torch-source",
+                                   str(ts), "--n", "16", "--eps", "0.1", "--json", "--no-self-checks"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    v = json.loads(res.stdout)["variants"][0]
+    assert v["output_convention"] == "probabilities" and v["upper_bound"] is False
+    assert {"family": "white-box", "gradients": "onnx-graph"} in v["gradient_routes"]
