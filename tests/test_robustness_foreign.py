@@ -247,3 +247,17 @@ def test_cli_softmax_model_with_torchscript_source_exits_0_and_states_the_conven
     v = json.loads(res.stdout)["variants"][0]
     assert v["output_convention"] == "probabilities" and v["upper_bound"] is False
     assert {"family": "white-box", "gradients": "onnx-graph"} in v["gradient_routes"]
+
+
+def test_loss_cross_check_flags_a_blind_cross_entropy():
+    from hardening.robustness.checks import check_losses
+    from hardening.robustness.results import AttackRun, EpsResult, VariantResult
+
+    eps = [EpsResult(0.1, 40, 100, 0.4, 0, 1, {"white-box": 0.4})]
+    runs = [AttackRun("fgsm", "white-box", 0.1, 95, 0, 0, 0, 0.0), AttackRun("pgd", "white-box", 0.1, 95, 0, 0, 0, 0.0),
+            AttackRun("apgd-dlr", "white-box", 0.1, 95, 55, 0, 0, 0.0)]
+    v = VariantResult("m", "", "float", "white-box", ["white-box"], 0.95, None, eps, runs, [], None, False)
+    found = check_losses(v)
+    assert [f.code for f in found] == ["CE_LOSS_BLIND"] and "apgd-dlr broke 55 points" in found[0].message
+    runs[2].broken = 1  # DLR adding a single point is noise, not a blind loss
+    assert check_losses(v) == []
