@@ -152,6 +152,22 @@ class _CountRows(nn.Module):
         return self.inner(x)
 
 
+class _Connected(nn.Module):
+    """Keeps the output in the autograd graph of the input: a model whose output does not
+    depend on its input differentiably (a threshold, a detach) then has an input gradient
+    of exactly zero, which the self-checks report, instead of ``None``, on which ART crashes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.inner(x)
+        if x.requires_grad:
+            z = z + 0.0 * x.reshape(len(x), -1).sum(1, keepdim=True)
+        return z
+
+
 def torch_classifier(
     module: nn.Module,
     input_shape: tuple[int, ...],
@@ -163,7 +179,7 @@ def torch_classifier(
 
     The loss is ``CrossEntropyLoss`` on raw logits (never softmax outputs).
     """
-    model: nn.Module = LogitsOnly(module).eval()
+    model: nn.Module = _Connected(LogitsOnly(module)).eval()
     if counter is not None:
         model = _CountRows(model, counter)
     return PyTorchClassifier(
@@ -245,8 +261,11 @@ def margin_input_gradients(module: nn.Module, x: np.ndarray, y: np.ndarray) -> n
     yt = torch.from_numpy(y.astype(np.int64))
     zy = z.gather(1, yt[:, None]).squeeze(1)
     other = z.masked_fill(nn.functional.one_hot(yt, z.shape[1]).bool(), float("-inf")).max(dim=1).values
-    (zy - other).sum().backward()
-    return xt.grad.detach().numpy()
+    margin = (zy - other).sum()
+    if not margin.requires_grad:  # the output does not depend on the input differentiably
+        return np.zeros_like(x, dtype=np.float32)
+    (g,) = torch.autograd.grad(margin, xt, allow_unused=True)
+    return np.zeros_like(x, dtype=np.float32) if g is None else g.detach().numpy()
 
 
 class _StraightThroughRounding(torch.overrides.TorchFunctionMode):

@@ -36,12 +36,16 @@ class MLP(nn.Module):
     """Flat input, 4 classes; optional input quantisation, logit scale and final Softmax."""
 
     def __init__(self, d: int = 20, classes: int = 4, levels: int = 0, scale: float = 1.0, softmax: bool = False,
-                 straight_through: bool = False) -> None:
+                 straight_through: bool = False, threshold: float | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, classes))
         self.levels, self.scale, self.softmax, self.straight_through = levels, scale, softmax, straight_through
+        self.threshold = threshold  # binarise the input (a comparison feeding Where)
 
     def logits(self, x):
+        if self.threshold is not None:
+            b = torch.where(x > self.threshold, 1.0, 0.0)
+            x = x + (b - x).detach() if self.straight_through else b
         if self.levels:
             r = STRound.apply(x * self.levels) if self.straight_through else torch.round(x * self.levels)
             x = r / self.levels

@@ -261,3 +261,21 @@ def test_loss_cross_check_flags_a_blind_cross_entropy():
     assert [f.code for f in found] == ["CE_LOSS_BLIND"] and "apgd-dlr broke 55 points" in found[0].message
     runs[2].broken = 1  # DLR adding a single point is noise, not a blind loss
     assert check_losses(v) == []
+
+
+def test_input_binarisation_through_where_gets_straight_through_gradients(mlp, tmp_path):
+    d, x, y, model, _ = mlp
+    b = copy.deepcopy(model)
+    b.threshold = 0.5
+    path = export(b, x, tmp_path / "binarised.onnx", "sensor_readings", "scores")
+    rep, v = _audit(path, d / "data.npz")
+    graph = v.gradient_check["graph"]
+    assert {"Greater", "Where"} <= set(graph["op_types"]) and "Greater" in graph["non_differentiable"]
+    assert v.families[0] == "bpda" and not v.upper_bound
+    st = copy.deepcopy(b)
+    st.straight_through = True
+    _assert_not_above_reference(v, path, "sensor_readings", st, x, y)
+    # with the source, whose output has no gradient path to the input at all: flagged, not a crash
+    rep, v = _audit(path, d / "data.npz", source=b)
+    assert v.gradient_check["restored_by"] == "onnx-graph" and "ZERO_GRADIENTS" in {f.code for f in rep.findings}
+    _assert_not_above_reference(v, path, "sensor_readings", st, x, y)

@@ -378,7 +378,8 @@ def _audit_one(
     if self_checks:
         findings.extend(_self_checks(v, target, x, y, out.correct, eps_grid, norm_v, settings, clip, seed))
     findings.extend(checks.check_family_gaps(v))
-    findings.extend(checks.check_losses(v))
+    masked = (first[0],) if grad_findings and first is not None else ()
+    findings.extend(checks.check_losses(v, masked))
     gradient_ran = any(st.family in ("white-box", "bpda", "transfer") for st in stages)
     v.upper_bound_reason = checks.upper_bound_reason(v, findings, gradient_ran, restored)
     v.upper_bound = v.upper_bound_reason is not None

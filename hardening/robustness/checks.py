@@ -140,16 +140,20 @@ SCALE_FREE_ATTACKS = ("apgd-dlr", "apgd-t", "deepfool")
 MASKING_CODES = ("ZERO_GRADIENTS", "NONFINITE_GRADIENTS", "BLACKBOX_BEATS_WHITEBOX", "ATTACK_BROKEN")
 
 
-def check_losses(v: VariantResult) -> list[Finding]:
+def check_losses(v: VariantResult, masked: tuple[str, ...] = ()) -> list[Finding]:
     """Compare losses inside each gradient family: scale-invariant attacks (DLR, targeted,
     DeepFool) breaking points the cross-entropy attacks left, on the same gradients, means
     cross-entropy is blind there (saturated softmax, huge logits). The figure already
-    includes them; the finding says the CE numbers alone would have over-reported."""
+    includes them; the finding says the CE numbers alone would have over-reported.
+    ``masked``: families whose gradients are already known to be zero (every loss is blind
+    there; what breaks points is the random start, not the loss)."""
     if not v.eps:
         return []
     limit = max(BEATS_MIN_POINTS, int(np.ceil(BEATS_MIN_FRACTION * v.eps[0].n)))
     out = []
     for fam in ("white-box", "bpda"):
+        if fam in masked:
+            continue
         runs = [r for r in v.attacks if r.family == fam and r.skipped is None]
         ce = {r.attack for r in runs if r.attack in CE_ATTACKS}
         for e in sorted({r.eps for r in runs}):
