@@ -279,3 +279,25 @@ def test_input_binarisation_through_where_gets_straight_through_gradients(mlp, t
     rep, v = _audit(path, d / "data.npz", source=b)
     assert v.gradient_check["restored_by"] == "onnx-graph" and "ZERO_GRADIENTS" in {f.code for f in rep.findings}
     _assert_not_above_reference(v, path, "sensor_readings", st, x, y)
+
+
+def test_a_graph_copy_that_does_not_match_the_session_is_not_used(mlp, cnn, tmp_path):
+    from attacks.estimators import OrtLogits
+    from attacks.onnx_torch import ConversionError, convert
+    from hardening.intake import make_session
+    from hardening.robustness.routes import GraphStatus, graph_route
+
+    d, x, y, model, path = mlp
+    other = train(MLP(), x, y, seed=5)  # same architecture, other weights: a session the graph is not
+    other_path = export(other, x, tmp_path / "other.onnx", "sensor_readings", "scores")
+    ort_fn = OrtLogits(make_session(other_path), "sensor_readings", "scores", x.shape[1:])
+    route = graph_route(str(path), "sensor_readings", "scores", ort_fn, x[:64])
+    assert route.status in (GraphStatus.MISMATCH, GraphStatus.APPROXIMATE) and "differs from onnxruntime" in route.reason
+    assert route.status == GraphStatus.MISMATCH or route.verification["top1_agreement"] >= 0.9
+    nms = helper.make_graph(
+        [helper.make_node("NonMaxSuppression", ["b", "s"], ["i"])], "det",
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4, 4]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 1, 4])],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [None, 3])])
+    with pytest.raises(ConversionError, match="NonMaxSuppression"):
+        convert(helper.make_model(nms), "b", "i")
