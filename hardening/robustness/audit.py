@@ -307,13 +307,14 @@ def _audit_one(
             routes.white_box, routes.white_box_source = graph.module, "onnx-graph"
         else:
             routes.white_box, routes.white_box_source = src, "torch-source"
-    elif role == "black-box" and graph.differentiable:
-        role, routes.white_box, routes.white_box_source = "white-box", graph.module, "onnx-graph"
+    elif graph.differentiable:  # no source, or a derived variant (pruned): its own exact gradients
+        routes.white_box, routes.white_box_source = graph.module, "onnx-graph"
+        role = "white-box" if role == "black-box" else role
     if graph.usable and not graph.differentiable:
         routes.bpda, routes.bpda_source = graph.module, "onnx-graph"
         if role == "black-box":
             role = "white-box"  # its own graph's gradients (straight-through) reach it
-    elif role == "compressed":
+    elif role == "compressed" and routes.white_box is None:
         routes.bpda, routes.bpda_source = StraightThrough(src, ort_fn), "parent-source"
     if role == "compressed":
         routes.transfer = src
