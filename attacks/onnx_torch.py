@@ -15,7 +15,9 @@ value of the deployed model and a **straight-through** backward (BPDA, Athalye e
   through unchanged; saturation (the clamp of QuantizeLinear, Clip) keeps its true
   gradient, because QDQ graphs implement ReLU as that clamp;
 * integer tensors of quantised graphs are held as float tensors with integer values, so
-  MatMulInteger / ConvInteger are float matmul / conv of ``(q - zero_point)``;
+  MatMulInteger / ConvInteger are float matmul / conv of ``(q - zero_point)``, and the
+  QOperator ops (QLinearConv, QLinearMatMul, com.microsoft QGemm) are the same followed by
+  a straight-through requantisation;
 * a comparison feeding ``Where`` (a threshold / binarisation) gets the gradient of its
   straight-through relaxation ``(a - b) * (x - t)``;
 * a final Softmax is dropped (``logits_from_softmax``): log-probabilities equal the logits
@@ -41,7 +43,7 @@ from torch import nn
 
 #: Ops whose true derivative is zero almost everywhere: they get a straight-through backward.
 NON_DIFFERENTIABLE = frozenset({
-    "QuantizeLinear", "DynamicQuantizeLinear", "Round", "Floor", "Ceil", "Sign",
+    "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "Round", "Floor", "Ceil", "Sign",
     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
 })
 _INT_ONNX = {
@@ -135,8 +137,8 @@ class GraphModule(nn.Module):
         self.attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes]
 
     def _tensor(self, name: str, arr: np.ndarray, dt: int) -> torch.Tensor:
-        if dt in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and arr.size <= 64 and arr.ndim <= 1:
-            return torch.from_numpy(np.array(arr, dtype=np.int64))  # shapes, axes, indices
+        if dt == onnx.TensorProto.INT64 and arr.size <= 64 and arr.ndim <= 1:
+            return torch.from_numpy(np.array(arr, dtype=np.int64))  # shapes, axes, indices (int32: biases)
         if dt in _INT_ONNX:
             self.int_dtype[name] = dt
             return torch.from_numpy(np.array(arr, dtype=np.float32))  # quantised values, as exact floats
@@ -219,6 +221,8 @@ def _run(node, at, ins, env, soft, int_dtype) -> list[torch.Tensor]:  # noqa: C9
         bz = ins[3] if len(ins) > 3 and ins[3] is not None else 0.0
         bz = torch.as_tensor(bz, dtype=torch.float32)
         return [(a - torch.as_tensor(az, dtype=torch.float32)) @ (b - (bz if bz.ndim == 0 else bz.reshape(1, -1)))]
+    if op in ("QLinearConv", "QLinearMatMul", "QGemm"):
+        return [_qlinear(node, at, ins, int_dtype)]
     if op == "QuantizeLinear":
         scale = ins[1]
         zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
@@ -409,6 +413,50 @@ def _run(node, at, ins, env, soft, int_dtype) -> list[torch.Tensor]:  # noqa: C9
     raise ConversionError(f"op {op} is not supported")  # pragma: no cover - refused at conversion
 
 
+def _requantize(real, node, ins, y_scale_i, int_dtype):
+    """Float result -> output quantisation (straight-through round, true saturation)."""
+    if len(ins) <= y_scale_i or ins[y_scale_i] is None:
+        return real  # QGemm without y_scale returns float
+    ys = ins[y_scale_i]
+    yz_name = node.input[y_scale_i + 1] if len(node.input) > y_scale_i + 1 else ""
+    yz = ins[y_scale_i + 1] if yz_name else 0.0
+    qtype = int_dtype.get(yz_name, onnx.TensorProto.UINT8)
+    lo, hi = _QRANGE.get(qtype, (0, 255))
+    v = real / ys
+    int_dtype[node.output[0]] = qtype
+    return torch.clamp(_st(v, torch.round(v)) + yz, lo, hi)
+
+
+def _qlinear(node, at, ins, int_dtype):
+    """QOperator ops: integer products of (q - zero_point) in float, scaled, then requantised."""
+    op = node.op_type
+    a, a_s, a_z, b, b_s, b_z = ins[:6]
+    a = a - a_z
+    if op == "QLinearConv":
+        w = b - _axis_view(b_z, 0, b.ndim)
+        bias = ins[8] if len(ins) > 8 and ins[8] is not None else None
+        acc = _conv(a, w, bias, at)
+        real = acc * a_s * _axis_view(b_s, 1, acc.ndim)
+        return _requantize(real, node, ins, 6, int_dtype)
+    if op == "QLinearMatMul":
+        bz = b_z if b_z.ndim == 0 or b_z.numel() == 1 else b_z.reshape(1, -1)
+        bs = b_s if b_s.ndim == 0 or b_s.numel() == 1 else b_s.reshape(1, -1)
+        return _requantize((a @ (b - bz)) * a_s * bs, node, ins, 6, int_dtype)
+    # com.microsoft QGemm: A, a_scale, a_zp, B, b_scale, b_zp, C (int32 bias), y_scale, y_zp
+    if at.get("transA", 0):
+        a = a.t()
+    per_col = b_z.ndim > 0 and b_z.numel() > 1
+    if at.get("transB", 0):
+        b = (b - (b_z.reshape(-1, 1) if per_col else b_z)).t()
+    else:
+        b = b - (b_z.reshape(1, -1) if per_col else b_z)
+    acc = a @ b
+    if len(ins) > 6 and ins[6] is not None:
+        acc = acc + ins[6]
+    bs = b_s.reshape(1, -1) if b_s.ndim > 0 and b_s.numel() > 1 else b_s
+    return _requantize(at.get("alpha", 1.0) * acc * a_s * bs, node, ins, 7, int_dtype)
+
+
 def _conv(x, w, bias, at):
     if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise ConversionError("Conv with auto_pad is not supported")
@@ -454,8 +502,10 @@ SUPPORTED = frozenset(_UNARY) | frozenset(_BINARY) | {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization", "Identity", "Dropout",
     "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Shape", "Size", "Gather", "Slice",
     "Constant", "ConstantOfShape", "Expand", "Max", "Min", "Sum", "Mean", "ReduceMean", "ReduceSum", "ReduceMax",
-    "ReduceMin", "Pad",
+    "ReduceMin", "Pad", "QLinearConv", "QLinearMatMul", "QGemm",
 }
+#: The only custom-domain ops converted (onnxruntime's QOperator int8 format emits them).
+CUSTOM_DOMAIN = frozenset({("com.microsoft", "QGemm")})
 
 
 def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
@@ -466,7 +516,8 @@ def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
     axis, return that Softmax's input instead (see the module docstring).
     """
     g = model.graph
-    bad_domain = sorted({f"{n.domain}.{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx")})
+    bad_domain = sorted({f"{n.domain}.{n.op_type}" for n in g.node
+                         if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in CUSTOM_DOMAIN})
     if bad_domain:
         raise ConversionError(f"custom-domain ops {', '.join(bad_domain)} are not supported")
     with_graphs = sorted({n.op_type for n in g.node for a in n.attribute if a.type in (

@@ -139,9 +139,11 @@ def quantize(src: Path, x_cal: np.ndarray, input_name: str, kind: str) -> Path:
 
     dst = src.with_name(f"{src.stem}_{kind}.onnx")
     logging.getLogger().setLevel(logging.ERROR)
-    if kind == "static":
-        quantize_static(str(src), str(dst), _Reader(input_name, x_cal), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False)
+    if kind in ("static", "qoperator", "qoperator-per-channel"):
+        fmt = QuantFormat.QDQ if kind == "static" else QuantFormat.QOperator
+        quantize_static(str(src), str(dst), _Reader(input_name, x_cal), quant_format=fmt,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=kind.endswith("per-channel"))
     else:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     return dst

@@ -103,6 +103,16 @@ def test_int8_static_cnn_without_source_gets_bpda_from_its_graph(cnn):
     _assert_not_above_reference(v, q, "image", model, x, y, from_session=True)
 
 
+def test_int8_qoperator_cnn_without_source_gets_bpda_from_its_graph(cnn):
+    d, x, y, model, path = cnn
+    q = quantize(path, x[:160], "image", "qoperator-per-channel")  # QLinearConv + com.microsoft.QGemm
+    rep, v = _audit(q, d / "data.npz")
+    graph = v.gradient_check["graph"]
+    assert {"QLinearConv", "QGemm"} <= set(graph["non_differentiable"]) and graph["status"] == "straight-through"
+    assert v.families[0] == "bpda" and not v.upper_bound
+    _assert_not_above_reference(v, q, "image", model, x, y, from_session=True)
+
+
 def test_input_rounding_with_a_torchscript_source_really_runs_bpda(mlp, tmp_path):
     d, x, y, model, _ = mlp
     rounding = copy.deepcopy(model)
@@ -191,15 +201,15 @@ def test_attack_failures_inside_libraries_are_one_line_model_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["mlp", "cnn"])
 @pytest.mark.parametrize("variant", ["float-src", "float-onnx", "static", "dynamic", "static-src", "dynamic-src",
-                                     "round4", "round16-onnx"])
+                                     "qoperator", "qoperator-per-channel", "round4", "round16-onnx"])
 def test_matrix_not_above_reference(which, variant, mlp, cnn, tmp_path):
     d, x, y, model, path = mlp if which == "mlp" else cnn
     name = "sensor_readings" if which == "mlp" else "image"
     src, st, from_session = None, model, False
     if variant.startswith("float"):
         src = model if variant == "float-src" else None
-    elif variant.startswith(("static", "dynamic")):
-        path = quantize(path, x[:160], name, variant.split("-")[0])
+    elif variant.startswith(("static", "dynamic", "qoperator")):
+        path = quantize(path, x[:160], name, variant.removesuffix("-src"))
         src, from_session = (model if variant.endswith("-src") else None), True
     else:
         levels = int(variant[5:].split("-")[0])
