@@ -56,24 +56,41 @@ class QueryCounter:
         np.add.at(self.per_example, d.argmin(axis=1), 1)
 
 
-class OrtLogits:
-    """Callable returning the deployed model's logits as float32, counting every row."""
+LOG_FLOOR = 1e-38  # probabilities below this (float32 underflow) are taken as this before the log
 
-    def __init__(self, session, input_name: str, logits_output: str, sample_shape: tuple[int, ...]) -> None:
+
+class OrtLogits:
+    """Callable returning the deployed model's logits as float32, counting every row.
+
+    ``log_probs``: the model outputs probabilities (a final Softmax); return their log,
+    which equals the logits up to a per-row constant, so losses and margins computed on
+    it are the ones on logits (cross-entropy of probabilities is never taken). The
+    argmax, and so every success test, is that of the deployed output.
+    """
+
+    def __init__(self, session, input_name: str, logits_output: str, sample_shape: tuple[int, ...],
+                 log_probs: bool = False, row_by_row: bool = False) -> None:
         self.session = session
+        self.row_by_row = row_by_row  # batch-dependent graphs (dynamic quantisation): one row per run
         self.input_name = input_name
         self.logits_output = logits_output
         self.sample_shape = tuple(sample_shape)
+        self.log_probs = log_probs
         self.counter = QueryCounter()
 
     def __call__(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape((len(x), *self.sample_shape))
         self.counter.record(x)
+        if self.row_by_row:
+            batch = 1
         outs = [
             self.session.run([self.logits_output], {self.input_name: x[i : i + batch]})[0]
             for i in range(0, len(x), batch)
         ]
-        return np.concatenate(outs, axis=0).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+        if not outs:
+            return np.zeros((0, 0), np.float32)
+        z = np.concatenate(outs, axis=0).astype(np.float32)
+        return np.log(np.maximum(z, LOG_FLOOR)) if self.log_probs else z
 
     def labels(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)
@@ -135,6 +152,22 @@ class _CountRows(nn.Module):
         return self.inner(x)
 
 
+class _Connected(nn.Module):
+    """Keeps the output in the autograd graph of the input: a model whose output does not
+    depend on its input differentiably (a threshold, a detach) then has an input gradient
+    of exactly zero, which the self-checks report, instead of ``None``, on which ART crashes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.inner(x)
+        if x.requires_grad:
+            z = z + 0.0 * x.reshape(len(x), -1).sum(1, keepdim=True)
+        return z
+
+
 def torch_classifier(
     module: nn.Module,
     input_shape: tuple[int, ...],
@@ -146,7 +179,7 @@ def torch_classifier(
 
     The loss is ``CrossEntropyLoss`` on raw logits (never softmax outputs).
     """
-    model: nn.Module = LogitsOnly(module).eval()
+    model: nn.Module = _Connected(LogitsOnly(module)).eval()
     if counter is not None:
         model = _CountRows(model, counter)
     return PyTorchClassifier(
@@ -179,6 +212,32 @@ class StraightThrough(nn.Module):
         return p + (o - p).detach()
 
 
+class LogOfProbabilities(nn.Module):
+    """A source that returns probabilities, seen through ``log``: log-probabilities are
+    logits up to a per-row constant, so ART's cross-entropy and DLR see logits."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = LogitsOnly(inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.clamp(self.inner(x), min=LOG_FLOOR))
+
+
+class ScaledLogits(nn.Module):
+    """Logits times a constant ``factor`` < 1: same argmax and DLR, but a cross-entropy
+    whose float32 gradient does not vanish when the model's logits are huge (a model whose
+    logits are scaled by 1000 saturates softmax and blinds CE-based attacks)."""
+
+    def __init__(self, inner: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.inner = LogitsOnly(inner)
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.factor
+
+
 def torch_logits(module: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     """Logits of a torch module (or ``(logits, features)`` model) as numpy."""
     m = LogitsOnly(module).eval()
@@ -202,8 +261,11 @@ def margin_input_gradients(module: nn.Module, x: np.ndarray, y: np.ndarray) -> n
     yt = torch.from_numpy(y.astype(np.int64))
     zy = z.gather(1, yt[:, None]).squeeze(1)
     other = z.masked_fill(nn.functional.one_hot(yt, z.shape[1]).bool(), float("-inf")).max(dim=1).values
-    (zy - other).sum().backward()
-    return xt.grad.detach().numpy()
+    margin = (zy - other).sum()
+    if not margin.requires_grad:  # the output does not depend on the input differentiably
+        return np.zeros_like(x, dtype=np.float32)
+    (g,) = torch.autograd.grad(margin, xt, allow_unused=True)
+    return np.zeros_like(x, dtype=np.float32) if g is None else g.detach().numpy()
 
 
 class _StraightThroughRounding(torch.overrides.TorchFunctionMode):
@@ -223,7 +285,11 @@ class _StraightThroughRounding(torch.overrides.TorchFunctionMode):
 
 class BPDARounding(nn.Module):
     """The same module with straight-through gradients for round/floor/ceil/trunc/sign,
-    used when its own input gradients are exactly zero (a rounding layer masks them)."""
+    used when its own input gradients are exactly zero (a rounding layer masks them).
+
+    Works on eager modules only: TorchScript bypasses torch function modes, so the audit
+    prefers the straight-through copy of the deployed graph (``attacks.onnx_torch``) and
+    only counts this route as restoring gradients after checking them."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hardening.errors import InputError
+from hardening.errors import InputError, ModelError
 
 NORMS = {"inf": np.inf, "2": 2}
 
@@ -125,7 +125,13 @@ def craft(
     logging.getLogger("art").setLevel(logging.ERROR)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # ART's Square L2 divides by zero; caller drops NaNs
-        return _craft(name, estimator, x, y, eps, norm, settings, seed)
+        try:
+            return _craft(name, estimator, x, y, eps, norm, settings, seed)
+        except (SkipAttack, InputError):
+            raise
+        except Exception as e:  # noqa: BLE001 - ART/torch failures become one line naming the attack (exit 2)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ModelError(f"attack '{name}' failed on this model ({type(e).__name__}: {first})") from None
 
 
 def _craft(name, estimator, x, y, eps, norm, settings, seed):

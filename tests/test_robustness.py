@@ -130,7 +130,9 @@ def test_masked_model_is_flagged_and_still_measured(masked, digits_demo):
         assert em.robust_after_family["white-box"] > em.robust_accuracy  # gradients alone were fooled
         assert em.robust_accuracy <= eu.robust_accuracy + 0.1  # the ensemble still measures it
     assert vm.gradient_check["zero"] > 0 and "escalated" in vm.gradient_check
-    assert vm.gradient_check["bpda_rounding"] and vm.families[:2] == ["white-box", "bpda"]
+    assert vm.gradient_check["restored_by"] == "onnx-graph" and vm.families[:2] == ["white-box", "bpda"]
+    assert {"family": "bpda", "gradients": "onnx-graph"} in vm.gradient_routes
+    assert "Round" in vm.gradient_check["graph"]["non_differentiable"]
 
 
 def test_compressed_variants_are_attacked_through_every_route(digits_variants, digits_demo):
@@ -148,12 +150,17 @@ def test_compressed_variants_are_attacked_through_every_route(digits_variants, d
     assert e.robust_accuracy <= q.clean_accuracy
 
 
-def test_onnx_without_source_is_black_box_only(digits_demo):
+def test_onnx_without_source_gets_gradients_from_its_own_graph(digits_demo):
     rep = run_robustness_audit([digits_demo.model_path], digits_demo.data_path, eps=[0.1], n=16,
-                               attacks=["square"], self_checks=False)
-    assert rep.variants[0].role == "black-box" and rep.variants[0].families == ["black-box"]
-    with pytest.raises(InputError, match="none of the selected attacks"):
-        run_robustness_audit([digits_demo.model_path], digits_demo.data_path, eps=[0.1], n=8, attacks=["pgd"])
+                               attacks=["pgd", "square"], self_checks=False)
+    v = rep.variants[0]
+    assert v.role == "white-box" and v.families == ["white-box", "black-box"]
+    assert v.gradient_routes == [{"family": "white-box", "gradients": "onnx-graph"}]
+    assert v.gradient_check["graph"]["status"] == "exact" and not v.upper_bound
+    assert "GRAPH_GRADIENTS" in {f.code for f in rep.findings}
+    only_bb = run_robustness_audit([digits_demo.model_path], digits_demo.data_path, eps=[0.1], n=16,
+                                   attacks=["square"], self_checks=False).variants[0]
+    assert only_bb.families == ["black-box"]
 
 
 def test_flat_tabular_model_runs_and_skips_dlr_with_reason(tabular_demo):

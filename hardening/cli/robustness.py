@@ -104,6 +104,10 @@ def _print(report) -> None:
         med = (f"> {max(report.eps):g} (most points unbroken)" if v.median_is_lower_bound
                else "-" if v.median_distance is None else f"{v.median_distance:.4g}")
         out.print(f"{v.name}: median smallest adversarial perturbation (L{report.norm}) {med}; {v.seconds:.1f} s")
+        routes = ", ".join(f"{r['family']} <- {r['gradients']}" for r in v.gradient_routes) or "none"
+        out.print(f"{v.name}: output {v.output_convention}; gradient routes: {routes}")
+        if v.upper_bound:
+            out.print(f"{v.name}: [bold red]UPPER BOUND[/bold red] robust accuracy is not reliable: {v.upper_bound_reason}")
     if report.findings:
         table("Self-check findings", ["severity", "variant", "code", "message"],
               [[f.severity, f.variant, f.code, f.message] for f in report.findings])

@@ -70,7 +70,15 @@ def evaluate_policy(summary: dict, policy: Policy, ran: dict[str, bool]) -> list
         skip = "not measured (robustness audit not run)" if not ran.get("robustness") else "not measured"
         robust = {round(r["eps"], 9): r["robust_accuracy"] for r in s.get("robust_accuracy") or []}
         for t in policy.robustness.min_robust_accuracy:
-            _cmp(out, name, "robustness", "robust_accuracy", robust.get(round(t.eps, 9)), ">=", t.min,
+            value = robust.get(round(t.eps, 9))
+            if value is not None and s.get("robust_upper_bound"):
+                # a masked model cannot pass: its figure is only what our attacks failed to break
+                out.append(Check(f"{name}/robustness/robust_accuracy@{t.eps:g}", "robustness", name,
+                                 "robust_accuracy", float(value), ">=", float(t.min), FAIL,
+                                 f"{name} variant: robust accuracy at eps {t.eps:g} is {_pct(value)}, an unreliable "
+                                 f"upper bound ({s.get('robust_upper_bound_reason') or 'gradient masking'})"))
+                continue
+            _cmp(out, name, "robustness", "robust_accuracy", value, ">=", t.min,
                  f"robust accuracy at eps {t.eps:g}", suffix=f"@{t.eps:g}", why_skipped=skip)
         if policy.robustness.fail_on_high_findings and ran.get("robustness"):
             high = s.get("robustness_high_findings", [])

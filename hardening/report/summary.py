@@ -16,6 +16,9 @@ def empty_variant(kind: str) -> dict:
         "agreement_with_float": None,
         "robust_accuracy": [],
         "robustness_high_findings": [],
+        "robust_upper_bound": False,
+        "robust_upper_bound_reason": None,
+        "output_convention": None,
         "extraction": None,
         "ood": None,
         "latency_p95_ms": None,
@@ -45,6 +48,9 @@ def add_robustness(summary: dict, rob: dict) -> None:
         ]
         if s["clean_accuracy"] is None:
             s["clean_accuracy"] = v["clean_accuracy"]
+        s["robust_upper_bound"] = bool(v.get("upper_bound", False))
+        s["robust_upper_bound_reason"] = v.get("upper_bound_reason")
+        s["output_convention"] = v.get("output_convention")
     for f in rob["findings"]:
         if f["severity"] == "high" and f.get("variant") in summary:
             summary[f["variant"]]["robustness_high_findings"].append(f["code"])

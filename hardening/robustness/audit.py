@@ -6,8 +6,10 @@ Routes per variant (success is always judged on the variant's onnxruntime sessio
   BPDA/straight-through gradients (forward = deployed logits, backward = parent) and
   transfer of examples crafted on the parent;
 * every ONNX model -> Square (scores) and HopSkipJump (labels) on the session itself.
-A float ONNX model without source is attacked black-box only: converting ONNX to torch
-(onnx2torch) is not available here because it pulls in torchvision.
+A model without source (or whose source does not match) is also attacked through a torch
+copy of its own ONNX graph (``attacks.onnx_torch``), verified against the session first:
+white-box when the graph is differentiable, BPDA (straight-through) when it rounds,
+quantises or thresholds. ``routes.py`` decides; findings say what ran.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import torch
 from torch import nn
 
 from attacks.estimators import (
+    LOG_FLOOR,
     BPDARounding,
+    LogOfProbabilities,
     OrtLogits,
+    ScaledLogits,
     QueryCounter,
     StraightThrough,
     onnx_classifier,
@@ -38,6 +43,14 @@ from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import check_fits, load_model, make_session
 from hardening.robustness import checks
 from hardening.robustness.engine import Progress, Stage, Target, run_cascade
+from hardening.robustness.routes import (
+    batch_dependent,
+    OutputConvention,
+    graph_route,
+    logit_scale,
+    looks_like_probabilities,
+    same_outputs,
+)
 from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
 from hardening.robustness.stats import median_distance
 
@@ -217,6 +230,50 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
     )
 
 
+@dataclass
+class Routes:
+    """The modules each gradient family attacks through, and where their gradients come from."""
+
+    white_box: nn.Module | None = None  # the deployed model itself, differentiable
+    white_box_source: str | None = None  # "torch-source" | "onnx-graph"
+    bpda: nn.Module | None = None  # forward = deployed model, backward straight-through
+    bpda_source: str | None = None  # "onnx-graph" | "parent-source" | "torch-source-rounding"
+    transfer: nn.Module | None = None  # float parent source
+    scale: float = 1.0  # constant applied to the logits the CE-based attacks see
+
+    @property
+    def first(self) -> tuple[str, nn.Module] | None:
+        if self.white_box is not None:
+            return "white-box", self.white_box
+        if self.bpda is not None:
+            return "bpda", self.bpda
+        return None
+
+    def describe(self) -> list[dict]:
+        out = []
+        if self.white_box is not None:
+            out.append({"family": "white-box", "gradients": self.white_box_source})
+        if self.bpda is not None:
+            out.append({"family": "bpda", "gradients": self.bpda_source})
+        if self.transfer is not None:
+            out.append({"family": "transfer", "gradients": "parent-source"})
+        return out
+
+
+def _source_scores(module: nn.Module, x: np.ndarray, nb: int, name: str, log_probs: bool):
+    """The source as a logits module (log of its probabilities when it returns them)."""
+    try:
+        tl = torch_logits(module, x)
+    except Exception as e:  # noqa: BLE001 - any failure here means the source does not fit
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ModelError(f"PyTorch source does not accept the data for '{name}': {first}") from None
+    if tl.ndim != 2 or tl.shape[1] != nb:
+        raise ModelError(f"PyTorch source returns {tuple(tl.shape[1:])} outputs, '{name}' has {nb} classes")
+    if log_probs and looks_like_probabilities(tl):
+        return LogOfProbabilities(module), np.log(np.maximum(tl, LOG_FLOOR))
+    return module, tl
+
+
 def _audit_one(
     s, info, pick, x, y, eps_grid, norm_v, settings, names, clip, seed, progress, torch_cache, self_checks
 ):
@@ -224,48 +281,72 @@ def _audit_one(
     findings: list[Finding] = []
     nb = int(info.num_classes)
     shape = tuple(x.shape[1:])
-    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape)
+    convention = OutputConvention.PROBABILITIES if info.outputs_probabilities else OutputConvention.LOGITS
+    log_probs = convention == OutputConvention.PROBABILITIES
+    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, log_probs=log_probs,
+                       row_by_row=batch_dependent(s.path))
     module = _load_torch(s.torch_source, torch_cache)
-    role, agreement = "black-box", None
+    graph = graph_route(s.path, info.input_name, info.logits_output, ort_fn, x)
+    routes = Routes()
+    role, agreement, src = "black-box", None, None
     if module is not None:
-        try:
-            tl = torch_logits(module, x)
-        except Exception as e:  # noqa: BLE001 - any failure here means the source does not fit
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ModelError(f"PyTorch source does not accept the data for '{s.name}': {first}") from None
-        if tl.ndim != 2 or tl.shape[1] != nb:
-            raise ModelError(f"PyTorch source returns {tuple(tl.shape[1:])} outputs, '{s.name}' has {nb} classes")
+        src, tl = _source_scores(module, x, nb, s.name, log_probs)
         ol = ort_fn(x)
         agreement = float(np.mean(tl.argmax(1) == ol.argmax(1)))
-        same = np.abs(tl - ol).max() <= 1e-3 * (1 + np.abs(ol).max())
+        same = same_outputs(tl, ol, log_probs)
         role = "white-box" if same else "compressed"
         if s.kind == "float" and not same:
-            findings.append(Finding("warning", "SOURCE_MISMATCH", "the PyTorch source's logits differ from this float "
+            findings.append(Finding("warning", "SOURCE_MISMATCH", "the PyTorch source's outputs differ from this float "
                                     "ONNX model; attacking it as a derived variant (BPDA + transfer)", s.name))
         if role == "compressed" and agreement < AGREE_WARN:
             findings.append(Finding("warning", "LOW_AGREEMENT", f"variant agrees with its float parent on only "
                                     f"{agreement:.0%} of clean points; transfer and BPDA attacks are weaker", s.name))
-    elif s.kind not in ("float", "unknown"):
-        findings.append(Finding("info", "NO_PARENT_SOURCE", "no float parent source: compressed variant attacked "
-                                "black-box only (score- and decision-based)", s.name))
-    grad_info, grad_findings = ({}, [])
-    smoothed = None
-    if module is not None:
+    if role == "white-box":
+        if graph.differentiable and log_probs and src is not module:
+            # the source returns probabilities; the graph copy gives the Softmax input itself
+            routes.white_box, routes.white_box_source = graph.module, "onnx-graph"
+        else:
+            routes.white_box, routes.white_box_source = src, "torch-source"
+    elif graph.differentiable:  # no source, or a derived variant (pruned): its own exact gradients
+        routes.white_box, routes.white_box_source = graph.module, "onnx-graph"
+        role = "white-box" if role == "black-box" else role
+    if graph.usable and not graph.differentiable:
+        routes.bpda, routes.bpda_source = graph.module, "onnx-graph"
+        if role == "black-box":
+            role = "white-box"  # its own graph's gradients (straight-through) reach it
+    elif role == "compressed" and routes.white_box is None:
+        routes.bpda, routes.bpda_source = StraightThrough(src, ort_fn), "parent-source"
+    if role == "compressed":
+        routes.transfer = src
+    if module is None and s.kind not in ("float", "unknown") and not graph.usable:
+        findings.append(Finding("info", "NO_PARENT_SOURCE", "no float parent source and the graph could not be "
+                                "used: compressed variant attacked black-box only (score- and decision-based)", s.name))
+    first = routes.first
+    if first is not None:
+        routes.scale = logit_scale(torch_logits(first[1], x), y)
+    grad_info: dict = {"graph": graph.to_dict(), "output_convention": convention.value, "logit_scale": routes.scale,
+                       "judged_row_by_row": ort_fn.row_by_row}
+    grad_findings: list[Finding] = []
+    restored = None
+    if first is not None:
         ok = np.flatnonzero(ort_fn.labels(x) == y)[:GRAD_SUBSET]
         if len(ok):
-            grad_info, grad_findings = checks.check_gradients(module, x[ok], y[ok], s.name)
-        if grad_findings:  # adaptive attack: straight-through rounding (BPDA) and a bigger Square budget
-            bpda_info, bpda_bad = checks.check_gradients(BPDARounding(module), x[ok], y[ok], s.name)
-            smoothed = None if bpda_bad else BPDARounding(module)
-            grad_info["bpda_rounding"] = smoothed is not None
+            g_info, grad_findings = checks.check_gradients(first[1], x[ok], y[ok], s.name)
+            grad_info.update(g_info)
+            grad_info["checked_route"] = first[0]
+        if grad_findings:  # adaptive attack: straight-through gradients (BPDA) and a bigger Square budget
+            restored = _restore(routes, src, ort_fn, role, x[ok], y[ok], s.name, grad_info)
             settings = {**settings, "square": _escalate(settings["square"])}
             grad_info["escalated"] = {"square": settings["square"]}
+            grad_findings = [_masking_message(f, restored, routes, graph) for f in grad_findings]
+    grad_info["restored_by"] = restored
     surrogate = QueryCounter()
-    stages = _stages(role, module, ort_fn, names, shape, nb, clip, surrogate, smoothed)
+    stages = _stages(routes, ort_fn, names, shape, nb, clip, surrogate)
     if not stages:
+        why = (graph.reason or "the graph copy does not match") if module is None else role
         raise InputError(
             f"none of the selected attacks ({', '.join(names)}) can reach '{s.name}' "
-            f"({'no PyTorch source: only square and hsj apply' if module is None else role})"
+            f"(no gradient route: {why}; only square and hsj apply)"
         )
     target = Target(ort_fn, surrogate, stages, clip)
     out = run_cascade(target, x, y, eps_grid, norm_v, settings, seed, progress, label=s.name)
@@ -291,14 +372,87 @@ def _audit_one(
         name=s.name, path=s.path, kind=s.kind, role=role, families=target.families,
         clean_accuracy=float(out.correct.mean()), agreement_with_parent=agreement if role == "compressed" else None,
         eps=out.eps, attacks=out.runs, examples=examples, median_distance=med, median_is_lower_bound=lower,
-        gradient_check=grad_info,
+        gradient_check=grad_info, output_convention=convention.value, gradient_routes=routes.describe(),
     )
     findings.extend(grad_findings)
+    findings.extend(_route_findings(v, routes, graph, convention, src is not None and src is not module))
     if self_checks:
         findings.extend(_self_checks(v, target, x, y, out.correct, eps_grid, norm_v, settings, clip, seed))
     findings.extend(checks.check_family_gaps(v))
+    masked = (first[0],) if grad_findings and first is not None else ()
+    findings.extend(checks.check_losses(v, masked))
+    gradient_ran = any(st.family in ("white-box", "bpda", "transfer") for st in stages)
+    v.upper_bound_reason = checks.upper_bound_reason(v, findings, gradient_ran, restored)
+    v.upper_bound = v.upper_bound_reason is not None
     v.seconds = round(time.perf_counter() - t0, 3)
     return v, findings
+
+
+def _restore(routes: Routes, src, ort_fn, role, x, y, name, grad_info) -> str | None:
+    """Find a straight-through route whose gradients are not masked; None when none is."""
+    if routes.bpda is not None and routes.first and routes.first[0] == "white-box":
+        info, bad = checks.check_gradients(routes.bpda, x, y, name)
+        grad_info["bpda_gradients"] = info
+        if not bad:
+            return routes.bpda_source
+    if src is not None:  # torch-mode straight-through rounding: works on eager modules only
+        smooth = BPDARounding(src)
+        info, bad = checks.check_gradients(smooth, x, y, name)
+        grad_info["bpda_rounding_gradients"] = info
+        if not bad:
+            if role == "compressed":
+                routes.bpda, routes.transfer = StraightThrough(smooth, ort_fn), smooth
+            else:
+                routes.bpda = smooth
+            routes.bpda_source = "torch-source-rounding"
+            return routes.bpda_source
+    return None
+
+
+_ROUTE_TEXT = {
+    "onnx-graph": "straight-through gradients of the deployed ONNX graph",
+    "parent-source": "straight-through gradients of the float parent source",
+    "torch-source-rounding": "straight-through rounding in the (eager) PyTorch source",
+}
+
+
+def _masking_message(f: Finding, restored: str | None, routes: Routes, graph) -> Finding:
+    """The gradient finding's text says what the audit then did, and whether it worked."""
+    if restored:
+        then = f"gradients restored by {_ROUTE_TEXT[restored]} (bpda family); Square budget escalated"
+    else:
+        why = graph.reason or ("the graph has no op a straight-through backward could fix"
+                               if graph.usable else "no straight-through route")
+        then = (f"no straight-through route restored them ({why}); Square budget escalated; "
+                "the robust accuracy is an unreliable upper bound")
+    return Finding(f.severity, f.code, f"{f.message}; {then}", f.variant)
+
+
+def _route_findings(v, routes: Routes, graph, convention, source_probs: bool) -> list[Finding]:
+    out = []
+    runs = lambda fam: sum(r.attacked for r in v.attacks if r.family == fam and r.skipped is None)  # noqa: E731
+    if not any(f in v.families for f in ("white-box", "bpda", "transfer")):
+        why = graph.reason or ("no gradient attack selected" if routes.first is not None else "no PyTorch source")
+        out.append(Finding("warning", "NO_GRADIENT_ROUTE", f"no gradient route reaches this model ({why}): only "
+                           "score- and decision-based attacks ran; the robust accuracy is an upper bound", v.name))
+    elif routes.white_box_source == "onnx-graph":
+        out.append(Finding("info", "GRAPH_GRADIENTS", "white-box gradients come from a torch copy of the ONNX graph "
+                           f"verified against onnxruntime on {v.eps[0].n} points (max |error| "
+                           f"{graph.verification['max_abs_error']:.2g}); {runs('white-box')} point-attacks ran", v.name))
+    if routes.bpda_source == "onnx-graph":
+        ops = ", ".join(graph.non_differentiable) or "none"
+        out.append(Finding("info", "STRAIGHT_THROUGH", f"BPDA through the deployed graph (non-differentiable ops: {ops}; "
+                           f"copy {graph.status.value}); {runs('bpda')} point-attacks ran", v.name))
+    if convention == OutputConvention.PROBABILITIES:
+        how = "the Softmax input of the graph copy" if graph.softmax_dropped and routes.first is not None and (
+            routes.white_box_source == "onnx-graph" or routes.bpda_source == "onnx-graph") else "log-probabilities"
+        out.append(Finding("info", "PROBABILITY_OUTPUT", "the model outputs Softmax probabilities: attacks use "
+                           f"{how} (never cross-entropy on probabilities)"
+                           + ("; the PyTorch source returns probabilities too" if source_probs else ""), v.name))
+    if routes.scale < 1.0:
+        out.append(Finding("info", "LOGITS_RESCALED", f"logit margins are huge (cross-entropy gradients vanish in "
+                           f"float32): CE-based attacks see the logits times {routes.scale:.3g}", v.name))
+    return out
 
 
 def _escalate(square: dict) -> dict:
@@ -306,22 +460,22 @@ def _escalate(square: dict) -> dict:
     return {**square, "max_iter": int(square["max_iter"]) * ESCALATE_ITER, "nb_restarts": ESCALATE_RESTARTS}
 
 
-def _stages(role, module, ort_fn, names, shape, nb, clip, surrogate, smoothed=None) -> list[Stage]:
-    """``smoothed``: the source with straight-through rounding, when its own gradients are zero."""
+def _stages(routes: Routes, ort_fn, names, shape, nb, clip, surrogate) -> list[Stage]:
     stages: list[Stage] = []
     grads = [a for a in names if ATTACKS[a].access == "gradients"]
-    if role == "white-box":
-        est = torch_classifier(module, shape, nb, clip, surrogate)
-        stages += [Stage("white-box", a, est) for a in grads]
-        if smoothed is not None:
-            bpda = torch_classifier(smoothed, shape, nb, clip, surrogate)
-            stages += [Stage("bpda", a, bpda) for a in grads]
-    elif role == "compressed":
-        grad_src = smoothed if smoothed is not None else module
-        bpda = torch_classifier(StraightThrough(grad_src, ort_fn), shape, nb, clip, surrogate)
-        stages += [Stage("bpda", a, bpda) for a in grads]
-        parent = torch_classifier(grad_src, shape, nb, clip, surrogate)
-        stages += [Stage("transfer", a, parent) for a in grads if a != "deepfool"]
+
+    def est(m):
+        return torch_classifier(ScaledLogits(m, routes.scale) if routes.scale < 1.0 else m, shape, nb, clip, surrogate)
+
+    if routes.white_box is not None:
+        wb = est(routes.white_box)
+        stages += [Stage("white-box", a, wb) for a in grads]
+    if routes.bpda is not None:
+        bp = est(routes.bpda)
+        stages += [Stage("bpda", a, bp) for a in grads]
+    if routes.transfer is not None:
+        tr = est(routes.transfer)
+        stages += [Stage("transfer", a, tr) for a in grads if a != "deepfool"]
     if "square" in names:
         view = image_view(shape)
         stages.append(Stage("black-box", "square", onnx_classifier(ort_fn, nb, clip, view_shape=view)))

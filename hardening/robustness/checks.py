@@ -38,8 +38,7 @@ def check_gradients(module: nn.Module, x: np.ndarray, y: np.ndarray, name: str) 
                 "high",
                 "ZERO_GRADIENTS",
                 f"{zero}/{len(x)} points have an exactly zero input gradient: gradient attacks are blind "
-                "(non-differentiable layer such as rounding); the audit adds straight-through (BPDA) gradients "
-                "and a larger Square budget, and reports the worst case over all of them",
+                "(non-differentiable layer such as rounding)",
                 name,
             )
         )
@@ -134,6 +133,59 @@ def check_family_gaps(v: VariantResult) -> list[Finding]:
                 )
             )
     return out
+
+
+CE_ATTACKS = ("fgsm", "pgd", "apgd-ce")
+SCALE_FREE_ATTACKS = ("apgd-dlr", "apgd-t", "deepfool")
+MASKING_CODES = ("ZERO_GRADIENTS", "NONFINITE_GRADIENTS", "BLACKBOX_BEATS_WHITEBOX", "ATTACK_BROKEN")
+
+
+def check_losses(v: VariantResult, masked: tuple[str, ...] = ()) -> list[Finding]:
+    """Compare losses inside each gradient family: scale-invariant attacks (DLR, targeted,
+    DeepFool) breaking points the cross-entropy attacks left, on the same gradients, means
+    cross-entropy is blind there (saturated softmax, huge logits). The figure already
+    includes them; the finding says the CE numbers alone would have over-reported.
+    ``masked``: families whose gradients are already known to be zero (every loss is blind
+    there; what breaks points is the random start, not the loss)."""
+    if not v.eps:
+        return []
+    limit = max(BEATS_MIN_POINTS, int(np.ceil(BEATS_MIN_FRACTION * v.eps[0].n)))
+    out = []
+    for fam in ("white-box", "bpda"):
+        if fam in masked:
+            continue
+        runs = [r for r in v.attacks if r.family == fam and r.skipped is None]
+        ce = {r.attack for r in runs if r.attack in CE_ATTACKS}
+        for e in sorted({r.eps for r in runs}):
+            k = sum(r.broken for r in runs if r.eps == e and r.attack in SCALE_FREE_ATTACKS)
+            if ce and k >= limit:
+                by = sorted({r.attack for r in runs if r.eps == e and r.attack in SCALE_FREE_ATTACKS and r.broken})
+                out.append(Finding(
+                    "warning", "CE_LOSS_BLIND",
+                    f"at eps {e:g}, {'/'.join(by)} broke {k} points that {', '.join(sorted(ce))} ({fam}) could not "
+                    "with the same gradients: the cross-entropy loss is blind on this model (saturated or huge "
+                    "logits); the reported number includes the scale-invariant attacks", v.name))
+                break
+    return out
+
+
+def upper_bound_reason(v: VariantResult, findings: list[Finding], has_gradient_route: bool,
+                       restored: str | None) -> str | None:
+    """Why the figure is only an upper bound, or None when the audit can stand behind it.
+
+    Masking flagged (zero/non-finite gradients, black-box beating every gradient family,
+    attacks failing at the sanity epsilon) with no straight-through route that restored
+    gradients, or no gradient route at all."""
+    if not has_gradient_route:
+        return "no gradient route reached the model (score- and decision-based attacks only)"
+    mine = {f.code for f in findings if f.variant == v.name}
+    if mine & {"ZERO_GRADIENTS", "NONFINITE_GRADIENTS"} and not restored:
+        return "gradients are masked and no straight-through route restored them"
+    if "BLACKBOX_BEATS_WHITEBOX" in mine:
+        return "black-box attacks broke points every gradient route missed (gradient masking)"
+    if "ATTACK_BROKEN" in mine:
+        return "the attacks did not break the model at the sanity epsilon"
+    return None
 
 
 def check_against_parent(v: VariantResult, parent: VariantResult, margin: float = 0.1) -> list[Finding]:

@@ -101,6 +101,10 @@ class VariantResult:
     median_is_lower_bound: bool
     gradient_check: dict = field(default_factory=dict)
     seconds: float = 0.0
+    output_convention: str = "logits"  # logits | probabilities (a final Softmax, attacked on log-probabilities)
+    gradient_routes: list[dict] = field(default_factory=list)  # [{family, gradients}] that actually ran
+    upper_bound: bool = False  # True: masking or no gradient route; the figure is an unreliable upper bound
+    upper_bound_reason: str | None = None
 
     def robust_at(self, eps: float) -> EpsResult:
         return min(self.eps, key=lambda e: abs(e.eps - eps))
