@@ -100,7 +100,9 @@ def _pre_processed(src: Path, tmp: Path) -> Path:
     return pre
 
 
-def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, structured: bool) -> dict:
+def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, structured: bool) -> dict | None:
+    """torch.nn.utils.prune on the source's Conv2d/Linear modules and a fresh export; None when
+    the source has none it can re-parametrise (a TorchScript module's layers are not nn.Conv2d)."""
     import torch
     from torch import nn
     from torch.nn.utils import prune
@@ -110,7 +112,7 @@ def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, st
     model = copy.deepcopy(load_torch_source(torch_source))
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
-        raise InputError(f"{torch_source}: no Conv2d/Linear layers to prune")
+        return None
     if structured:
         # Whole output channels/neurons, by L2 norm; the classifier head keeps all its classes.
         for m in layers[:-1]:
@@ -129,6 +131,20 @@ def _prune(torch_source: str, sample: np.ndarray, dst: Path, sparsity: float, st
         "achieved_weight_sparsity": zeros / total,
         "layers": len(layers) - (1 if structured else 0),
     }
+
+
+def _pruned(src: str | None, float_path: Path, sample: np.ndarray, dst: Path, sparsity: float,
+            structured: bool) -> dict:
+    """Prune through the source when torch can, else on the ONNX graph; the recipe says which and why."""
+    recipe = _prune(src, sample, dst, sparsity, structured) if src else None
+    if recipe is not None:
+        return recipe
+    from hardening.onnx_pruning import prune_onnx
+
+    why = ("no PyTorch source given" if src is None else
+           f"{Path(src).name}: no nn.Conv2d/nn.Linear modules torch.nn.utils.prune can re-parametrise "
+           "(e.g. a TorchScript source)")
+    return {**prune_onnx(float_path, dst, sparsity, structured), "why_onnx_level": why}
 
 
 def _drop_unused_opsets(path: Path) -> None:
@@ -166,9 +182,6 @@ def compress(
     x_cal, _ = ds.calibration()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pruning = [k for k in kinds if k.startswith("pruned")]
-    if pruning and torch_source is None:
-        raise InputError(f"variants {pruning} need the PyTorch source (--torch-source)")
     src = str(torch_source) if torch_source else None
 
     variants: list[Variant] = []
@@ -183,7 +196,7 @@ def compress(
         elif kind == "int8_dynamic":
             recipe = _quantize_dynamic(float_path, dst)
         else:
-            recipe = _prune(src, ds.x, dst, sparsity, structured=kind == "pruned_structured")  # type: ignore[arg-type]
+            recipe = _pruned(src, float_path, ds.x, dst, sparsity, structured=kind == "pruned_structured")
         if kind != "float":
             _drop_unused_opsets(dst)
         load_model(dst)  # every variant must pass intake itself

@@ -42,11 +42,12 @@ def compress_cmd(
     model: Path = typer.Argument(..., help="Float ONNX model."),
     data: Path = typer.Option(..., "--data", help=".npz with x, y and a calibration split (x_cal/y_cal)."),
     out: Path = typer.Option(..., "--out", help="Folder for the variants and variants.json."),
-    torch_source: Path = typer.Option(None, "--torch-source", help="PyTorch source (needed for pruning)."),
+    torch_source: Path = typer.Option(None, "--torch-source", help="PyTorch source: pruning re-exports it "
+                                      "(otherwise, or for TorchScript, pruning works on the ONNX graph)."),
     kinds: str = typer.Option(
         None,
         "--variants",
-        help="Comma-separated kinds (default: all; pruned ones only with --torch-source).",
+        help="Comma-separated kinds (default: all).",
     ),
     sparsity: float = typer.Option(0.5, help="Pruning sparsity in (0, 1)."),
     json_out: bool = JSON_OPT,
@@ -54,10 +55,7 @@ def compress_cmd(
     """Make int8 static (QDQ), int8 dynamic and pruned variants of a float model."""
     from hardening.compression import KINDS, compress
 
-    if kinds is None:
-        wanted = tuple(k for k in KINDS if torch_source is not None or not k.startswith("pruned"))
-    else:
-        wanted = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    wanted = KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
     with console.status("compressing"):
         variants = compress(model, data, out, torch_source=torch_source, kinds=wanted, sparsity=sparsity)
     if json_out:

@@ -115,7 +115,7 @@ def run_full_audit(
     """Audit every variant of ``model`` and write report.json, report.html and junit.xml to ``out_dir``.
 
     ``variants_file``: use these variants (a ``variants.json``) instead of compressing.
-    ``kinds``: compression kinds (default: all; pruned ones only with ``torch_source``).
+    ``kinds``: compression kinds (default: all; pruning on the ONNX graph without a usable source).
     ``areas``: subset of profiling/robustness/extraction/ood to run (skipped ones show as
     skipped checks, never as passes; the verdict fails on them unless ``allow_skipped``).
     ``sizes``: override the profile's work sizes (keys of ``PROFILE_SETTINGS`` plus
@@ -148,7 +148,7 @@ def run_full_audit(
         variants = load_variants(variants_file)
         n_variants = len(variants)
     else:
-        kinds = kinds or tuple(k for k in KINDS if torch_source is not None or not k.startswith("pruned"))
+        kinds = kinds or KINDS
         n_variants = len(kinds)
     steps = _Steps(1 + len(areas) * n_variants + 1, progress)
 
