@@ -57,7 +57,7 @@ def test_no_final_linear_is_a_model_error():
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3])
     g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
-    with pytest.raises(ModelError, match="Gemm/MatMul"):
+    with pytest.raises(ModelError, match="classifier head"):
         find_penultimate(onnx.helper.make_model(g), "y")
 
 
@@ -68,3 +68,58 @@ def test_fit_and_audit_on_a_logits_only_model(digits_demo, stripped, tmp_path):
     assert audit.get("inverted").auroc > 0.95
     with pytest.raises(ModelError, match="different model"):
         audit_ood(digits_demo.model_path, digits_demo.data_path, tmp_path / "det", tmp_path / "a2", n_synthetic=20, plots=False)
+
+
+def _graph_model(nodes, inits, in_shape, out_name="logits"):
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", *in_shape])
+    y = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["n", "k"])
+    g = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def test_heads_of_real_graphs(digits_variants):
+    """MatMul + Add with a transposed weight, a 1x1-conv head after global pooling with a
+    final Softmax, and int8 (QDQ static, dynamic) variants: each finds the float tensor that
+    feeds the head, and exposing it leaves the outputs unchanged."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    x_flat = rng.normal(size=(8, 6)).astype(np.float32)
+    matmul = _graph_model(
+        [helper.make_node("Relu", ["input"], ["hidden"]),
+         helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["hidden", "wt"], ["mm"]),
+         helper.make_node("Add", ["mm", "b"], ["logits"])],
+        {"w": rng.normal(size=(3, 6)).astype(np.float32), "b": np.zeros(3, np.float32)}, [6])
+    assert find_penultimate(onnx.load_from_string(matmul), "logits") == "hidden"
+    add_feature_output(matmul, "input", "logits", x_flat)
+
+    x_img = rng.normal(size=(4, 5, 7, 7)).astype(np.float32)
+    conv_head = _graph_model(
+        [helper.make_node("Relu", ["input"], ["act"]),
+         helper.make_node("GlobalAveragePool", ["act"], ["pooled"]),
+         helper.make_node("Conv", ["pooled", "k"], ["scores"], kernel_shape=[1, 1]),
+         helper.make_node("Flatten", ["scores"], ["flat"]),
+         helper.make_node("Softmax", ["flat"], ["logits"], axis=1)],
+        {"k": rng.normal(size=(3, 5, 1, 1)).astype(np.float32)}, [5, 7, 7])
+    assert find_penultimate(onnx.load_from_string(conv_head), "logits") == "pooled"
+    edit = add_feature_output(conv_head, "input", "logits", x_img)
+    assert edit.tensor == "pooled"
+
+    for v in digits_variants:
+        if v.kind not in ("int8_static", "int8_dynamic"):
+            continue
+        info = load_model(v.path)
+        m = onnx.load(v.path)  # logits only, as a user's int8 export would be
+        keep = [o for o in m.graph.output if o.name == info.logits_output]
+        del m.graph.output[:]
+        m.graph.output.extend(keep)
+        data = m.SerializeToString()
+        tensor = find_penultimate(m, info.logits_output)
+        xs = rng.uniform(0, 1, size=(6, 1, 8, 8)).astype(np.float32)
+        edit = add_feature_output(data, info.input_name, info.logits_output, xs)
+        assert edit.tensor == tensor and edit.max_logit_diff == 0.0, v.kind

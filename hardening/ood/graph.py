@@ -1,9 +1,9 @@
 """Expose penultimate features from an ONNX model that only outputs logits.
 
 A graph edit adds an existing intermediate tensor as an extra graph output.
-Without a user-named tensor we pick the data input of the Gemm/MatMul that
-(possibly through an Add bias) produces the logits. We then run both models
-with onnxruntime and refuse the edit if any logit changed.
+Without a user-named tensor we pick the data input of the classifier head that
+produces the logits (``find_penultimate``). We then run both models with
+onnxruntime and refuse the edit if any logit changed or the tensor is not float.
 """
 
 from __future__ import annotations
@@ -17,7 +17,25 @@ from onnx import helper, shape_inference
 from hardening.errors import ModelError
 from hardening.intake import make_session
 
-_PASS_THROUGH = {"Add", "Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
+# Ops the walk back from the logits steps through: elementwise with constants, shape-only
+# ops, output activations, and the (de)quantization around int8 layers.
+_PASS_THROUGH = {"Add", "Sub", "Mul", "Div", "Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast",
+                 "Softmax", "LogSoftmax", "Sigmoid", "DequantizeLinear", "QuantizeLinear",
+                 "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"}
+# The classifier head: its data input is the penultimate tensor. Conv covers 1x1 conv heads.
+_HEADS = {"Gemm", "MatMul", "Conv", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm"}
+# Producers of a quantized copy of a float tensor: features are read at the float side.
+_QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that do not depend on the input: initializers, Constant nodes, and anything
+    computed only from those (e.g. DequantizeLinear of int8 weights, a transposed weight)."""
+    const = {i.name for i in graph.initializer}
+    for node in graph.node:  # nodes are topologically sorted
+        if node.op_type == "Constant" or (node.input and all(not i or i in const for i in node.input)):
+            const.update(node.output)
+    return const
 
 
 @dataclass(frozen=True)
@@ -30,27 +48,37 @@ class FeatureEdit:
 
 
 def find_penultimate(model: onnx.ModelProto, logits_output: str) -> str:
-    """Input tensor of the final Gemm/MatMul feeding ``logits_output``."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
-    name = logits_output
-    for _ in range(8):  # walk back through bias adds / reshapes only
+    """Data input of the classifier head feeding ``logits_output``: the last Gemm, MatMul,
+    1x1 Conv (or their int8 forms) reached by walking back through biases, scales, reshapes,
+    pooling, output activations and (de)quantization; for an int8 head, the float tensor
+    before its quantizer."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    const = _constants(graph)
+
+    def search(name: str, depth: int) -> str | None:
         node = producer.get(name)
-        if node is None:
-            break
-        if node.op_type in ("Gemm", "MatMul"):
-            data = [i for i in node.input[:2] if i not in inits]
-            if len(data) == 1:
-                return data[0]
-            break
+        if node is None or depth == 0:
+            return None
+        data = [i for i in node.input if i and i not in const]
+        if node.op_type in _HEADS and data:
+            tensor = node.input[0] if node.input[0] not in const else data[0]
+            q = producer.get(tensor)
+            while q is not None and q.op_type in _QUANTIZERS and q.input[0] not in const:
+                tensor = q.input[0]
+                q = producer.get(tensor)
+            return tensor
         if node.op_type not in _PASS_THROUGH:
-            break
-        data = [i for i in node.input if i and i not in inits]
-        if len(data) != 1:
-            break
-        name = data[0]
+            return None
+        # a dynamic int8 head rescales by a data-dependent factor: try each operand
+        return next((t for t in (search(i, depth - 1) for i in data) if t is not None), None)
+
+    found = search(logits_output, 32)
+    if found is not None:
+        return found
     raise ModelError(
-        f"cannot find a final Gemm/MatMul feeding output '{logits_output}'; name the feature tensor explicitly"
+        f"cannot find the classifier head (Gemm, MatMul or 1x1 Conv, possibly int8) feeding output "
+        f"'{logits_output}'; name the feature tensor explicitly (--features-tensor)"
     )
 
 
@@ -95,4 +123,6 @@ def add_feature_output(
         raise ModelError(f"adding feature output changed logits (max abs diff {diff:g}); edit refused")
     if feats.ndim < 2 or feats.shape[0] != check_inputs.shape[0]:
         raise ModelError(f"tensor '{tensor}' has shape {feats.shape}; it must be per-sample [batch, ...]")
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise ModelError(f"tensor '{tensor}' is {feats.dtype}, not float; name a float feature tensor")
     return FeatureEdit(edited, output_name, tensor, chosen_by, diff)
