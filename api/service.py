@@ -20,9 +20,6 @@ from .config import ApiConfig
 from .problems import ApiProblem
 from .reload import Deployment, Loader
 
-SMOKE_FIELD = "smoke_test"  # manifest field with golden inputs / expected outputs
-
-
 def make_loader(cfg: ApiConfig) -> Loader:
     """Loader for ModelHolder: path -> verified, admitted Deployment (not yet committed)."""
     from runtime_guard.bundle import RollbackState, load_public_key
@@ -56,32 +53,19 @@ def make_loader(cfg: ApiConfig) -> Loader:
 
 
 def smoke_test(dep: Deployment, deadline: Any = None) -> None:
-    """The guard's own sanity run, then the golden set from the signed manifest:
-    ``{"inputs": [...], "expected_labels": [...], "expected_logits": [[...]]?,
-    "atol": 1e-4?}``. Runs the session directly: no rate limit or telemetry.
+    """The guard's own sanity run, then the bundle's signed golden set
+    (``runtime_guard.golden``). Runs the session directly: no rate limit or telemetry.
     With a ``runtime_guard.deadline.Deadline`` every run is terminated when it expires."""
     model = dep.model
     model.smoke_test(deadline)
-    golden = dep.manifest.get(SMOKE_FIELD)
+    golden = model.golden
     if golden is None:
         return
-    if not isinstance(golden, dict) or "inputs" not in golden or "expected_labels" not in golden:
-        raise ValueError("smoke_test needs 'inputs' and 'expected_labels'")
-    x = np.asarray(golden["inputs"], dtype=np.float32)
-    arr = model.sanitizer(x)
+    arr = model.sanitizer(golden.inputs)
     feeds = {model.input_name: arr}
     logits = (deadline.run(model.session, [model.logits_name], feeds) if deadline is not None
               else model.session.run([model.logits_name], feeds))[0]
-    want = np.asarray(golden["expected_labels"], dtype=np.int64)
-    got = logits.argmax(axis=1)
-    if got.shape != want.shape or not np.array_equal(got, want):
-        bad = int(np.sum(got != want)) if got.shape == want.shape else len(want)
-        raise ValueError(f"{bad} of {len(want)} golden labels differ")
-    if golden.get("expected_logits") is not None:
-        ref = np.asarray(golden["expected_logits"], dtype=np.float32)
-        atol = float(golden.get("atol", 1e-4))
-        if ref.shape != logits.shape or not np.allclose(logits, ref, atol=atol, rtol=1e-3):
-            raise ValueError("golden logits differ beyond tolerance")
+    golden.check(logits)
 
 
 def describe(dep: Deployment) -> dict[str, Any]:

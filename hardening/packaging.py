@@ -24,6 +24,7 @@ from hardening.data import Dataset, load_dataset
 from hardening.errors import CheckFailed, InputError, ModelError
 from hardening.intake import ModelInfo, load_model, make_session, predict_logits, sha256_file
 from hardening.report.schema import load_report
+from runtime_guard.golden import GoldenSet, golden_fields
 
 SMOKE_N = 4
 SMOKE_ATOL = 1e-4
@@ -48,16 +49,11 @@ def _value_range(ds: Dataset) -> tuple[float, float]:
     return float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
 
 
-def smoke_set(model_path: str | Path, info: ModelInfo, ds: Dataset, n: int = SMOKE_N) -> dict:
+def smoke_set(model_path: str | Path, info: ModelInfo, ds: Dataset, n: int = SMOKE_N) -> GoldenSet:
     """Golden inputs (the first ``n`` test inputs) and the packaged model's own outputs on them."""
-    x = ds.x[:n]
-    logits = predict_logits(make_session(model_path), info, x)
-    return {
-        "inputs": x.astype(np.float32).tolist(),
-        "expected_labels": logits.argmax(1).astype(int).tolist(),
-        "expected_logits": logits.astype(np.float32).tolist(),
-        "atol": SMOKE_ATOL,
-    }
+    x = ds.x[:n].astype(np.float32)
+    logits = predict_logits(make_session(model_path), info, x).astype(np.float32)
+    return GoldenSet(x, logits.argmax(1).astype(np.int64), logits, SMOKE_ATOL)
 
 
 def runtime_config(
@@ -238,8 +234,9 @@ def package_variant(
         "forced": bool(failed),
         "review": {"schema_version": report["schema_version"], "passed": not failed, "failed_checks": failed,
                    "headline": report["verdict"]["headline"], "created_at": report["created_at"]},
-        "smoke_test": smoke_set(model, info, ds),
     }
+    fields["smoke_test"], golden_payload = golden_fields(smoke_set(model, info, ds))
+    payloads.update(golden_payload)
     try:
         manifest = write_bundle(out_path, payloads, fields, signing_key, kek, version, expires_in_s)
     except ValueError as e:  # writer's argument checks (version, expiry, manifest size)

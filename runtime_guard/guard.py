@@ -19,6 +19,7 @@ import numpy as np
 from .config import GuardConfig
 from .errors import ModelRejected
 from .extraction_monitor import ExtractionMonitor, MonitorState
+from .golden import GoldenSet, read_golden
 from .output_policy import OutputPolicy
 from .ratelimit import RateLimiter, RateLimitStatus
 from .sanitizer import Sanitizer, SanitizerError
@@ -131,6 +132,7 @@ class GuardedModel:
     ) -> None:
         self.config = config = config or GuardConfig()
         self.manifest: dict[str, Any] | None = None  # set by load()
+        self.golden: GoldenSet | None = None  # the bundle's signed golden smoke set, set by load()
         if isinstance(model, (bytes, bytearray, memoryview)):
             from .admission import load_session
 
@@ -207,6 +209,7 @@ class GuardedModel:
             deadline=deadline,
         )
         guard.manifest = opened.manifest
+        guard.golden = read_golden(opened.manifest, opened.payloads)
         if accept:  # the constructor's smoke test passed
             opened.accept()
         return guard

@@ -58,7 +58,7 @@ def test_package_records_report_digest_and_verifies(reviewed, tmp_path):
     v = json.loads(r.stdout)
     assert v["report_digest"] == hashlib.sha256(report.read_bytes()).hexdigest()
     assert v["forced"] is False and v["version"] == 3
-    assert set(v["payloads"]) == {"model", "detectors.npz"}
+    assert set(v["payloads"]) == {"model", "detectors.npz", "smoke.npz"}
     r = runner.invoke(app, ["inspect", str(bundle), "--public-key", str(keys / "signing.pub.pem"), "--json"])
     assert r.exit_code == 0
     m = json.loads(r.stdout)["manifest"]
@@ -80,11 +80,12 @@ def test_packaged_bundle_loads_in_the_runtime_and_passes_its_golden_smoke_test(r
     bundle = tmp_path / "m.ewb"
     assert _package(report, keys, bundle).exit_code == 0
     g = GuardedModel.load(bundle, keys / "signing.pub.pem", load_kek(file=keys / "kek.key"), accept=False)
-    golden = g.manifest["smoke_test"]
-    assert len(golden["inputs"]) == 4
+    assert g.manifest["smoke_test"] == {"payload": "smoke.npz", "atol": 1e-4, "n": 4}  # signed, not inline
+    golden = g.golden
+    assert golden is not None and golden.inputs.shape == (4, 1, 8, 8)
     smoke_test(Deployment(model=g, version=3, name="m", manifest_sha256="", source=str(bundle), manifest=g.manifest))
-    res = g.predict(np.asarray(golden["inputs"], dtype=np.float32), "client-1")
-    assert list(res.labels) == golden["expected_labels"]
+    res = g.predict(golden.inputs, "client-1")
+    assert list(res.labels) == golden.expected_labels.tolist()
     drift = g.snapshot()["drift"]  # the ood_score family exists; no PSI from 4 samples
     assert drift["ood_score"] == {"psi": None, "alert": False, "n": 4, "min_samples": 100}
     assert drift["predicted_class"]["psi"] is None and drift["predicted_class"]["n"] == 4
