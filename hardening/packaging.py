@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from hardening.data import Dataset, load_dataset
 from hardening.errors import CheckFailed, InputError, ModelError
 from hardening.intake import ModelInfo, load_model, make_session, predict_logits, sha256_file
+from hardening.paths import resolve
 from hardening.report.schema import load_report
 from runtime_guard.golden import GoldenSet, golden_fields
 
@@ -147,9 +149,18 @@ def _admit(model: Path, name: str) -> None:
         raise ModelError(f"{model}: variant {name!r} would be rejected on the device ({e})") from None
 
 
-def _resolve(base: Path, p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() or path.exists() else base / path
+def _with_fitted_features(model: Path, meta: dict, ds: Dataset, tmp: Path) -> Path:
+    """The model the detectors were fitted on: when fit-ood exposed the penultimate tensor by
+    graph edit, ship that edit (as output ``features``; logits checked unchanged) so that
+    every bundle that verifies also serves."""
+    from hardening.ood.graph import add_feature_output
+
+    info = load_model(model)
+    edit = add_feature_output(model.read_bytes(), info.input_name, info.logits_output, ds.x[:64],
+                              tensor=meta["model"]["features_tensor"], output_name="features")
+    shipped = tmp / model.name
+    shipped.write_bytes(edit.model_bytes)
+    return shipped
 
 
 def package_variant(
@@ -193,7 +204,7 @@ def package_variant(
             f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); refusing to package without --force"
         )
 
-    model = Path(model_path) if model_path else _resolve(base, v["path"])
+    model = Path(model_path) if model_path else resolve(v["path"], base)
     if not model.is_file():
         raise ModelError(f"{model}: model file of variant {name!r} not found (pass --model)")
     got = sha256_file(model)
@@ -202,7 +213,7 @@ def package_variant(
     info = load_model(model)
     _admit(model, name)
 
-    data = Path(data_path) if data_path else _resolve(base, report["inputs"]["data"]["path"])
+    data = Path(data_path) if data_path else resolve(report["inputs"]["data"]["path"], base)
     if not data.is_file():
         raise InputError(f"{data}: data file recorded in the report not found (pass --data)")
     if data_path is None and sha256_file(data) != report["inputs"]["data"]["sha256"]:
@@ -213,7 +224,7 @@ def package_variant(
     meta = None
     det_rel = ((report.get("artifacts") or {}).get("detectors") or {}).get(name)
     if det_rel is not None:
-        det = _resolve(base, det_rel)
+        det = resolve(det_rel, base)
         try:
             meta = json.loads((det / "detectors.json").read_text())
             payloads["detectors.npz"] = (det / "detectors.npz").read_bytes()
@@ -222,20 +233,29 @@ def package_variant(
         det_sha = (meta.get("model") or {}).get("sha256")
         if det_sha and det_sha != v["sha256"]:
             raise ModelError(f"{det}: detectors were fitted for another model (sha256 {det_sha[:12]}...)")
-
-    runtime = runtime_config(info, ds, meta, output_policy=output_policy, gate_action=gate_action,
-                             rate_limit=rate_limit, overrides=runtime_overrides,
-                             detector_npz=payloads.get("detectors.npz"))
+    features_added = ((meta or {}).get("model") or {}).get("features_tensor")
+    with tempfile.TemporaryDirectory() as tmp:
+        if features_added:
+            model = _with_fitted_features(model, meta, ds, Path(tmp))  # type: ignore[arg-type]
+            info = load_model(model)
+            _admit(model, name)
+            payloads["model"] = model.read_bytes()
+        runtime = runtime_config(info, ds, meta, output_policy=output_policy, gate_action=gate_action,
+                                 rate_limit=rate_limit, overrides=runtime_overrides,
+                                 detector_npz=payloads.get("detectors.npz"))
+        golden = smoke_set(model, info, ds)
     fields = {
         "model": {"name": Path(report["inputs"]["model"]["path"]).stem + "-" + name, "variant": name, "kind": v["kind"],
-                  "sha256": v["sha256"], "input_name": info.input_name, "num_classes": info.num_classes},
+                  "sha256": v["sha256"], "input_name": info.input_name, "num_classes": info.num_classes,
+                  "packaged_sha256": hashlib.sha256(payloads["model"]).hexdigest(),
+                  "features_added_by_graph_edit": features_added},
         "runtime": runtime,
         "report_digest": digest,
         "forced": bool(failed),
         "review": {"schema_version": report["schema_version"], "passed": not failed, "failed_checks": failed,
                    "headline": report["verdict"]["headline"], "created_at": report["created_at"]},
     }
-    fields["smoke_test"], golden_payload = golden_fields(smoke_set(model, info, ds))
+    fields["smoke_test"], golden_payload = golden_fields(golden)
     payloads.update(golden_payload)
     try:
         manifest = write_bundle(out_path, payloads, fields, signing_key, kek, version, expires_in_s)

@@ -123,3 +123,27 @@ def test_heads_of_real_graphs(digits_variants):
         xs = rng.uniform(0, 1, size=(6, 1, 8, 8)).astype(np.float32)
         edit = add_feature_output(data, info.input_name, info.logits_output, xs)
         assert edit.tensor == tensor and edit.max_logit_diff == 0.0, v.kind
+
+
+def test_logits_only_model_with_fitted_detectors_packages_and_serves(digits_demo, stripped, tmp_path):
+    """The features output fit-ood added by graph edit ships in the bundle, so the bundle that
+    verifies also serves (it used to need a 'features' output the model did not have)."""
+    from hardening.packaging import package_variant
+    from hardening.report import run_full_audit
+    from runtime_guard.bundle import generate_kek, generate_signing_keypair
+    from runtime_guard.guard import GuardedModel
+
+    res = run_full_audit(stripped, digits_demo.data_path, tmp_path / "review", kinds=("float",), areas=("ood",),
+                         sizes={"ood_synthetic": 100}, allow_skipped=True)
+    priv, pub = generate_signing_keypair()
+    kek = generate_kek()
+    out = package_variant(res.report_path, tmp_path / "m.ewb", signing_key=priv, kek=kek, version=1,
+                          gate_action="flag")
+    model = out.manifest["model"]
+    assert model["features_added_by_graph_edit"] and model["packaged_sha256"] != model["sha256"]
+    g = GuardedModel.load(tmp_path / "m.ewb", pub, kek, accept=False)
+    assert g.features_name == "features"
+    x = load_dataset(digits_demo.data_path).x[:8]
+    r = g.predict(x, "client")  # the gate scores features from the shipped output
+    want = make_session(stripped).run(None, {load_model(stripped).input_name: x})[0].argmax(1)
+    assert r.decision in ("accepted", "flagged") and list(r.labels) == want.tolist(), r
