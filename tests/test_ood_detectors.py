@@ -170,3 +170,12 @@ def test_synthetic_families_fit_shape_and_range(rng):
             assert arr.min() >= x.min() - 1e-5 and arr.max() <= x.max() + 1e-5, name
     p = natural_patches(50, (1, 8, 8), 0.0, 1.0, np.random.default_rng(1))
     assert p.std() > 0.05 and len({a.tobytes() for a in p}) == 50  # real, varied image content
+
+
+def test_mahalanobis_matrix_form_equals_the_definition(rng):
+    x, y = _blobs(rng, 300, d=12)
+    det = MahalanobisDetector().fit(x, y)
+    t = rng.normal(size=(40, 12)) * 3
+    d = t[:, None, :] - det.means_[None, :, :]
+    want = np.einsum("ncd,de,nce->nc", d, det.precision_, d).min(axis=1)
+    np.testing.assert_allclose(det.score_samples(t), want, rtol=1e-9, atol=1e-9)

@@ -149,8 +149,12 @@ class MahalanobisDetector(Detector):
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         X = self._check_X(X)
-        d = X[:, None, :] - self.means_[None, :, :]
-        return np.einsum("ncd,de,nce->nc", d, self.precision_, d).min(axis=1)
+        # (x - m)^T P (x - m) per class as matrix products: x^T P x - 2 x^T P m + m^T P m
+        # (a 3-operand einsum over [n, classes, d] cost ~100x more at d = 3072)
+        xp = X @ self.precision_
+        mp = self.means_ @ self.precision_
+        return ((xp * X).sum(axis=1)[:, None] - 2.0 * (xp @ self.means_.T)
+                + (mp * self.means_).sum(axis=1)[None, :]).min(axis=1)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {"means": self.means_, "precision": self.precision_}, {}
