@@ -499,6 +499,6 @@ def _self_checks(v, target, x, y, correct, eps_grid, norm_v, settings, clip, see
     mid = eps_grid[len(eps_grid) // 2]
     sub = ok[:ITER_SUBSET]
     info, f = checks.check_iterations(target, x[sub], y[sub], mid, norm_v, settings, seed, v.name)
+    found += f + checks.check_convergence(v, sub, info, x[sub], norm_v)
     v.gradient_check["iterations"] = info
-    found += f
     return found
