@@ -18,8 +18,8 @@ import json
 import math
 import zipfile
 from collections.abc import Callable
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 

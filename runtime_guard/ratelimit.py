@@ -23,8 +23,10 @@ from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
-    RateLimiter as _LimitsStrategy,
     SlidingWindowCounterRateLimiter,
+)
+from limits.strategies import (
+    RateLimiter as _LimitsStrategy,
 )
 
 from .config import RateLimitConfig

@@ -173,7 +173,7 @@ def _tensor(doc: object, input_name: str) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
     if not np.all(np.isfinite(out)):
-        raise bad_body(f"data is outside the float32 range the model takes", "oip-datatype")
+        raise bad_body("data is outside the float32 range the model takes", "oip-datatype")
     return out.reshape(shape)
 
 
