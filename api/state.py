@@ -112,4 +112,5 @@ class ApiState:
 
 
 def state() -> ApiState:
-    return current_app.extensions[EXT]
+    st: ApiState = current_app.extensions[EXT]
+    return st

@@ -82,7 +82,7 @@ def build_bundle(
 
 
 def write_bundle(
-    out_path: Union[str, os.PathLike],
+    out_path: Union[str, os.PathLike[str]],
     payloads: dict[str, bytes],
     manifest_fields: dict[str, Any],
     signing_key: Union[Ed25519PrivateKey, bytes],
