@@ -15,7 +15,7 @@ ifeq ($(origin SEED), undefined)
 SEED := $(shell python3 -c 'import random; print(random.randrange(1, 10**6))')
 endif
 
-.PHONY: install system-deps lock test test-slow demo clean
+.PHONY: install system-deps lock lint test test-slow demo clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,7 +39,14 @@ lock: $(STAMP)
 system-deps:
 	bash scripts/install-system-deps.sh
 
-test: $(STAMP) system-deps
+# Layering (import-linter contracts in pyproject.toml), ruff, and mypy --strict on the
+# device packages. `make test` (and so CI) runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) system-deps lint
 	@echo "test order seed: $(SEED) (make test SEED=$(SEED) repeats it)"
 	$(PY) -m pytest -m "not slow" -q -p randomly --randomly-seed=$(SEED) $(PYTEST_ARGS)
 

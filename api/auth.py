@@ -26,7 +26,7 @@ from flask import Request
 
 from runtime_guard.fileio import atomic_write, read_regular_file
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike[str]]
 KEY_PREFIX = "ew_"
 KEYS_FORMAT = 1
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

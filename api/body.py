@@ -44,7 +44,8 @@ def unsupported_type(got: str) -> ApiProblem:
 def media_type(req: Request) -> str:
     """``type/subtype`` of the body, lower case (werkzeug's ``mimetype`` re-parses the
     whole header, parameters included, on every access)."""
-    return req.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+    content_type: str = req.environ.get("CONTENT_TYPE", "")
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def read_body(req: Request, max_bytes: int) -> bytes:
@@ -54,6 +55,7 @@ def read_body(req: Request, max_bytes: int) -> bytes:
         raise ApiProblem(413, "payload-too-large", "Payload Too Large",
                          f"body is over the {max_bytes}-byte limit")
     stream = req.environ["wsgi.input"]
+    data: bytes
     if n is not None:
         # Declared length within the cap: read exactly that many bytes from the server's
         # input, as WSGI specifies (werkzeug's stream wrappers cost more than the JSON
@@ -109,7 +111,7 @@ def _check_numeric_tree(obj: Any) -> None:
                 raise bad_body("inputs must be finite numbers", "json-type")
 
 
-def _fast_array(inputs: list, data: bytes) -> np.ndarray | None:
+def _fast_array(inputs: list[Any], data: bytes) -> np.ndarray | None:
     """Common case in one numpy call: a rectangular list of plain numbers, as float32.
 
     Only taken when the body's only string is the ``"inputs"`` key (two quote

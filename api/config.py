@@ -14,7 +14,7 @@ from typing import Any, Union
 
 from .reload import RollbackTrigger
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike[str]]
 RATE_LIMIT_HEADERS = ("refusals", "always")
 
 

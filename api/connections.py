@@ -27,6 +27,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = ["ConnectionLimits", "ConnectionTable", "BoundedListener", "GuardedConnection"]
 
@@ -160,7 +164,7 @@ class GuardedConnection(socket.socket):
         self.reaped = False
         self._tail = b""
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
         if data:
             if self.state == _IDLE:
@@ -173,7 +177,7 @@ class GuardedConnection(socket.socket):
                     self._tail = buf[-3:]
         return data
 
-    def send(self, data, flags: int = 0) -> int:  # type: ignore[override]
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
         n = super().send(data, flags)
         if self.state == _ACTIVE:
             self.state = _IDLE  # answering: the next byte from the client starts new headers
@@ -196,7 +200,7 @@ class BoundedListener(socket.socket):
         listener.table = table
         return listener
 
-    def accept(self) -> tuple[socket.socket, object]:  # type: ignore[override]
+    def accept(self) -> tuple[socket.socket, object]:
         while True:
             plain, addr = super().accept()  # BlockingIOError when the queue is empty
             peer = str(addr[0]) if isinstance(addr, tuple) else str(addr)

@@ -77,7 +77,7 @@ def _drift_items(snap: dict[str, Any]) -> list[tuple[str, float | None, int]]:
         psi, n = entry.get("psi"), entry.get("n")
         n = n if isinstance(n, int) and not isinstance(n, bool) else 0
         ok = isinstance(psi, (int, float)) and not isinstance(psi, bool)
-        out.append((str(name), float(psi) if ok else None, n))
+        out.append((str(name), float(psi) if ok and psi is not None else None, n))
     return out
 
 
@@ -102,7 +102,7 @@ class ApiMetrics:
             reg.register(TelemetryCollector(snapshot))
         # Label children cached per label tuple: ``labels()`` validates and locks on every call,
         # which is measurable per request. Label values are bounded (routes, statuses, reason codes).
-        self._children: dict[tuple, Any] = {}
+        self._children: dict[tuple[int | str, ...], Any] = {}
         from runtime_guard.telemetry import REASON_CODES
 
         self.reasons_allowed = frozenset(REASON_CODES) | EXTRA_REASONS
@@ -113,7 +113,7 @@ class ApiMetrics:
         self.endpoints_allowed = frozenset(templates) | {"unmatched"}
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
+        key: tuple[int | str, ...] = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
@@ -136,6 +136,6 @@ class ApiMetrics:
             from prometheus_client import multiprocess
 
             reg = CollectorRegistry()
-            multiprocess.MultiProcessCollector(reg)
+            multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
             return generate_latest(reg), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -201,8 +201,8 @@ SCHEMAS: dict[str, Any] = {
 
 def openapi_document(*, api_keys: bool = False, admin: bool = False) -> dict[str, Any]:
     """Build the document; ``api_keys``/``admin`` add the matching security."""
-    key_sec = [{"apiKey": []}, {"bearer": []}] if api_keys else []
-    admin_sec = [{"adminToken": []}]
+    key_sec: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}] if api_keys else []
+    admin_sec: list[dict[str, list[str]]] = [{"adminToken": []}]
     not_ready = _problem("no model loaded yet, the rate-limit storage is unreachable "
                          "(``check``: ``rate-limit-storage``) or the server is draining", RETRY_AFTER)
     unauthorized = _problem("missing or invalid API key")

@@ -265,7 +265,8 @@ class ModelHolder:
                                 f"{self.deadline_s:g} s deadline")
         if "exc" in box:
             raise box["exc"]
-        return box["dep"]
+        dep: Deployment | None = box["dep"]
+        return dep
 
     def _run_smoke(self, dep: Deployment, deadline: Any = None) -> None:
         from runtime_guard.errors import ModelRejected
@@ -330,7 +331,7 @@ class DirectoryWatcher(threading.Thread):
     refused bundle is not retried in a loop.
     """
 
-    def __init__(self, holder: ModelHolder, directory: str | os.PathLike, interval_s: float = 2.0,
+    def __init__(self, holder: ModelHolder, directory: str | os.PathLike[str], interval_s: float = 2.0,
                  pattern: str = "*.ewb") -> None:
         super().__init__(name="bundle-watch", daemon=True)
         self.holder = holder
@@ -378,7 +379,7 @@ class DirectoryWatcher(threading.Thread):
             except Exception as exc:
                 log.warning("watch: %s not loaded: %s", p.name, getattr(exc, "check", type(exc).__name__))
 
-    def _note(self, key: tuple, msg: str, *args: Any) -> None:
+    def _note(self, key: tuple[str, int, int], msg: str, *args: Any) -> None:
         if key not in self._seen:
             self._seen.add(key)
             log.warning(msg, *args)

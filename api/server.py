@@ -28,10 +28,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ApiConfig
 from .connections import BoundedListener, ConnectionLimits, ConnectionTable
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+    from flask import Flask
 
 log = logging.getLogger("api.server")
 
@@ -97,7 +101,7 @@ def listen_socket(host: str, port: int, reuseport: bool) -> socket.socket:
     return sock
 
 
-def run_waitress(app, sock: socket.socket, threads: int, max_body_bytes: int,
+def run_waitress(app: WSGIApplication, sock: socket.socket, threads: int, max_body_bytes: int,
                  limits: ConnectionLimits | None = None, *,
                  on_drain: Callable[[], None] | None = None, drain_timeout_s: float = 10.0) -> None:
     """Serve ``app`` on a bound socket with edgeward's waitress settings (blocking).
@@ -107,7 +111,7 @@ def run_waitress(app, sock: socket.socket, threads: int, max_body_bytes: int,
     In the main thread SIGTERM drains: stop accepting, call ``on_drain`` (readiness
     turns 503), wait until no request is in progress (at most ``drain_timeout_s``),
     then return."""
-    from waitress import create_server
+    from waitress.server import create_server
 
     limits = limits or ConnectionLimits()
     # Everything allocated so far (onnx, protobuf, numpy, the model) lives as long as the
@@ -185,7 +189,7 @@ class _Drain:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _waitress(app, sock: socket.socket, settings: ServerSettings, config: ApiConfig) -> None:
+def _waitress(app: Flask, sock: socket.socket, settings: ServerSettings, config: ApiConfig) -> None:
     from .state import EXT
 
     st = app.extensions[EXT]

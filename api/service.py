@@ -37,6 +37,7 @@ def make_loader(cfg: ApiConfig) -> Loader:
                                   storage_uri=cfg.storage_uri, threads=cfg.intra_op_threads,
                                   accept=False, deadline=deadline)
         manifest = model.manifest
+        assert manifest is not None  # GuardedModel.load sets it
         # The reader refuses non-canonical manifests, so this is the signed digest.
         digest = hashlib.sha256(canonical_json(manifest)).hexdigest()
         version = int(manifest["version"])
@@ -123,11 +124,11 @@ def run_predict(dep: Deployment, x: np.ndarray, client_id: str, status_headers: 
     res = dep.model.predict(x, client_id)
     if res.decision == "rate_limited":
         wait = max(1, math.ceil(res.retry_after or 1))
-        headers = dict(rate_headers(res.rate_limit, legacy=True))
-        headers["Retry-After"] = str(wait)
+        retry_headers = dict(rate_headers(res.rate_limit, legacy=True))
+        retry_headers["Retry-After"] = str(wait)
         raise ApiProblem(429, "rate-limited", "Too Many Requests",
                          f"request budget exhausted; retry in {wait}s",
-                         extra={"reasons": list(res.reasons), "retry_after": wait}, headers=headers)
+                         extra={"reasons": list(res.reasons), "retry_after": wait}, headers=retry_headers)
     if res.decision == "rejected":
         input_reasons = [r.split(":", 1)[1] for r in res.reasons if r.startswith("input:")]
         if input_reasons:

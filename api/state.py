@@ -7,14 +7,14 @@ from typing import Any
 
 from flask import Request, current_app
 
+from runtime_guard.ratelimit import StorageUnavailable
+
 from .auth import AdminToken, KeyStore, presented_token
 from .config import ApiConfig
 from .metrics import ApiMetrics
 from .problems import ApiProblem
 from .reload import Deployment, DirectoryWatcher, ModelHolder
 from .service import Answer, run_predict
-
-from runtime_guard.ratelimit import StorageUnavailable
 
 EXT = "edgeward"
 
@@ -112,4 +112,5 @@ class ApiState:
 
 
 def state() -> ApiState:
-    return current_app.extensions[EXT]
+    st: ApiState = current_app.extensions[EXT]
+    return st

@@ -14,8 +14,12 @@ forked after start-up).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .config import ApiConfig
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def config_from_env(env: "os._Environ[str] | dict[str, str]" = os.environ) -> ApiConfig:
@@ -33,7 +37,7 @@ def config_from_env(env: "os._Environ[str] | dict[str, str]" = os.environ) -> Ap
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Flask:
     if name == "app":  # built on first access, i.e. inside each worker
         from .app import create_app
 

@@ -20,7 +20,7 @@ import torch
 from art.estimators.classification import BlackBoxClassifierNeuralNetwork, PyTorchClassifier
 from torch import nn
 
-from hardening.zoo import LogitsOnly
+from attacks.architectures import LogitsOnly
 
 ClipValues = tuple[float, float]
 

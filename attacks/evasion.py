@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hardening.errors import InputError, ModelError
+from attacks.errors import InputError, ModelError
 
 NORMS = {"inf": np.inf, "2": 2}
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from attacks.architectures import ARCHITECTURES, LogitsOnly
+from attacks.errors import InputError
 from attacks.victims import Victim
-from hardening.errors import InputError
-from hardening.zoo import ARCHITECTURES, LogitsOnly
 
 ATTACKS = ("copycat", "knockoff_random", "knockoff_adaptive")
 

@@ -117,7 +117,7 @@ class GraphModule(nn.Module):
         self.input_name = input_name
         self.int_dtype: dict[str, int] = {}  # onnx dtype of integer-valued tensors
         self._consts: dict[str, torch.Tensor] = {}
-        for i, init in enumerate(g.initializer):
+        for init in g.initializer:
             arr = numpy_helper.to_array(init)
             self._consts[init.name] = self._tensor(init.name, arr, init.data_type)
         for n in self.nodes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hardening.errors import DataError, InputError
+from attacks.errors import DataError, InputError
 
 SCENARIOS = ("in_dist", "natural_ood", "noise")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hardening.errors import InputError
+from attacks.errors import InputError
 from runtime_guard.output_policy import softmax
 
 ANSWERED = ("accepted", "flagged")

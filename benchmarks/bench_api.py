@@ -231,6 +231,29 @@ def in_process_cpu(model: Path, bundles: dict[str, Path], work: Path, body: byte
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def _empty_npz() -> bytes:
+    """A placeholder detectors.npz (the max-softmax detector has no fitted arrays)."""
+    import io
+
+    import numpy as np
+
+    bio = io.BytesIO()
+    np.savez(bio, unused=np.zeros(1))
+    return bio.getvalue()
+
+
+def _msp_detector_meta() -> dict:
+    """One max-softmax-probability detector on the logits, no threshold (scored, never refused)."""
+    return {
+        "format": "edgeward-ood/1",
+        "threshold": None,
+        "fusion": {"rule": "mean_z", "members": ["msp"]},
+        "detectors": [{"name": "msp", "kind": "msp", "view": "logits",
+                       "norm": {"mean": 0.0, "std": 1.0}, "threshold": None,
+                       "params": {"temperature": 1.0}}],
+    }
+
+
 def build_assets(demo_dir: Path | None, work: Path, rate: str) -> tuple[Path, dict[str, Path], bytes]:
     """Digits demo model, a fresh keypair + KEK, one bundle per variant, the request body."""
     import numpy as np
@@ -251,15 +274,13 @@ def build_assets(demo_dir: Path | None, work: Path, rate: str) -> tuple[Path, di
     (work / "pub.pem").write_bytes(pub)
     kek = generate_kek()
     write_secret_file(work / "kek.key", kek.hex().encode())
-    sys.path.insert(0, str(REPO / "tests"))
-    from api_fixtures import empty_npz, msp_detector_meta
 
     bundles = {}
     for i, (name, (policy, _, _)) in enumerate(variants(rate).items()):
         payloads = {"model": model_path.read_bytes()}
         if policy.get("anomaly", {}).get("action") != "off":
-            policy["anomaly"]["detector_meta"] = msp_detector_meta(None)
-            payloads["detectors.npz"] = empty_npz()
+            policy["anomaly"]["detector_meta"] = _msp_detector_meta()
+            payloads["detectors.npz"] = _empty_npz()
         runtime = GuardConfig.from_dict(policy).to_dict()
         bundles[name] = work / f"bench{i}.ewb"
         write_bundle(bundles[name], payloads, {"model": {"name": "digits"}, "runtime": runtime}, priv, kek, 1)
@@ -326,7 +347,6 @@ def main() -> None:
     for name, rs in rounds.items():
         results[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         results[name]["ratios"] = [r["rps"] / b["rps"] for r, b in zip(rs, rounds["bare"])]
-    bare = results["bare"]
     lines = [
         "# API benchmark: guarded /v1/predict vs bare Flask + onnxruntime",
         "",

@@ -98,10 +98,10 @@ def main() -> None:
     ap.add_argument("--eps-extra", type=float, default=0.05,
                     help="also run the 12x12 CNN here (it has no robust point left at 0.1)")
     args = ap.parse_args()
-    from foreign_models import CNN3, cnn_data, export, train
-
     from hardening.demo import build_demo
     from hardening.torch_source import load_torch_source
+
+    from foreign_models import CNN3, cnn_data, export, train
 
     tmp = Path(tempfile.mkdtemp())
     print(f"cascade profile: {args.profile}")

@@ -34,13 +34,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from onnx import TensorProto, helper, numpy_helper
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from runtime_guard.admission import AdmissionLimits, _checker_view, _parse, _skeleton, load_session
-from runtime_guard.bundle import (build_bundle, generate_kek, generate_signing_keypair, load_kek, open_bundle,
-                                  write_secret_file)
+from runtime_guard.bundle import (
+    build_bundle,
+    generate_kek,
+    generate_signing_keypair,
+    load_kek,
+    open_bundle,
+    write_secret_file,
+)
 from runtime_guard.bundle.format import DEFAULT_CHUNK_SIZE, SIG_CONTEXT, Source, chunk_nonce, parse_header
 from runtime_guard.bundle.keys import coerce_public_key
 

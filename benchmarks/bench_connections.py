@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _serve(mode: str, model: str, port: int) -> None:
-    from bench_api import bare_app
-
     from api.server import listen_socket, run_waitress
+
+    from bench_api import bare_app
 
     app = bare_app(model)
     sock = listen_socket("127.0.0.1", port, reuseport=False)

@@ -36,7 +36,7 @@ def markdown(rep) -> str:
     lines = [f"Model `{Path(rep.model).name}` sha256 `{rep.model_sha256[:12]}`; thief `{rep.thief['arch']}` "
              f"({rep.thief['train_steps']} steps, batch {rep.thief['batch_size']}); rate {rep.rate['per_client']} "
              f"per key, {rep.rate['sybil_keys']} Sybil keys, global {rep.rate['global_limit']}.",
-             f"Pools: " + "; ".join(f"{p['scenario']}: {p['n_real']} real + {p['n_augmented']} augmented"
+             "Pools: " + "; ".join(f"{p['scenario']}: {p['n_real']} real + {p['n_augmented']} augmented"
                                     for p in rep.pools), ""]
     if rep.gate:
         lines.append(f"OOD gate: target FRR {rep.gate['alpha']}, held-out FRR {rep.gate['heldout_frr']:.3f}, "

@@ -99,9 +99,9 @@ def main() -> None:
 
     ood_dir = args.ood_dir or (args.demo_dir / "ood" if args.demo_dir is not None else None)
     if ood_dir is None or not (ood_dir / "detectors.npz").exists():
+        from hardening.data import load_dataset
         from hardening.ood import export_detectors  # setup only: fit the detectors like `edgeward fit-ood`
         from hardening.ood.pipeline import fit_ensemble, prepare_model
-        from hardening.data import load_dataset
 
         ds = load_dataset(data_path)
         pm = prepare_model(model_path, ds)

@@ -1,24 +1,14 @@
-"""Errors the CLI maps to exit codes: input problems exit 2, failed checks exit 1."""
+"""Errors the CLI maps to exit codes: input problems exit 2, failed checks exit 1.
+
+The input family is defined in ``attacks.errors`` (``attacks`` sits below ``hardening``
+and raises it too) and re-exported here unchanged: one set of classes for both packages.
+"""
 
 from __future__ import annotations
 
+from attacks.errors import DataError, EdgewardError, InputError, ModelError
 
-class EdgewardError(Exception):
-    """Base class; ``exit_code`` tells the CLI how to end."""
-
-    exit_code = 2
-
-
-class InputError(EdgewardError):
-    """The user gave something we cannot use (file, option, array). Exit code 2."""
-
-
-class ModelError(InputError):
-    """The model file is unusable or unsafe to load."""
-
-
-class DataError(InputError):
-    """The data file is malformed or does not fit the model."""
+__all__ = ["CheckFailed", "DataError", "EdgewardError", "InputError", "ModelError"]
 
 
 class CheckFailed(EdgewardError):

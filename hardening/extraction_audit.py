@@ -35,10 +35,10 @@ import numpy as np
 from attacks.extraction import ATTACKS, steal, thief_spec_for
 from attacks.thief_data import SCENARIOS, ThiefPool, make_pool
 from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim
-from runtime_guard.output_policy import softmax
 from hardening.data import Dataset, load_dataset, save_dataset
 from hardening.errors import InputError
 from hardening.intake import check_fits, load_model, make_session
+from runtime_guard.output_policy import softmax
 
 DEFAULT_BUDGETS = (50, 200, 1000, 5000)
 QUICK_BUDGETS = (50, 200, 500)
@@ -264,8 +264,13 @@ def _gate_fn(bare: ModelVictim, scorer: Any) -> Callable[[np.ndarray], np.ndarra
 
 def default_guard_config(policy: str = "full") -> Any:
     """The guarded-runtime victim: OOD gate rejecting, chosen output policy, PRADA monitor flagging."""
-    from runtime_guard.config import (AnomalyGateConfig, ExtractionMonitorConfig, GuardConfig,
-                                      OutputPolicyConfig, RateLimitConfig)
+    from runtime_guard.config import (
+        AnomalyGateConfig,
+        ExtractionMonitorConfig,
+        GuardConfig,
+        OutputPolicyConfig,
+        RateLimitConfig,
+    )
 
     return GuardConfig(
         rate_limit=RateLimitConfig(per_client=None),

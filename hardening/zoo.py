@@ -1,57 +1,8 @@
-"""Known PyTorch architectures, so a state dict can be loaded with ``weights_only=True``.
-
-Every model returns ``(logits, features)``: the features are the penultimate
-activations the OOD gate scores.
-"""
+"""Known PyTorch architectures (defined in ``attacks.architectures``, which the extraction
+thieves build from; re-exported here for the release-time pipeline and model loading)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from attacks.architectures import ARCHITECTURES, DigitsCNN, LogitsOnly, TabularMLP
 
-
-class DigitsCNN(nn.Module):
-    """Small CNN for 1x8x8 images in [0, 1]."""
-
-    def __init__(self, num_classes: int = 6, width: int = 16, feature_dim: int = 128) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(2 * width * 4 * 4, feature_dim)
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.relu(self.conv1(x))
-        h = self.pool(torch.relu(self.conv2(h)))
-        f = torch.relu(self.fc(h.flatten(1)))
-        return self.head(f), f
-
-
-class TabularMLP(nn.Module):
-    """ReLU MLP for flat feature vectors in [0, 1]."""
-
-    def __init__(self, in_features: int = 30, num_classes: int = 2, hidden: int = 32, feature_dim: int = 16) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.fc2 = nn.Linear(hidden, feature_dim)
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = torch.relu(self.fc2(torch.relu(self.fc1(x))))
-        return self.head(f), f
-
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {"digits_cnn": DigitsCNN, "tabular_mlp": TabularMLP}
-
-
-class LogitsOnly(nn.Module):
-    """Wraps a ``(logits, features)`` model for tools that want one output (ART, pruning)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+__all__ = ["ARCHITECTURES", "DigitsCNN", "LogitsOnly", "TabularMLP"]

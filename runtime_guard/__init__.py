@@ -29,21 +29,21 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .config import (
-        AnomalyGateConfig,
-        ExtractionMonitorConfig,
-        GuardConfig,
-        GuardConfigError,
-        InputSchema,
-        OutputPolicyConfig,
-        RateLimitConfig,
-        TelemetryConfig,
-    )
-    from .extraction_monitor import MonitorState, shapiro_wilk
-    from .guard import GuardedModel, PredictionResult
-    from .ratelimit import RateLimitStatus
-    from .sanitizer import SanitizerError
+if TYPE_CHECKING:  # "X as X": explicit re-exports for type checkers and linters
+    from .config import AnomalyGateConfig as AnomalyGateConfig
+    from .config import ExtractionMonitorConfig as ExtractionMonitorConfig
+    from .config import GuardConfig as GuardConfig
+    from .config import GuardConfigError as GuardConfigError
+    from .config import InputSchema as InputSchema
+    from .config import OutputPolicyConfig as OutputPolicyConfig
+    from .config import RateLimitConfig as RateLimitConfig
+    from .config import TelemetryConfig as TelemetryConfig
+    from .extraction_monitor import MonitorState as MonitorState
+    from .extraction_monitor import shapiro_wilk as shapiro_wilk
+    from .guard import GuardedModel as GuardedModel
+    from .guard import PredictionResult as PredictionResult
+    from .ratelimit import RateLimitStatus as RateLimitStatus
+    from .sanitizer import SanitizerError as SanitizerError
 
 
 def __getattr__(name: str) -> Any:

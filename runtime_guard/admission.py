@@ -28,6 +28,7 @@ what is not scanned is exactly what the walker saw as opaque weight bytes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,7 +223,7 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, pos: int, end: int):
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """Yield (field, wire_type, field_start, value_start, field_end)."""
     while pos < end:
         start = pos

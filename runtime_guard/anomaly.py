@@ -18,8 +18,8 @@ import json
 import math
 import zipfile
 from collections.abc import Callable
-from typing import NamedTuple
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,7 +40,8 @@ class AnomalyInputError(ValueError):
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
     m = z.max(axis=1, keepdims=True)
-    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    res: np.ndarray = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    return res
 
 
 def _kth_distance(q: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int) -> np.ndarray:
@@ -51,7 +52,8 @@ def _kth_distance(q: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int
         kth = part.min(axis=1)
     else:
         kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
-    return np.sqrt(np.maximum(kth + (q * q).sum(axis=1), 0.0))
+    res: np.ndarray = np.sqrt(np.maximum(kth + (q * q).sum(axis=1), 0.0))
+    return res
 
 
 def _need(arrays: dict[str, np.ndarray], name: str, key: str, ndim: int) -> np.ndarray:
@@ -85,7 +87,7 @@ class _One(NamedTuple):
     min_from: int | None = None
 
 
-def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) -> tuple[Callable[[np.ndarray], np.ndarray], int | None, tuple[np.ndarray | None, _Post], _One | None]:
+def _build(kind: str, name: str, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Callable[[np.ndarray], np.ndarray], int | None, tuple[np.ndarray | None, _Post], _One | None]:
     """Return (score function on one view, expected width or None, fused-path spec, batch-1 spec).
 
     The fused-path spec is ``(block, post)``: ``block`` is a (width, m) matrix (or
@@ -96,6 +98,7 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
     spec (None where there is none) does the same on one row with the constant
     terms folded into the product, so the tail is a few scalar operations.
     """
+    one: _One | None
     if kind in ("msp", "energy"):
         t = float(params.get("temperature", 1.0))
         if not t > 0:
@@ -103,9 +106,10 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
         if kind == "msp":
             def msp(z: np.ndarray) -> np.ndarray:
                 zz = z / t
-                return 1.0 - np.exp(zz.max(axis=1) - _logsumexp(zz))
+                res: np.ndarray = 1.0 - np.exp(zz.max(axis=1) - _logsumexp(zz))
+                return res
 
-            def msp1(z: list, _p: object, _vv: float, _nrm: float, _mn: float) -> float:
+            def msp1(z: list[float], _p: object, _vv: float, _nrm: float, _mn: float) -> float:
                 zz = [v / t for v in z]
                 m = max(zz)
                 return 1.0 - 1.0 / sum([math.exp(v - m) for v in zz])
@@ -117,7 +121,7 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
             def energy(z: np.ndarray) -> np.ndarray:
                 return -t * _logsumexp(z / t)
 
-        def energy1(z: list, _p: object, _vv: float, _nrm: float, _mn: float) -> float:
+        def energy1(z: list[float], _p: object, _vv: float, _nrm: float, _mn: float) -> float:
             zz = [v / t for v in z]
             m = max(zz)
             return -t * (m + math.log(sum([math.exp(v - m) for v in zz])))
@@ -132,12 +136,14 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
 
         def maha(f: np.ndarray) -> np.ndarray:
             fpf = ((f @ prec) * f).sum(axis=1, keepdims=True)
-            return (fpf - 2.0 * (f @ mp.T) + c).min(axis=1)
+            res: np.ndarray = (fpf - 2.0 * (f @ mp.T) + c).min(axis=1)
+            return res
 
         def maha_post(f: np.ndarray, prod: np.ndarray, _vv: np.ndarray) -> np.ndarray:
             # prod = f @ [P | -2 mp^T]; min_c(fPf - 2 f.mp_c + c_c) = fPf + min_c(c_c - 2 f.mp_c)
             part = prod[:, d:] + c
-            return np.einsum("ij,ij->i", prod[:, :d], f) + np.minimum.reduce(part, axis=1)
+            res: np.ndarray = np.einsum("ij,ij->i", prod[:, :d], f) + np.minimum.reduce(part, axis=1)
+            return res
         def maha1(f: np.ndarray, prod: np.ndarray, _vv: float, _nrm: float, mn: float) -> float:
             # prod = [f, 1] @ [[P, -2 mp^T], [0, c]]; mn = min of prod[d:]
             return float(prod[:d] @ f) + mn
@@ -172,7 +178,8 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
             else:
                 kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
             kth += vv
-            return np.sqrt(np.maximum(kth, 0.0, out=kth), out=kth)
+            res: np.ndarray = np.sqrt(np.maximum(kth, 0.0, out=kth), out=kth)
+            return res
         def knn1(f: np.ndarray, prod: np.ndarray, vv: float, nrm: float, mn: float) -> float:
             # prod = [f, 1, nrm] @ [[-2 bank^T], [0 or bank_sq], [bank_sq or 0]]; mn = its min
             kth = mn / nrm + vv / (nrm * nrm) if normalize else mn + vv
@@ -190,7 +197,8 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
         def pca(x: np.ndarray) -> np.ndarray:
             c = x - mean
             r = c - (c @ comp.T) @ comp
-            return (r * r).sum(axis=1)
+            res: np.ndarray = (r * r).sum(axis=1)
+            return res
 
         k_comp = comp.shape[0]
         mc = mean @ comp.T
@@ -200,10 +208,13 @@ def _build(kind: str, name: str, params: dict, arrays: dict[str, np.ndarray]) ->
         def pca_post(x: np.ndarray, prod: np.ndarray, vv: np.ndarray) -> np.ndarray:
             # prod = x @ [comp^T | mean]; proj = (x - mean) @ comp^T
             proj = prod[:, :k_comp] - mc
+            res: np.ndarray
             if orthonormal:  # |r|^2 = |c|^2 - |proj|^2 for orthonormal rows
-                return (vv - 2.0 * prod[:, k_comp] + mm) - np.einsum("ij,ij->i", proj, proj)
-            r = (x - mean) - proj @ comp
-            return (r * r).sum(axis=1)
+                res = (vv - 2.0 * prod[:, k_comp] + mm) - np.einsum("ij,ij->i", proj, proj)
+            else:
+                r = (x - mean) - proj @ comp
+                res = (r * r).sum(axis=1)
+            return res
         def pca1(x: np.ndarray, prod: np.ndarray, vv: float, _nrm: float, _mn: float) -> float:
             # prod = [x, 1] @ [[comp^T, -2 mean], [-mc, |mean|^2]] = [proj, |c|^2 - |x|^2]
             proj = prod[:k_comp]
@@ -225,6 +236,25 @@ def _threshold(v: object, what: str) -> float:
 
 class _Det:
     __slots__ = ("name", "kind", "view", "fn", "width", "mean", "std", "threshold", "fused", "fast", "one")
+    name: str
+    kind: str
+    view: str
+    fn: Callable[[np.ndarray], np.ndarray]  # score on one view, plain numpy
+    width: int | None  # expected width of the view (None = any)
+    mean: float  # normalisation: z = (score - mean) / std
+    std: float
+    threshold: float
+    fused: bool  # a member of the fusion rule
+    fast: tuple[np.ndarray | None, _Post]  # fused-path spec (block, post)
+    one: _One | None  # batch-1 spec
+
+
+# _FusedPlan's per-view plans: (column, post, start, stop) per member; the batch-1 form
+# adds the member's minimum position, and the view its augmented matrix and reduceat indices
+_Member = tuple[int, _Post, int, int]
+_OneMember = tuple[int, Callable[..., float], int, int, int | None]
+_ViewPlan = tuple[int, int | None, np.ndarray | None, list[_Member]]
+_OnePlan = tuple[int, int | None, np.ndarray | None, bool, np.ndarray | None, list[_OneMember]]
 
 
 class _FusedPlan:
@@ -240,7 +270,7 @@ class _FusedPlan:
         self.weights = np.array([1.0 / (d.std * self.k) for d in fused])
         self.bias = -sum(d.mean / (d.std * self.k) for d in fused)
         # (view index, width, stacked matrix | None, [(column, post, start, stop)])
-        self.views: list[tuple[int, int | None, np.ndarray | None, list[tuple[int, _Post, int, int]]]] = []
+        self.views: list[_ViewPlan] = []
         for view in dict.fromkeys(d.view for d in fused):
             cols = [(i, d) for i, d in enumerate(fused) if d.view == view]
             widths = {d.width for _, d in cols if d.width is not None}
@@ -248,7 +278,8 @@ class _FusedPlan:
                 raise ValueError("detectors of one view disagree on its width")
             blocks = [d.fast[0] for _, d in cols if d.fast[0] is not None]
             matrix = np.ascontiguousarray(np.hstack(blocks)) if blocks else None
-            members, start = [], 0
+            members: list[_Member] = []
+            start = 0
             for i, d in cols:
                 stop = start + (d.fast[0].shape[1] if d.fast[0] is not None else 0)
                 members.append((i, d.fast[1], start, stop))
@@ -257,23 +288,28 @@ class _FusedPlan:
         self.wlist = self.weights.tolist()
         self.ones = self._batch_one(fused)
 
-    def _batch_one(self, fused: list[_Det]) -> list[tuple] | None:
+    def _batch_one(self, fused: list[_Det]) -> list[_OnePlan] | None:
         """Per view: (view index, width, augmented matrix [v, 1(, |v|)] or None,
         needs |v|, reduceat indices or None, [(column, post, start, stop, min position)]);
         None if a detector has no batch-1 form."""
-        if any(d.one is None for d in fused):
-            return None
-        out = []
+        ones: list[_One] = []
+        for d in fused:
+            if d.one is None:
+                return None
+            ones.append(d.one)
+        out: list[_OnePlan] = []
         for vi, width, _m, _members in self.views:
-            cols = [(i, d) for i, d in enumerate(fused) if VIEWS.index(d.view) == vi]
-            blocks = [d.one for _, d in cols if d.one.block is not None]
+            cols = [(i, ones[i]) for i, d in enumerate(fused) if VIEWS.index(d.view) == vi]
+            blocks = [one for _, one in cols if one.block is not None]
             if not blocks:
-                out.append((vi, width, None, False, None, [(i, d.one.post, 0, 0, None) for i, d in cols]))
+                out.append((vi, width, None, False, None, [(i, one.post, 0, 0, None) for i, one in cols]))
                 continue
             need_nrm = any(b.row_nrm is not None for b in blocks)
-            parts, members, start, segs = [], [], 0, []
-            for i, d in cols:
-                b = d.one
+            parts: list[np.ndarray] = []
+            members: list[_OneMember] = []
+            segs: list[int] = []
+            start = 0
+            for i, b in cols:
                 if b.block is None:
                     members.append((i, b.post, 0, 0, None))
                     continue
@@ -298,7 +334,7 @@ class _FusedPlan:
 class AnomalyScorer:
     """Fused anomaly score of the exported detectors; see module docstring for the convention."""
 
-    def __init__(self, npz_bytes: bytes, meta: dict, dets: list[_Det]) -> None:
+    def __init__(self, npz_bytes: bytes, meta: dict[str, Any], dets: list[_Det]) -> None:
         self.npz_bytes = npz_bytes
         self.meta = meta
         self._dets = dets
@@ -314,7 +350,7 @@ class AnomalyScorer:
 
     # ---- loading -------------------------------------------------------
     @classmethod
-    def from_bytes(cls, npz_bytes: bytes, meta: dict) -> AnomalyScorer:
+    def from_bytes(cls, npz_bytes: bytes, meta: dict[str, Any]) -> AnomalyScorer:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise AnomalyFormatError(f"detector meta must be a dict with format {FORMAT!r}")
         try:
@@ -400,7 +436,8 @@ class AnomalyScorer:
                 raise AnomalyInputError(f"detector '{d.name}': {d.view} has {out[d.view].shape[1]} values per sample, expected {d.width}")
         return out
 
-    def _scores(self, x, logits, features, dets: list[_Det]) -> dict[str, np.ndarray]:  # noqa: ANN001
+    def _scores(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
+                dets: list[_Det]) -> dict[str, np.ndarray]:
         views = self._views(x, logits, features, dets)
         return {d.name: d.fn(views[d.view]) for d in dets}
 
@@ -409,7 +446,7 @@ class AnomalyScorer:
         return self._scores(x, logits, features, self._dets)
 
     def fuse(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        total = 0.0
+        total: np.ndarray | float = 0.0
         for d in self._fused:
             total = total + (scores[d.name] - d.mean) / d.std
         return np.asarray(total / len(self._fused), dtype=np.float64)
@@ -459,14 +496,18 @@ class AnomalyScorer:
                     out[:, col] = post(arr, arr, arr)
         if out is None:
             return self._checked_score(x, logits, features)
-        return out @ plan.weights + plan.bias
+        res: np.ndarray = out @ plan.weights + plan.bias
+        return res
 
-    def _score_one(self, plan: _FusedPlan, raw: tuple) -> np.ndarray | None:
+    def _score_one(self, plan: _FusedPlan, raw: tuple[np.ndarray | None, ...]) -> np.ndarray | None:
         """Batch-1 fused score, or None when the request is not a clean batch of one
         (then the general path handles or refuses it)."""
         total = plan.bias
         wl = plan.wlist
-        for vi, width, matrix, need_nrm, idx, members in plan.ones:  # type: ignore[union-attr]
+        ones = plan.ones
+        if ones is None:
+            return None
+        for vi, width, matrix, need_nrm, idx, members in ones:
             arr = raw[vi]
             if type(arr) is not np.ndarray or arr.ndim < 2 or arr.shape[0] != 1:
                 return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "GuardConfigError",
@@ -64,7 +64,7 @@ def _num(path: str, v: Any, lo: float = -math.inf, hi: float = math.inf, *, open
 def _choice(path: str, v: Any, options: tuple[str, ...]) -> str:
     if v not in options:
         raise GuardConfigError(path, f"must be one of {list(options)}, got {v!r}")
-    return v
+    return str(v)
 
 
 def _bool(path: str, v: Any) -> bool:
@@ -112,7 +112,7 @@ class _Section:
     """Mixin: strict from_dict / JSON-ready to_dict for flat dataclasses."""
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = ""):
+    def from_dict(cls, d: Any, path: str = "") -> Self:
         name = path or cls.__name__
         if d is None:
             return cls()
@@ -318,7 +318,7 @@ class GuardConfig:
     extraction: ExtractionMonitorConfig = field(default_factory=ExtractionMonitorConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
-    _SECTIONS = {
+    _SECTIONS: ClassVar[dict[str, type[_Section]]] = {
         "input": InputSchema,
         "rate_limit": RateLimitConfig,
         "anomaly": AnomalyGateConfig,
@@ -347,7 +347,8 @@ class GuardConfig:
         unknown = sorted(set(d) - set(cls._SECTIONS))
         if unknown:
             raise GuardConfigError("runtime", f"unknown keys {unknown}")
-        parts = {name: sec.from_dict(d.get(name), name) for name, sec in cls._SECTIONS.items()}
+        # each value has its field's type (_SECTIONS pairs them); a dict cannot say so per key
+        parts: dict[str, Any] = {name: sec.from_dict(d.get(name), name) for name, sec in cls._SECTIONS.items()}
         return cls(**parts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -68,7 +68,8 @@ class Deadline:
                 raise DeadlineExceeded(self.seconds)
             self._active.add(ro)
         try:
-            return session.run(names, feeds, ro)
+            outs: list[Any] = session.run(names, feeds, ro)
+            return outs
         except Exception:
             if self.expired:
                 raise DeadlineExceeded(self.seconds) from None

@@ -24,8 +24,10 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -158,7 +160,7 @@ class MonitorState:
     flagged_after: int | None
     throttled_for: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -212,7 +214,7 @@ class ExtractionMonitor:
     Shapiro-Wilk W on the distance set is below ``delta``.
     """
 
-    def __init__(self, config: ExtractionMonitorConfig, clock=time.monotonic) -> None:
+    def __init__(self, config: ExtractionMonitorConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clients: OrderedDict[str, _Client] = OrderedDict()
         self._lock = threading.Lock()
@@ -273,7 +275,7 @@ class ExtractionMonitor:
         st = self._clients.get(client_id)
         if st is None or st.throttled_until == 0.0:
             return 0.0
-        left = st.throttled_until - self._clock()
+        left: float = st.throttled_until - self._clock()
         if left > 0:
             return left
         with self._lock:
@@ -303,7 +305,7 @@ class ExtractionMonitor:
             else:
                 self._clients.pop(client_id, None)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Counts only: how many clients are tracked/flagged, evictions."""
         with self._lock:
             flagged = sum(1 for s in self._clients.values() if s.flagged)

@@ -12,7 +12,7 @@ from pathlib import Path
 NONBLOCK_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int) -> tuple[bytes, os.stat_result]:
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> tuple[bytes, os.stat_result]:
     """Contents and ``fstat`` of a regular file of at most ``max_bytes``.
 
     Opened with ``O_NONBLOCK`` (a FIFO planted at a config path would otherwise block
@@ -40,7 +40,7 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int) -> tuple[bytes, o
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to a temp file beside ``path`` (created with ``mode``), fsync, rename, fsync the folder."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")

@@ -152,9 +152,11 @@ class GuardedModel:
             raise ValueError(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
         self.anomaly = anomaly if config.anomaly.action != "off" else None
         needs = self.anomaly.needs if self.anomaly is not None else frozenset()
-        if "features" in needs and self.features_name is None:
-            raise ValueError("the anomaly detectors need a 'features' output the model does not have")
-        self._run_names = [self.logits_name] + ([self.features_name] if "features" in needs else [])
+        self._run_names: list[str] = [self.logits_name]
+        if "features" in needs:
+            if self.features_name is None:
+                raise ValueError("the anomaly detectors need a 'features' output the model does not have")
+            self._run_names.append(self.features_name)
 
         self.sanitizer = Sanitizer(config.input, model_shape)
         self.limiter = RateLimiter(config.rate_limit, storage_uri)
@@ -268,12 +270,11 @@ class GuardedModel:
         if one:  # one row: Python floats beat a numpy call per step (see output_policy.softmax)
             row = logits.tolist()[0]
             finite = math.isfinite(sum(row))  # NaN/Inf propagate through the sum
-            raw_labels = _array((row.index(max(row)),)) if finite else None
         else:
             finite = math.isfinite(float(_sum(logits, axis=None)))
-            raw_labels = _argmax(logits, 1)
         if not finite:
             return self._finish(t0, PredictionResult("rejected", ["output:non_finite"]))
+        raw_labels = _array((row.index(max(row)),)) if one else _argmax(logits, 1)
         reasons: list[str] = []
         decision = "accepted"
 

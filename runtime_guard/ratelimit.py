@@ -18,13 +18,15 @@ import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
-from limits.errors import StorageError
+from limits.errors import ConfigurationError, StorageError
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
-    RateLimiter as _LimitsStrategy,
     SlidingWindowCounterRateLimiter,
+)
+from limits.strategies import (
+    RateLimiter as _LimitsStrategy,
 )
 
 from .config import RateLimitConfig
@@ -66,7 +68,9 @@ class SweptMemoryStorage(MemoryStorage):
     Not registered as a URI scheme: ``memory://`` in ``RateLimiter`` maps here.
     """
 
-    STORAGE_SCHEME = None
+    # Storage declares list[str] | None; None keeps this subclass out of the URI registry,
+    # MemoryStorage's narrower inferred list[str] is what mypy compares against.
+    STORAGE_SCHEME = None  # type: ignore[assignment]
     SWEEP_S = 1.0
 
     def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str) -> None:
@@ -123,7 +127,10 @@ def _storage(uri: str) -> Storage:
         # redis-py waits forever by default: a black-holed Redis would hang every request
         # (and readiness) instead of failing closed with a 503.
         options = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
-    return storage_from_string(uri, wrap_exceptions=True, **options)
+    storage = storage_from_string(uri, wrap_exceptions=True, **options)
+    if not isinstance(storage, Storage):  # an async+ scheme: its calls would return coroutines
+        raise ConfigurationError(f"rate-limit storage {uri!r} is asynchronous; use a synchronous scheme")
+    return storage
 
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix"})

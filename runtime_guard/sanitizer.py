@@ -103,7 +103,7 @@ class Sanitizer:
             arr = np.ascontiguousarray(arr)
         return arr
 
-    def _from_nested(self, x: list | tuple) -> np.ndarray:
+    def _from_nested(self, x: list[Any] | tuple[Any, ...]) -> np.ndarray:
         """JSON-derived nested lists: numbers only (no bools, strings, nulls), rectangular."""
         try:
             raw = np.asarray(x)  # no dtype: numpy must not parse strings like "1.5" into floats

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -97,13 +97,14 @@ class Telemetry:
             self.latency_sum += latency_s
             for c in lab:
                 self.classes[c] += 1
-            for s in oods:
-                self.ood[bisect.bisect_right(self._ood_edges, s)] += 1  # type: ignore[index]
+            if self.ood is not None and self._ood_edges is not None:  # oods is empty otherwise
+                for s in oods:
+                    self.ood[bisect.bisect_right(self._ood_edges, s)] += 1
 
-    def snapshot(self, rng: np.random.Generator | None = None) -> dict:
+    def snapshot(self, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Plain-dict aggregates (+ drift). Noised if ``config.epsilon`` is set."""
         with self._lock:
-            raw = {
+            raw: dict[str, Any] = {
                 "requests": self.requests,
                 "decisions": dict(self.decisions),
                 "reasons": dict(self.reasons),
@@ -140,9 +141,9 @@ class Telemetry:
         }
         return out
 
-    def _drift(self, classes: list, ood: list | None) -> dict:
+    def _drift(self, classes: list[int], ood: list[int] | None) -> dict[str, Any]:
         cfg = self.config
-        out: dict = {}
+        out: dict[str, Any] = {}
         for name, live, ref in (
             ("predicted_class", classes, cfg.reference_class_counts),
             ("ood_score", ood, cfg.reference_ood_counts),
@@ -160,7 +161,7 @@ class Telemetry:
         return out
 
 
-def _noised(v, eps: float, rng: np.random.Generator):
+def _noised(v: Any, eps: float, rng: np.random.Generator) -> Any:
     """Laplace(1/eps) per count, rounded and clipped at 0 (post-processing keeps DP)."""
     if v is None:
         return None

@@ -105,7 +105,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 300, seed
             p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p.shape[-1]) ** 0.5))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (128,), generator=g)
         opt.zero_grad()
         nn.functional.cross_entropy(model.net(xt[idx]) if hasattr(model, "net") else model.logits(xt[idx]),

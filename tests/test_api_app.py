@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from api.body import encode_npy
+
 from api_fixtures import (  # noqa: F401  (fixtures)
     ADMIN_TOKEN,
     api_env,
@@ -16,7 +18,6 @@ from api_fixtures import (  # noqa: F401  (fixtures)
     crashing_model,
     json_body,
 )
-from api.body import encode_npy
 
 ADMIN = {"Authorization": "Bearer " + ADMIN_TOKEN}
 

@@ -93,10 +93,9 @@ def test_unanswered_queries_are_counted_and_not_trained_on(digits):
 
 
 def test_policy_victim_label_only_and_tie_nudge(digits):
+    from attacks.victims import PolicyVictim
     from runtime_guard.config import OutputPolicyConfig
     from runtime_guard.output_policy import OutputPolicy
-
-    from attacks.victims import PolicyVictim
 
     _, ds, bare = digits
     v = PolicyVictim(bare, "label_only", OutputPolicy(OutputPolicyConfig(policy="label_only")))
@@ -249,10 +248,9 @@ def test_fee_is_bounded_and_reports_failure_honestly():
 
 def test_knockoff_adaptive_runs_on_label_only_answers(digits):
     """Label-only answers make one reward component constant; ART's unguarded std division crashed here."""
+    from attacks.victims import PolicyVictim
     from runtime_guard.config import OutputPolicyConfig
     from runtime_guard.output_policy import OutputPolicy
-
-    from attacks.victims import PolicyVictim
 
     _, ds, bare = digits
     v = PolicyVictim(bare, "label_only", OutputPolicy(OutputPolicyConfig(policy="label_only")))

@@ -73,9 +73,10 @@ def test_http_rejections_by_the_ood_gate_are_counted(api_env, digits_demo, tmp_p
     """A gate that rejects (422) low-confidence inputs: noise queries are refused, each counted once."""
     import numpy as np
 
-    from api_fixtures import empty_npz, msp_detector_meta
     from hardening.extraction_audit import run_http_extraction
     from runtime_guard.anomaly import AnomalyScorer
+
+    from api_fixtures import empty_npz, msp_detector_meta
 
     probe = AnomalyScorer.from_bytes(empty_npz(), msp_detector_meta(None))
     honest = probe.score(None, api_env.logits, None)

@@ -18,6 +18,7 @@ from runtime_guard.config import (
 )
 from runtime_guard.guard import GuardedModel
 from runtime_guard.telemetry import DECISIONS, REASON_CODES, Telemetry, psi
+
 from test_guard import build_detectors  # pytest puts tests/ on sys.path (no tests/__init__.py)
 
 

@@ -185,15 +185,21 @@ def test_guard_batch_of_one_equals_batch(digits_demo):
     """The guard's one-row path (Python floats) and its batched path agree exactly
     on labels and decisions, and to float rounding on scores and OOD scores."""
     from runtime_guard.anomaly import AnomalyScorer
-    from runtime_guard.config import AnomalyGateConfig, ExtractionMonitorConfig, GuardConfig, InputSchema, RateLimitConfig
+    from runtime_guard.config import (
+        AnomalyGateConfig,
+        ExtractionMonitorConfig,
+        GuardConfig,
+        InputSchema,
+        RateLimitConfig,
+    )
     from runtime_guard.guard import GuardedModel
 
     model = open(digits_demo.model_path, "rb").read()
     with np.load(digits_demo.data_path, allow_pickle=False) as d:
         x = np.concatenate([d["x"][:40], d["ood_heldout"][:20]]).astype(np.float32)
+    from hardening.data import load_dataset
     from hardening.ood import export_detectors
     from hardening.ood.pipeline import fit_ensemble, prepare_model
-    from hardening.data import load_dataset
 
     pm = prepare_model(digits_demo.model_path, load_dataset(digits_demo.data_path))
     ens, _, _ = fit_ensemble(pm, load_dataset(digits_demo.data_path), 0.05)

@@ -23,7 +23,6 @@ from hardening.ood import (
 )
 
 
-
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A fresh generator per test: results must not depend on which tests ran before."""
@@ -36,7 +35,10 @@ def test_conformal_threshold_is_the_smallest_order_statistic_meeting_the_guarant
     scores = np.arange(1.0, 201.0)[::-1]  # order must not matter
     t = conformal_threshold(scores, 0.05, slack=0.01, delta=0.1)
     assert t.n == 200 and t.threshold == float(t.k)  # the k-th smallest score
-    tail = lambda k: beta.sf(0.06, 201 - k, k)  # P(true FRR > 6%) at order statistic k
+
+    def tail(k: int) -> float:  # P(true FRR > 6%) at order statistic k
+        return beta.sf(0.06, 201 - k, k)
+
     assert tail(t.k) <= 0.1 < tail(t.k - 1)
     assert t.k >= math.ceil(201 * 0.95)  # never below the marginal split-conformal rank
     d = t.to_dict()

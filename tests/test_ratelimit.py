@@ -103,7 +103,9 @@ def test_bad_rate_strings_are_config_errors():
 
 
 def test_unknown_storage_uri_fails_loudly():
-    with pytest.raises(Exception):
+    from limits.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="nosuch"):
         RateLimiter(RateLimitConfig(), storage_uri="nosuch://x")
 
 

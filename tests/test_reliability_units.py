@@ -14,10 +14,11 @@ from servers import ServerProcess, free_port, run_cli
 
 
 def test_deadline_terminates_a_loop_and_guard_refuses_it():
-    from hostile_models import loop_bomb
     from runtime_guard.config import GuardConfig
     from runtime_guard.deadline import Deadline, DeadlineExceeded
     from runtime_guard.guard import GuardedModel
+
+    from hostile_models import loop_bomb
 
     cfg = GuardConfig.from_dict({"input": {"value_range": [0.0, 1.0]}, "anomaly": {"action": "off"}})
     t0 = time.monotonic()

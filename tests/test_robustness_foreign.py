@@ -19,11 +19,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from foreign_models import CNN3, MLP, Deployed, cnn_data, export, mlp_data, quantize, reference_pgd, train
 from hardening.report.checks import evaluate_policy
 from hardening.report.policy import Policy
 from hardening.report.summary import add_robustness, empty_variant
 from hardening.robustness import run_robustness_audit
+
+from foreign_models import CNN3, MLP, Deployed, cnn_data, export, mlp_data, quantize, reference_pgd, train
 
 EPS = [0.05, 0.1, 0.2]
 N = 40
@@ -71,7 +72,7 @@ def test_graph_copy_matches_the_session_on_every_foreign_graph(mlp, cnn):
     from attacks.onnx_torch import convert, verify
     from hardening.intake import load_model, make_session
 
-    for d, x, y, model, path in (mlp, cnn):
+    for _d, x, _y, _model, path in (mlp, cnn):
         variants = {"float": path, "static": quantize(path, x[:160], load_model(path).input_name, "static")}
         for kind, p in variants.items():
             info = load_model(p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
-from ..body import media_type, parse_json_document, read_body, unsupported_type, bad_body
+from ..body import bad_body, media_type, parse_json_document, read_body, unsupported_type
 from ..problems import ApiProblem
 from ..reload import ReloadRefused
 from ..state import state

@@ -9,12 +9,14 @@ the OIP JSON form (``name``, ``shape``, ``datatype``, flat row-major
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
 from ..body import MAX_ELEMENTS, bad_body, media_type, parse_json_document, read_body, unsupported_type
 from ..problems import ApiProblem
+from ..reload import Deployment
 from ..service import describe
 from ..state import state
 
@@ -29,7 +31,7 @@ def _oip_error(exc: ApiProblem) -> ApiProblem:
     return exc
 
 
-def _model_or_404(name: str):
+def _model_or_404(name: str) -> Deployment:
     dep = state().holder.current()
     if dep is None:
         raise _oip_error(ApiProblem(503, "not-ready", "Service Unavailable", "no model is loaded yet",
@@ -50,7 +52,7 @@ def live() -> Response:
 
 
 @bp.get("/health/ready")
-def ready() -> Response:
+def ready() -> tuple[Response, int]:
     try:
         state().readiness()
     except ApiProblem:
@@ -84,7 +86,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _leaves(data: list, shape: list[int]) -> list:
+def _leaves(data: list[Any], shape: list[int]) -> list[Any]:
     """The row-major elements of ``data``: flat (exactly prod(shape) items) or nested
     exactly as ``shape`` (every level a list of the right length, leaves at the last
     level). Anything in between is refused, not silently flattened."""
@@ -95,7 +97,7 @@ def _leaves(data: list, shape: list[int]) -> list:
         if any(isinstance(v, list) for v in data):
             raise bad_body("data mixes lists and scalars", "oip-shape")
         return data
-    out: list = []
+    out: list[Any] = []
     stack: list[tuple[object, int]] = [(data, 0)]
     while stack:
         node, depth = stack.pop()
@@ -110,11 +112,11 @@ def _leaves(data: list, shape: list[int]) -> list:
     return out
 
 
-def _typed_array(flat: list, dtype: str) -> np.ndarray:
+def _typed_array(flat: list[Any], dtype: str) -> np.ndarray:
     """Exact element checks for ``dtype``: integer types take JSON integers only, range
     checked on Python ints (no float64 round trip: 2**64-1 stays 2**64-1, and 2**64 is
     refused); float types take finite numbers within the type's range."""
-    target = np.dtype(OIP_DTYPES[dtype])
+    target: np.dtype[Any] = np.dtype(OIP_DTYPES[dtype])
     if target.kind in "iu":
         info = np.iinfo(target)
         lo, hi = int(info.min), int(info.max)
@@ -173,7 +175,7 @@ def _tensor(doc: object, input_name: str) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
     if not np.all(np.isfinite(out)):
-        raise bad_body(f"data is outside the float32 range the model takes", "oip-datatype")
+        raise bad_body("data is outside the float32 range the model takes", "oip-datatype")
     return out.reshape(shape)
 
 

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from functools import wraps
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -20,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hardening.errors import EdgewardError
+from hardening.jsonio import dumps
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -68,27 +67,6 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(report_internal_error(e)) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, Path):
-        return str(o)
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, default=_default, allow_nan=False)
 
 
 def print_json(data: Any) -> None:

@@ -71,8 +71,8 @@ def audit_extraction_cmd(
     Exits 1 if the self-check (undefended model must be stealable) fails: then the harness is broken."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hardening.extraction_audit import QUICK_BUDGETS, VICTIMS, run_extraction_audit
     from attacks.thief_data import SCENARIOS
+    from hardening.extraction_audit import QUICK_BUDGETS, VICTIMS, run_extraction_audit
 
     kw = dict(
         torch_source=torch_source,

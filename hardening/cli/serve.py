@@ -57,7 +57,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
         from api.config import ApiConfig
         from api.reload import RollbackTrigger
-        from api.server import ServerSettings, serve as run
+        from api.server import ServerSettings
+        from api.server import serve as run
 
         if bundle is None and watch is None:
             raise InputError("give a BUNDLE or --watch DIR")

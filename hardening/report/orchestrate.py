@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hardening.errors import InputError
 from hardening.intake import sha256_file
+from hardening.jsonio import dumps
 from hardening.paths import portable
 from hardening.report import summary as S
 from hardening.report.checks import FAIL, SKIP, Check, evaluate_policy
@@ -278,7 +279,7 @@ def run_full_audit(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "artifacts": artifacts,
     }
-    report = json.loads(_dumps(report))  # plain JSON types (numpy scalars, tuples) before validation
+    report = json.loads(dumps(report))  # plain JSON types (numpy scalars, tuples) before validation
     validate_report(report, "generated report")
     steps.say("report", "writing report.json, report.html, junit.xml")
     paths = write_outputs(report, out)
@@ -310,13 +311,8 @@ def rejudge(report: dict, policy: Policy) -> dict:
     out["verdict"] = _verdict(checks, [v["name"] for v in out["variants"]], report["verdict"].get("allow_skipped", False))
     out["settings"]["policy"] = policy.to_dict()
     out["inputs"]["policy"] = _file(policy.source, None)
-    return validate_report(json.loads(_dumps(out)), "re-judged report")
+    return validate_report(json.loads(dumps(out)), "re-judged report")
 
-
-def _dumps(doc: dict) -> str:
-    from hardening.cli.common import dumps
-
-    return dumps(doc)
 
 
 def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
@@ -324,7 +320,7 @@ def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
     from hardening.report.junit import render_junit
 
     rp, hp, jp = out / "report.json", out / "report.html", out / "junit.xml"
-    rp.write_text(_dumps(report) + "\n")
+    rp.write_text(dumps(report) + "\n")
     hp.write_text(render_html(report, base_dir=out))
     jp.write_text(render_junit(report))
     return rp, hp, jp

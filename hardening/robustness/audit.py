@@ -29,12 +29,12 @@ from attacks.estimators import (
     BPDARounding,
     LogOfProbabilities,
     OrtLogits,
-    ScaledLogits,
     QueryCounter,
+    ScaledLogits,
     StraightThrough,
+    image_view,
     onnx_classifier,
     torch_classifier,
-    image_view,
     torch_logits,
 )
 from attacks.evasion import ATTACKS, DEFAULT_ATTACKS, check_attack_names, check_profile, parse_norm
@@ -43,15 +43,15 @@ from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import check_fits, load_model, make_session
 from hardening.robustness import checks
 from hardening.robustness.engine import Progress, Stage, Target, run_cascade
+from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
 from hardening.robustness.routes import (
-    batch_dependent,
     OutputConvention,
+    batch_dependent,
     graph_route,
     logit_scale,
     looks_like_probabilities,
     same_outputs,
 )
-from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
 from hardening.robustness.stats import median_distance
 
 DEFAULT_EPS = {"inf": (0.05, 0.1, 0.2), "2": (0.5, 1.0, 2.0)}  # fractions of the data range

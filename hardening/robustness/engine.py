@@ -140,7 +140,7 @@ def run_cascade(
             last_of_family = si + 1 == len(target.stages) or target.stages[si + 1].family != st.family
             if last_of_family:
                 after[st.family] = float(alive.sum()) / n
-        for name, d in cache.items():  # eps-free attacks also bound the minimal distance
+        for d in cache.values():  # eps-free attacks also bound the minimal distance
             for i, (v, _) in d.items():
                 min_dist[i] = min(min_dist[i], v)
         hits = ~np.isnan(break_norm)

@@ -103,7 +103,7 @@ class Source:
     we decrypt (no re-open between checks).
     """
 
-    def __init__(self, path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryview]):
+    def __init__(self, path_or_bytes: Union[str, os.PathLike[str], bytes, bytearray, memoryview]):
         self._fd: int | None = None
         self._mem: memoryview | None = None
         if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):

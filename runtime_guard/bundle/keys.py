@@ -36,7 +36,7 @@ from .format import (
     KekBlock,
 )
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike[str]]
 MAX_SECRET_FILE = 64 * 1024
 DEFAULT_SCRYPT_LOG2N = 15
 SCRYPT_LOG2N_RANGE = (14, 20)  # loader refuses weaker or DoS-sized parameters
@@ -147,7 +147,7 @@ def load_private_key(path: PathLike, password: bytes | None = None) -> Ed25519Pr
     return key
 
 
-def coerce_public_key(key: Union[Ed25519PublicKey, bytes, str, os.PathLike]) -> Ed25519PublicKey:
+def coerce_public_key(key: Union[Ed25519PublicKey, bytes, str, os.PathLike[str]]) -> Ed25519PublicKey:
     """Ed25519PublicKey from an object, PEM bytes, 32 raw bytes, or a PEM file path."""
     if isinstance(key, Ed25519PublicKey):
         return key

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import FormatError
 from .format import FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -70,7 +70,7 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
     from ..admission import AdmissionLimits
 
-BundleInput = Union[str, os.PathLike, bytes, bytearray, memoryview]
-RollbackArg = Union[RollbackState, str, os.PathLike, None]
+BundleInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview]
+RollbackArg = Union[RollbackState, str, os.PathLike[str], None]
 MODEL_PAYLOAD = "model"
 DEFAULT_MAX_TOTAL_BYTES = 2 * 1024**3  # refuse to allocate more than this
 

@@ -36,7 +36,7 @@ class RollbackRecord:
 class RollbackState:
     """File-backed monotonic version counter for one deployment slot."""
 
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
+    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
         self.path = Path(path)
 
     def load(self) -> RollbackRecord | None:

@@ -7,9 +7,10 @@ import os
 import time
 from typing import Any, Union
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..fileio import atomic_write
 from .format import (
     DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
@@ -23,7 +24,6 @@ from .format import (
 from .keys import DEFAULT_SCRYPT_LOG2N, KekLike, wrap_data_key
 from .manifest import build_manifest, canonical_json, manifest_digest
 from .stream import derive_payload_key, encrypt_chunks, payload_aad
-from ..fileio import atomic_write
 
 
 def _signing_key(key: Union[Ed25519PrivateKey, bytes]) -> Ed25519PrivateKey:
@@ -82,7 +82,7 @@ def build_bundle(
 
 
 def write_bundle(
-    out_path: Union[str, os.PathLike],
+    out_path: Union[str, os.PathLike[str]],
     payloads: dict[str, bytes],
     manifest_fields: dict[str, Any],
     signing_key: Union[Ed25519PrivateKey, bytes],
