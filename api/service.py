@@ -20,6 +20,7 @@ from .config import ApiConfig
 from .problems import ApiProblem
 from .reload import Deployment, Loader
 
+
 def make_loader(cfg: ApiConfig) -> Loader:
     """Loader for ModelHolder: path -> verified, admitted Deployment (not yet committed)."""
     from runtime_guard.bundle import RollbackState, load_public_key

@@ -33,10 +33,10 @@ class GoldenSet:
 
     def to_npz(self) -> bytes:
         buf = io.BytesIO()
-        arrays = {"inputs": self.inputs, "expected_labels": self.expected_labels}
-        if self.expected_logits is not None:
-            arrays["expected_logits"] = self.expected_logits
-        np.savez(buf, **arrays)
+        if self.expected_logits is None:
+            np.savez(buf, inputs=self.inputs, expected_labels=self.expected_labels)
+        else:
+            np.savez(buf, inputs=self.inputs, expected_labels=self.expected_labels, expected_logits=self.expected_logits)
         return buf.getvalue()
 
     def check(self, logits: np.ndarray) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
