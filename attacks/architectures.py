@@ -45,7 +45,29 @@ class TabularMLP(nn.Module):
         return self.head(f), f
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"digits_cnn": DigitsCNN, "tabular_mlp": TabularMLP}
+class ImageCNN(nn.Module):
+    """Small CNN for NCHW images of any channel count and size: three strided conv blocks and
+    global average pooling, so the head does not depend on H x W. The default thief for
+    image victims that are not the 1x8x8 demo (a few hundred thousand parameters at most)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, feature_dim: int = 64) -> None:
+        super().__init__()
+        chans = [in_channels, width, 2 * width, 4 * width]
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1),
+                          nn.BatchNorm2d(chans[i + 1]), nn.ReLU())
+            for i in range(3)
+        ])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(chans[-1], feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.relu(self.fc(self.pool(self.blocks(x)).flatten(1)))
+        return self.head(f), f
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"digits_cnn": DigitsCNN, "tabular_mlp": TabularMLP, "image_cnn": ImageCNN}
 
 
 class LogitsOnly(nn.Module):

@@ -64,7 +64,8 @@ def thief_spec_for(
     **train: float | int,
 ) -> ThiefSpec:
     """Default thief = the victim's own family (fresh init): from the torch source's sidecar JSON if given,
-    else the zoo architecture matching the input layout. ``arch`` overrides with any zoo name."""
+    else sized for the input: ``digits_cnn`` for 1x8x8, ``image_cnn`` for other CxHxW images,
+    ``tabular_mlp`` for flat vectors. ``arch`` overrides with any zoo name."""
     kwargs: dict = {}
     if arch is None and torch_source is not None:
         import json
@@ -74,12 +75,20 @@ def thief_spec_for(
             meta = json.loads(sidecar.read_text())
             arch, kwargs = meta.get("arch"), dict(meta.get("kwargs", {}))
     if arch is None:
-        arch = "digits_cnn" if len(sample_shape) == 3 else "tabular_mlp" if len(sample_shape) == 1 else None
+        if len(sample_shape) == 3:
+            arch = "digits_cnn" if tuple(sample_shape) == (1, 8, 8) else "image_cnn"
+        elif len(sample_shape) == 1:
+            arch = "tabular_mlp"
     if arch not in ARCHITECTURES:
         raise InputError(f"unknown thief architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     if arch == "digits_cnn":
         if tuple(sample_shape) != (1, 8, 8):
             raise InputError(f"thief 'digits_cnn' needs 1x8x8 inputs, victim takes {sample_shape}")
+        kwargs.setdefault("num_classes", nb_classes)
+    elif arch == "image_cnn":
+        if len(sample_shape) != 3:
+            raise InputError(f"thief 'image_cnn' needs CxHxW inputs, victim takes {sample_shape}")
+        kwargs.setdefault("in_channels", sample_shape[0])
         kwargs.setdefault("num_classes", nb_classes)
     elif arch == "tabular_mlp":
         if len(sample_shape) != 1:

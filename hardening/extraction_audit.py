@@ -205,6 +205,18 @@ class SelfCheck:
     message: str
 
 
+def _thief_data(ds: Dataset, scenarios) -> tuple[np.ndarray | None, str | None]:
+    """In-distribution data the thief holds: ``x_thief``, else the training split (the
+    strongest plausible thief: data from the distribution the model was trained on)."""
+    if "in_dist" not in scenarios:
+        return None, None
+    if ds.x_thief is not None:
+        return ds.x_thief, "x_thief"
+    if ds.x_train is not None:
+        return ds.x_train, "x_train (the data has no x_thief)"
+    raise InputError(f"{ds.source}: scenario 'in_dist' needs an 'x_thief' or 'x_train' array (or drop it via --scenarios)")
+
+
 @dataclass
 class ExtractionReport:
     model: str
@@ -471,8 +483,7 @@ def run_extraction_audit(
     check_fits(info, ds)
     if info.num_classes is None:
         raise InputError(f"{model_path}: logits need a fixed number of classes")
-    if "in_dist" in scenarios and ds.x_thief is None:
-        raise InputError(f"{ds.source}: scenario 'in_dist' needs an 'x_thief' array (or drop it via --scenarios)")
+    thief_x, thief_from = _thief_data(ds, scenarios)
     torch.set_num_threads(1)
     session = make_session(model_path)
     spec = thief_spec_for(ds.sample_shape, info.num_classes, torch_source, thief_arch, train_steps=train_steps)
@@ -488,7 +499,7 @@ def run_extraction_audit(
 
     lo, hi = ds.value_range
     pools: dict[str, ThiefPool] = {
-        sc: make_pool(sc, budgets[-1], ds.sample_shape, (lo, hi), ds.x_thief, seed=seed, n_actions=info.num_classes)
+        sc: make_pool(sc, budgets[-1], ds.sample_shape, (lo, hi), thief_x, seed=seed, n_actions=info.num_classes)
         for sc in scenarios
     }
 
@@ -553,7 +564,7 @@ def run_extraction_audit(
 
     report = ExtractionReport(
         model=str(model_path), model_sha256=info.sha256, dataset=ds.source, budgets=budgets,
-        scenarios=scenarios, victims=list(victims), attacks=attacks, thief=spec.to_dict(),
+        scenarios=scenarios, victims=list(victims), attacks=attacks, thief={**spec.to_dict(), "in_dist_data": thief_from},
         pools=[p.to_dict() for p in pools.values()], rate=rate.to_dict(), gate=gate_info, runs=runs,
         curves=curves, verdicts=verdicts(curves), benign=benign, postprocessors=shares, self_check=self_check(runs, budgets),
     )
@@ -627,7 +638,7 @@ def run_http_extraction(
     bare = build_victims(["bare"], make_session(model_path), info, ds.sample_shape)["bare"]
     raw_test = bare.labels(ds.x)  # type: ignore[attr-defined]
     spec = thief_spec_for(ds.sample_shape, info.num_classes, torch_source, train_steps=train_steps)
-    pool = make_pool(scenario, budget, ds.sample_shape, ds.value_range, ds.x_thief, seed=seed,
+    pool = make_pool(scenario, budget, ds.sample_shape, ds.value_range, _thief_data(ds, [scenario])[0], seed=seed,
                      n_actions=info.num_classes)
     victim = HttpVictim(base_url, info.num_classes, ds.sample_shape, keys=list(keys))
     victim.new_attacker(f"http-{scenario}-{attack}-{budget}")
