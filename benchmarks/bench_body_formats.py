@@ -34,6 +34,16 @@ def _npy(x: np.ndarray) -> bytes:
     return bio.getvalue()
 
 
+def _measure(x: np.ndarray, repeats: int) -> dict[str, tuple[int, float, float]]:
+    """format -> (body bytes, parse p50 s, encode p50 s)."""
+    jb, nb = json.dumps({"inputs": x.tolist()}).encode(), _npy(x)
+    return {
+        "json": (len(jb), _p50(lambda: parse_json_inputs(jb), repeats),
+                 _p50(lambda: json.dumps({"inputs": x.tolist()}).encode(), repeats)),
+        "npy": (len(nb), _p50(lambda: parse_npy(nb), repeats), _p50(lambda: _npy(x), repeats)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=50)
@@ -41,13 +51,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"{'input':<12} {'format':<5} {'bytes':>8} {'parse p50 ms':>13} {'encode p50 ms':>14}")
     for shape in [(1, 1, 8, 8), (1, 3, 96, 96)]:
-        x = rng.uniform(size=shape).astype(np.float32)
-        jb, nb = json.dumps({"inputs": x.tolist()}).encode(), _npy(x)
-        rows = {
-            "json": (len(jb), _p50(lambda: parse_json_inputs(jb), args.repeats),
-                     _p50(lambda: json.dumps({"inputs": x.tolist()}).encode(), args.repeats)),
-            "npy": (len(nb), _p50(lambda: parse_npy(nb), args.repeats), _p50(lambda: _npy(x), args.repeats)),
-        }
+        rows = _measure(rng.uniform(size=shape).astype(np.float32), args.repeats)
         tag = "x".join(map(str, shape[1:]))
         for fmt, (size, parse, enc) in rows.items():
             print(f"{tag:<12} {fmt:<5} {size:>8} {parse * 1e3:>13.3f} {enc * 1e3:>14.3f}")
