@@ -43,6 +43,8 @@ class TabularMLP(nn.Module):
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"digits_cnn": DigitsCNN, "tabular_mlp": TabularMLP}
+# Constructor arguments that set layer widths (``edgeward harden`` halves them for a student).
+WIDTH_KWARGS: dict[str, tuple[str, ...]] = {"digits_cnn": ("width", "feature_dim"), "tabular_mlp": ("hidden", "feature_dim")}
 
 
 class LogitsOnly(nn.Module):

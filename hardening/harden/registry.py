@@ -1,0 +1,42 @@
+"""The recipes ``edgeward harden --recipe`` knows, by name, and the family module of each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hardening.errors import InputError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    family: str
+    summary: str
+    run: Callable  # (Context) -> Result
+
+
+def _recipes() -> dict[str, Recipe]:
+    from hardening.harden import adversarial, distillation, pruning
+
+    return {r.name: r for r in (
+        Recipe("adv_pgd", "adversarial", "PGD adversarial fine-tuning (L-inf) from the source's weights", adversarial.adv_pgd),
+        Recipe("trades", "adversarial", "TRADES fine-tuning (L-inf) from the source's weights", adversarial.trades),
+        Recipe("distill", "distillation", "knowledge distillation into a half-width student", distillation.distill),
+        Recipe("prune_structured", "pruning", "torch-pruning channel removal + fine-tuning", pruning.prune_structured),
+    )}
+
+
+RECIPE_NAMES = ("adv_pgd", "trades", "distill", "prune_structured")
+
+
+def parse_recipes(text: str) -> list[Recipe]:
+    """``adv_pgd,distill`` -> recipes, in the order given, each once."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise InputError(f"no recipe given; choose from {', '.join(RECIPE_NAMES)}")
+    unknown = [n for n in names if n not in RECIPE_NAMES]
+    if unknown:
+        raise InputError(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPE_NAMES)}")
+    known = _recipes()
+    return [known[n] for n in dict.fromkeys(names)]
