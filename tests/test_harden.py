@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from hardening.cli import app
 
-QUICK = "adv_pgd,trades,distill,prune_structured"
+QUICK = "adv_pgd,trades,distill,prune_structured,int4"
 EPS = 0.1  # L-inf, digits inputs are in [0, 1]
 runner = CliRunner()
 
@@ -37,7 +37,7 @@ def audit(hardened, digits_demo):
 
 def _robust(v) -> float:
     (e,) = v.eps
-    return e.robust_accuracy
+    return round(e.robust_accuracy, 6)  # robust points / n, without float noise at the threshold
 
 
 def test_variants_json_is_what_compress_writes_and_every_source_reloads(hardened, digits_demo):
@@ -149,6 +149,20 @@ def test_cli_errors_are_one_line_exit_2(digits_demo, tmp_path):
     argv = ["harden", digits_demo.model_path, *src, "--data", str(tmp_path / "eval_only.npz"), "--recipe", "distill",
             "--out", str(tmp_path / "o")]
     assert "x_train" in _one_line_exit_2(argv)
+
+
+def test_int4_weight_only_keeps_accuracy_and_is_audited_through_its_parent(hardened, audit):
+    import onnx
+
+    out, by_name = hardened
+    v4 = by_name["int4"]
+    assert v4.recipe["bits"] == 4 and v4.recipe["block_size"] == 32 and v4.recipe["quantized_nodes"] >= 1
+    assert any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in onnx.load(v4.path).graph.node)
+    assert Path(v4.torch_source).resolve() == (out / "float.pt").resolve()  # the parent's source, like compress
+    assert by_name["float"].recipe["accuracy"] - v4.recipe["accuracy"] <= 0.01
+    assert Path(v4.path).stat().st_size * 4 <= Path(by_name["float"].path).stat().st_size
+    rep, v = audit
+    assert v["int4"].role == "compressed" and "bpda" in v["int4"].families and not v["int4"].upper_bound
 
 
 @pytest.mark.slow

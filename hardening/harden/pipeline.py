@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hardening.compression import VARIANTS_FILE, Variant, _stored
+from hardening.compression import VARIANTS_FILE, Variant, _drop_unused_opsets, _stored
 from hardening.data import load_dataset
 from hardening.errors import InputError, ModelError
 from hardening.harden.base import PROFILES, Context, Timer, check_training_data, parameters, source_arch
@@ -81,9 +81,20 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
         for r in chosen:
             if progress:
                 progress(r.name)
+            onnx_path, pt_path = out / f"{r.name}.onnx", out / f"{r.name}.pt"
+            if r.onnx_level:
+                with Timer() as t:
+                    rec = r.run(ctx, float_onnx, onnx_path)
+                _drop_unused_opsets(onnx_path)
+                load_model(onnx_path)
+                variants.append(Variant(r.name, str(onnx_path), r.name, "float", {
+                    **rec, "recipe": r.name, "family": r.family, "profile": profile,
+                    "accuracy": onnx_accuracy(onnx_path, ds.x, ds.y), "parent_accuracy": float_acc,
+                    "size_bytes": onnx_path.stat().st_size, "parent_size_bytes": float_onnx.stat().st_size,
+                    "seconds": t.seconds}, sha256_file(onnx_path), str(float_pt)))
+                continue
             with Timer() as t:
                 res = r.run(ctx)
-            onnx_path, pt_path = out / f"{r.name}.onnx", out / f"{r.name}.pt"
             save_state_dict(res.model, pt_path, res.arch, res.kwargs)
             export_onnx(res.model, sample, onnx_path)
             load_model(onnx_path)  # every variant passes intake itself

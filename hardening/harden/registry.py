@@ -13,21 +13,23 @@ class Recipe:
     name: str
     family: str
     summary: str
-    run: Callable  # (Context) -> Result
+    run: Callable  # (Context) -> Result; onnx_level: (Context, float_onnx, dst) -> recipe dict
+    onnx_level: bool = False  # works on the float ONNX graph; the source stays the parent's
 
 
 def _recipes() -> dict[str, Recipe]:
-    from hardening.harden import adversarial, distillation, pruning
+    from hardening.harden import adversarial, distillation, lowbit, pruning
 
     return {r.name: r for r in (
         Recipe("adv_pgd", "adversarial", "PGD adversarial fine-tuning (L-inf) from the source's weights", adversarial.adv_pgd),
         Recipe("trades", "adversarial", "TRADES fine-tuning (L-inf) from the source's weights", adversarial.trades),
         Recipe("distill", "distillation", "knowledge distillation into a half-width student", distillation.distill),
         Recipe("prune_structured", "pruning", "torch-pruning channel removal + fine-tuning", pruning.prune_structured),
+        Recipe("int4", "low-bit", "4-bit weight-only MatMulNBits (onnxruntime)", lowbit.int4, onnx_level=True),
     )}
 
 
-RECIPE_NAMES = ("adv_pgd", "trades", "distill", "prune_structured")
+RECIPE_NAMES = ("adv_pgd", "trades", "distill", "prune_structured", "int4")
 
 
 def parse_recipes(text: str) -> list[Recipe]:
