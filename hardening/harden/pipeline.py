@@ -65,8 +65,9 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
                   eps=eps_v, seed=seed, profile=profile, out=out)
 
     float_onnx, float_pt = out / "float.onnx", out / "float.pt"
-    shutil.copyfile(model_path, float_onnx)
-    shutil.copyfile(src, float_pt)
+    for a, b in ((model_path, float_onnx), (src, float_pt)):
+        if a.resolve() != b.resolve():
+            shutil.copyfile(a, b)
     float_pt.with_suffix(".json").write_text(json.dumps(arch, indent=2))
     float_acc = onnx_accuracy(float_onnx, ds.x, ds.y)
     variants = [Variant("float", str(float_onnx), "float", None,
