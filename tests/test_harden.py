@@ -78,6 +78,20 @@ def test_adversarial_fine_tuning_gains_robust_accuracy_without_losing_clean(audi
     assert _robust(v["trades"]) - _robust(v["float"]) >= 0.15  # measured +0.18
 
 
+def test_int8_of_the_adversarial_variant_keeps_the_gain(hardened, audit, digits_demo, tmp_path):
+    from hardening.compression import compress
+    from hardening.robustness import run_robustness_audit
+
+    _, by_name = hardened
+    _, v = audit
+    adv = by_name["adv_pgd"]
+    compress(adv.path, digits_demo.data_path, tmp_path, torch_source=adv.torch_source, kinds=("float", "int8_static"))
+    rep = run_robustness_audit([str(tmp_path / "variants.json")], digits_demo.data_path, eps=[EPS], n=200, seed=0)
+    q = {r.name: r for r in rep.variants}["int8_static"]
+    assert q.role == "compressed" and "bpda" in q.families and not q.upper_bound, q.upper_bound_reason
+    assert _robust(q) >= _robust(v["adv_pgd"]) - 0.03, (_robust(q), _robust(v["adv_pgd"]))
+
+
 def test_distilled_student_has_half_the_parameters_and_keeps_accuracy(hardened):
     _, by_name = hardened
     teacher, student = by_name["float"].recipe, by_name["distill"].recipe

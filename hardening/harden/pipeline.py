@@ -19,6 +19,7 @@ from hardening.intake import check_fits, load_model, make_session, sha256_file
 from hardening.torch_source import export_onnx, load_torch_source, save_state_dict
 
 DEFAULT_EPS_FRACTION = 0.1  # of the data range: L-inf 0.1 on [0, 1] inputs
+TRAIN_THREADS = 1
 
 
 def onnx_accuracy(path: str | Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -78,6 +79,9 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
     sample = torch.from_numpy(ds.x[:2])
     torch_state = torch.get_rng_state()
     threads = torch.get_num_threads()
+    # One thread: same reduction order, so a seed gives the same weights on any machine (the
+    # figures in docs/harden.md and the tests), and no contention on these small models.
+    torch.set_num_threads(TRAIN_THREADS)
     try:
         for r in chosen:
             if progress:
@@ -105,7 +109,7 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
                       "arch": res.arch, "kwargs": res.kwargs, "parameters": parameters(res.model),
                       "accuracy": onnx_accuracy(onnx_path, ds.x, ds.y), "parent_accuracy": float_acc,
                       "size_bytes": onnx_path.stat().st_size, "parent_size_bytes": float_onnx.stat().st_size,
-                      "seconds": t.seconds}
+                      "torch_threads": TRAIN_THREADS, "seconds": t.seconds}
             variants.append(Variant(r.name, str(onnx_path), r.name, "float", recipe, sha256_file(onnx_path),
                                     str(pt_path)))
     finally:
