@@ -68,6 +68,9 @@ class ImageCNN(nn.Module):
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"digits_cnn": DigitsCNN, "tabular_mlp": TabularMLP, "image_cnn": ImageCNN}
+# Constructor arguments that set layer widths (``edgeward harden`` halves them for a student).
+WIDTH_KWARGS: dict[str, tuple[str, ...]] = {"digits_cnn": ("width", "feature_dim"), "tabular_mlp": ("hidden", "feature_dim"),
+                                            "image_cnn": ("width", "feature_dim")}
 
 
 class LogitsOnly(nn.Module):

@@ -3,6 +3,6 @@ thieves build from; re-exported here for the release-time pipeline and model loa
 
 from __future__ import annotations
 
-from attacks.architectures import ARCHITECTURES, DigitsCNN, LogitsOnly, TabularMLP
+from attacks.architectures import ARCHITECTURES, WIDTH_KWARGS, DigitsCNN, LogitsOnly, TabularMLP
 
-__all__ = ["ARCHITECTURES", "DigitsCNN", "LogitsOnly", "TabularMLP"]
+__all__ = ["ARCHITECTURES", "WIDTH_KWARGS", "DigitsCNN", "LogitsOnly", "TabularMLP"]

@@ -23,6 +23,7 @@ RELEASE_TIME = [
     ["demo-model", "--out", "m"],
     ["compress", "model.onnx", "--data", "d.npz", "--out", "v"],
     ["profile", "v/variants.json", "--data", "d.npz"],
+    ["harden", "model.onnx", "--torch-source", "m.pt", "--data", "d.npz", "--recipe", "adv_pgd", "--out", "h"],
     ["audit", "model.onnx", "--data", "d.npz", "--out", "r"],
     ["audit", "robustness", "v/variants.json", "--data", "d.npz"],
     ["fit-ood", "model.onnx", "--data", "d.npz", "--out", "o"],

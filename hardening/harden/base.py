@@ -1,0 +1,144 @@
+"""What every recipe shares: the float source it starts from, the data, seeded loops, and
+how a result is written (ONNX + state dict + sidecar) so the audits read it unchanged."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hardening.data import Dataset
+from hardening.errors import DataError, ModelError
+
+# Budgets per profile; every recipe records the numbers it used.
+PROFILES: dict[str, dict[str, dict]] = {
+    "quick": {
+        "adv_pgd": {"epochs": 60, "steps": 7, "lr": 3e-3, "lr_schedule": "cosine", "clean_weight": 0.3,
+                    "train_eps_factor": 2.0, "batch": 32},
+        "trades": {"epochs": 30, "steps": 7, "lr": 3e-3, "beta": 6.0, "train_eps_factor": 1.5, "batch": 32},
+        "distill": {"epochs": 40, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
+        "prune_structured": {"ratio": 0.5, "epochs": 8, "lr": 1e-3, "batch": 32},
+    },
+    "thorough": {
+        "adv_pgd": {"epochs": 120, "steps": 10, "lr": 3e-3, "lr_schedule": "cosine", "clean_weight": 0.3,
+                    "train_eps_factor": 2.0, "batch": 32},
+        "trades": {"epochs": 80, "steps": 10, "lr": 3e-3, "beta": 6.0, "train_eps_factor": 1.5, "batch": 32},
+        "distill": {"epochs": 120, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
+        "prune_structured": {"ratio": 0.5, "epochs": 30, "lr": 1e-3, "batch": 32},
+    },
+}
+
+
+@dataclass
+class Context:
+    """The float model a recipe starts from and the data it may train on (never ``x``/``y``:
+    those are the evaluation split the audits judge on)."""
+
+    teacher: nn.Module  # the float source, eval mode; recipes copy it, never modify it
+    arch: str
+    kwargs: dict
+    ds: Dataset
+    clip: tuple[float, float]
+    eps: float  # L-inf budget in input units, for the adversarial recipes
+    seed: int
+    profile: str
+    out: Path
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return torch.from_numpy(self.ds.x_train)
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return torch.from_numpy(self.ds.y_train)
+
+    def budget(self, recipe: str) -> dict:
+        return dict(PROFILES[self.profile][recipe])
+
+
+@dataclass
+class Result:
+    """What a recipe hands back: the trained module, its zoo architecture and the recipe."""
+
+    model: nn.Module
+    arch: str
+    kwargs: dict
+    recipe: dict
+
+
+def check_training_data(ds: Dataset) -> None:
+    if ds.x_train is None or ds.y_train is None:
+        raise DataError(f"{ds.source}: harden needs a training split ('x_train', 'y_train') to fine-tune on")
+
+
+def source_arch(path: Path) -> dict:
+    """The ``model.json`` sidecar of a state-dict source (harden retrains zoo architectures only)."""
+    import zipfile
+
+    if not path.is_file():
+        raise ModelError(f"{path}: PyTorch source not found")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any("/code/" in n for n in z.namelist()):
+                raise ModelError(f"{path}: a TorchScript source cannot be retrained; harden needs a state dict of a "
+                                 "hardening/zoo.py architecture with its .json sidecar")
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise ModelError(f"{path}: state dict needs {sidecar.name} naming its architecture")
+    try:
+        return json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{sidecar}: invalid JSON ({e})") from None
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def batches(n: int, size: int, g: torch.Generator):
+    return torch.randperm(n, generator=g).split(size)
+
+
+def parameters(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@torch.no_grad()
+def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    return float((logits(model.eval(), torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, clip: tuple[float, float],
+        g: torch.Generator, loss_fn=None) -> torch.Tensor:
+    """L-inf PGD with a uniform random start (Madry et al.), step 2.5 * eps / steps, clipped to the data range.
+    ``loss_fn(logits_adv)`` defaults to cross-entropy against ``y``."""
+    alpha = 2.5 * eps / steps
+    was_training = model.training
+    model.eval()
+    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+    adv = (x + delta).clamp(*clip).detach()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        out = logits(model, adv)
+        loss = loss_fn(out) if loss_fn is not None else nn.functional.cross_entropy(out, y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(*clip).detach()
+    model.train(was_training)
+    return adv
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = round(time.perf_counter() - self.t0, 3)

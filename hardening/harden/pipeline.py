@@ -1,0 +1,119 @@
+"""``harden()``: run recipes on a float model and its PyTorch source, write each result as an
+ONNX variant + state dict + sidecar, and a ``variants.json`` that the audits read as is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hardening.compression import VARIANTS_FILE, Variant, _drop_unused_opsets, _stored
+from hardening.data import load_dataset
+from hardening.errors import InputError, ModelError
+from hardening.harden.base import PROFILES, Context, Timer, check_training_data, parameters, source_arch
+from hardening.harden.registry import parse_recipes
+from hardening.intake import check_fits, load_model, make_session, sha256_file
+from hardening.torch_source import export_onnx, load_torch_source, save_state_dict
+
+DEFAULT_EPS_FRACTION = 0.1  # of the data range: L-inf 0.1 on [0, 1] inputs
+TRAIN_THREADS = 1
+
+
+def onnx_accuracy(path: str | Path, x: np.ndarray, y: np.ndarray) -> float:
+    info = load_model(path)
+    sess = make_session(path)
+    out = sess.run([info.logits_output], {info.input_name: x})[0]
+    return float((out.argmax(1) == y).mean())
+
+
+def _check_source_matches(module, model_path: Path, x: np.ndarray, src: Path) -> None:
+    info = load_model(model_path)
+    ort_out = make_session(model_path).run([info.logits_output], {info.input_name: x})[0]
+    with torch.no_grad():
+        out = module(torch.from_numpy(x))
+    tl = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+    if tl.shape != ort_out.shape or not np.allclose(tl, ort_out, atol=1e-3, rtol=1e-3):
+        raise ModelError(f"{src}: the PyTorch source's logits differ from {model_path.name}; harden starts from "
+                         "the source's weights, so it must be the model's own source")
+
+
+def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Path, recipes: str,
+           out_dir: str | Path, profile: str = "quick", eps: float | None = None, seed: int = 0,
+           progress=None) -> list[Variant]:
+    """Write ``float`` plus one variant per recipe to ``out_dir``, and ``variants.json``."""
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    chosen = parse_recipes(recipes)
+    model_path, src = Path(model_path), Path(torch_source)
+    arch = source_arch(src)
+    info = load_model(model_path)
+    ds = load_dataset(data_path)
+    check_fits(info, ds)
+    check_training_data(ds)
+    teacher = load_torch_source(src, arch)
+    _check_source_matches(teacher, model_path, ds.x[:64], src)
+    lo = float(min(a.min() for a in (ds.x, ds.x_train)))
+    hi = float(max(a.max() for a in (ds.x, ds.x_train)))
+    eps_v = DEFAULT_EPS_FRACTION * (hi - lo) if eps is None else float(eps)
+    if not 0 < eps_v <= hi - lo:
+        raise InputError(f"--eps {eps_v:g} must be in (0, {hi - lo:g}] (the data range)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(teacher=teacher, arch=arch["arch"], kwargs=dict(arch.get("kwargs", {})), ds=ds, clip=(lo, hi),
+                  eps=eps_v, seed=seed, profile=profile, out=out)
+
+    float_onnx, float_pt = out / "float.onnx", out / "float.pt"
+    for a, b in ((model_path, float_onnx), (src, float_pt)):
+        if a.resolve() != b.resolve():
+            shutil.copyfile(a, b)
+    float_pt.with_suffix(".json").write_text(json.dumps(arch, indent=2))
+    float_acc = onnx_accuracy(float_onnx, ds.x, ds.y)
+    variants = [Variant("float", str(float_onnx), "float", None,
+                        {"tool": "copy", "source": str(model_path.resolve()), "torch_source": str(src.resolve()),
+                         "parameters": parameters(teacher), "accuracy": float_acc,
+                         "size_bytes": float_onnx.stat().st_size},
+                        sha256_file(float_onnx), str(float_pt))]
+    sample = torch.from_numpy(ds.x[:2])
+    torch_state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    # One thread: same reduction order, so a seed gives the same weights on any machine (the
+    # figures in docs/harden.md and the tests), and no contention on these small models.
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        for r in chosen:
+            if progress:
+                progress(r.name)
+            onnx_path, pt_path = out / f"{r.name}.onnx", out / f"{r.name}.pt"
+            if r.onnx_level:
+                with Timer() as t:
+                    rec = r.run(ctx, float_onnx, onnx_path)
+                _drop_unused_opsets(onnx_path)
+                load_model(onnx_path)
+                variants.append(Variant(r.name, str(onnx_path), r.name, "float", {
+                    **rec, "recipe": r.name, "family": r.family, "profile": profile,
+                    "accuracy": onnx_accuracy(onnx_path, ds.x, ds.y), "parent_accuracy": float_acc,
+                    "size_bytes": onnx_path.stat().st_size, "parent_size_bytes": float_onnx.stat().st_size,
+                    "seconds": t.seconds}, sha256_file(onnx_path), str(float_pt)))
+                continue
+            with Timer() as t:
+                res = r.run(ctx)
+            save_state_dict(res.model, pt_path, res.arch, res.kwargs)
+            export_onnx(res.model, sample, onnx_path)
+            load_model(onnx_path)  # every variant passes intake itself
+            check = load_torch_source(pt_path)  # and its source reloads with weights_only=True
+            _check_source_matches(check, onnx_path, ds.x[:64], pt_path)
+            recipe = {**res.recipe, "recipe": r.name, "family": r.family, "profile": profile,
+                      "arch": res.arch, "kwargs": res.kwargs, "parameters": parameters(res.model),
+                      "accuracy": onnx_accuracy(onnx_path, ds.x, ds.y), "parent_accuracy": float_acc,
+                      "size_bytes": onnx_path.stat().st_size, "parent_size_bytes": float_onnx.stat().st_size,
+                      "torch_threads": TRAIN_THREADS, "seconds": t.seconds}
+            variants.append(Variant(r.name, str(onnx_path), r.name, "float", recipe, sha256_file(onnx_path),
+                                    str(pt_path)))
+    finally:
+        torch.set_rng_state(torch_state)
+        torch.set_num_threads(threads)
+    (out / VARIANTS_FILE).write_text(json.dumps([_stored(v, out) for v in variants], indent=2))
+    return variants

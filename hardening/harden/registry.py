@@ -1,0 +1,44 @@
+"""The recipes ``edgeward harden --recipe`` knows, by name, and the family module of each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hardening.errors import InputError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    family: str
+    summary: str
+    run: Callable  # (Context) -> Result; onnx_level: (Context, float_onnx, dst) -> recipe dict
+    onnx_level: bool = False  # works on the float ONNX graph; the source stays the parent's
+
+
+def _recipes() -> dict[str, Recipe]:
+    from hardening.harden import adversarial, distillation, lowbit, pruning
+
+    return {r.name: r for r in (
+        Recipe("adv_pgd", "adversarial", "PGD adversarial fine-tuning (L-inf) from the source's weights", adversarial.adv_pgd),
+        Recipe("trades", "adversarial", "TRADES fine-tuning (L-inf) from the source's weights", adversarial.trades),
+        Recipe("distill", "distillation", "knowledge distillation into a half-width student", distillation.distill),
+        Recipe("prune_structured", "pruning", "torch-pruning channel removal + fine-tuning", pruning.prune_structured),
+        Recipe("int4", "low-bit", "4-bit weight-only MatMulNBits (onnxruntime)", lowbit.int4, onnx_level=True),
+    )}
+
+
+RECIPE_NAMES = ("adv_pgd", "trades", "distill", "prune_structured", "int4")
+
+
+def parse_recipes(text: str) -> list[Recipe]:
+    """``adv_pgd,distill`` -> recipes, in the order given, each once."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise InputError(f"no recipe given; choose from {', '.join(RECIPE_NAMES)}")
+    unknown = [n for n in names if n not in RECIPE_NAMES]
+    if unknown:
+        raise InputError(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPE_NAMES)}")
+    known = _recipes()
+    return [known[n] for n in dict.fromkeys(names)]
