@@ -21,6 +21,7 @@ from art.estimators.classification import BlackBoxClassifierNeuralNetwork, PyTor
 from torch import nn
 
 from attacks.architectures import LogitsOnly
+from attacks.outputs import OutputConvention
 
 ClipValues = tuple[float, float]
 
@@ -56,26 +57,24 @@ class QueryCounter:
         np.add.at(self.per_example, d.argmin(axis=1), 1)
 
 
-LOG_FLOOR = 1e-38  # probabilities below this (float32 underflow) are taken as this before the log
 
 
 class OrtLogits:
     """Callable returning the deployed model's logits as float32, counting every row.
 
-    ``log_probs``: the model outputs probabilities (a final Softmax); return their log,
-    which equals the logits up to a per-row constant, so losses and margins computed on
-    it are the ones on logits (cross-entropy of probabilities is never taken). The
-    argmax, and so every success test, is that of the deployed output.
+    ``convention``: what the output holds (``attacks.outputs``); probabilities come back
+    as logits, so losses and margins are the ones on logits. The argmax, and so every
+    success test, is that of the deployed output.
     """
 
     def __init__(self, session, input_name: str, logits_output: str, sample_shape: tuple[int, ...],
-                 log_probs: bool = False, row_by_row: bool = False) -> None:
+                 convention: OutputConvention = OutputConvention.LOGITS, row_by_row: bool = False) -> None:
         self.session = session
         self.row_by_row = row_by_row  # batch-dependent graphs (dynamic quantisation): one row per run
         self.input_name = input_name
         self.logits_output = logits_output
         self.sample_shape = tuple(sample_shape)
-        self.log_probs = log_probs
+        self.convention = convention
         self.counter = QueryCounter()
 
     def __call__(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
@@ -90,7 +89,7 @@ class OrtLogits:
         if not outs:
             return np.zeros((0, 0), np.float32)
         z = np.concatenate(outs, axis=0).astype(np.float32)
-        return np.log(np.maximum(z, LOG_FLOOR)) if self.log_probs else z
+        return self.convention.to_logits(z)
 
     def labels(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)
@@ -212,16 +211,17 @@ class StraightThrough(nn.Module):
         return p + (o - p).detach()
 
 
-class LogOfProbabilities(nn.Module):
-    """A source that returns probabilities, seen through ``log``: log-probabilities are
-    logits up to a per-row constant, so ART's cross-entropy and DLR see logits."""
+class AsLogits(nn.Module):
+    """A source that returns probabilities, seen as logits (``OutputConvention.to_logits_torch``),
+    so ART's cross-entropy and DLR see logits."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, convention: OutputConvention) -> None:
         super().__init__()
         self.inner = LogitsOnly(inner)
+        self.convention = convention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(torch.clamp(self.inner(x), min=LOG_FLOOR))
+        return self.convention.to_logits_torch(self.inner(x))
 
 
 class ScaledLogits(nn.Module):

@@ -17,12 +17,14 @@ value of the deployed model and a **straight-through** backward (BPDA, Athalye e
 * integer tensors of quantised graphs are held as float tensors with integer values, so
   MatMulInteger / ConvInteger are float matmul / conv of ``(q - zero_point)``, and the
   QOperator ops (QLinearConv, QLinearMatMul, com.microsoft QGemm) are the same followed by
-  a straight-through requantisation;
+  a straight-through requantisation; com.microsoft QLinearAdd/Mul/AveragePool/
+  GlobalAveragePool/Concat/Sigmoid/LeakyRelu are their float op between a dequantisation
+  and that requantisation;
 * a comparison feeding ``Where`` (a threshold / binarisation) gets the gradient of its
   straight-through relaxation ``(a - b) * (x - t)``;
-* a final Softmax is dropped (``logits_from_softmax``): log-probabilities equal the logits
-  up to a per-row constant, so attacking the Softmax input is attacking the
-  log-probabilities without the saturation of float32 probabilities.
+* a final Softmax or Sigmoid is dropped (``drop_activation``): log-probabilities equal the
+  logits up to a per-row constant and a Sigmoid's logit is its input, so attacking the
+  activation's input is attacking the deployed scores without float32 saturation.
 
 Nothing here decides whether the copy may be used: ``verify`` compares it with the
 onnxruntime session on the audit data, and the caller falls back when it does not match.
@@ -41,9 +43,13 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from attacks.outputs import OutputConvention
+
 #: Ops whose true derivative is zero almost everywhere: they get a straight-through backward.
 NON_DIFFERENTIABLE = frozenset({
-    "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "Round", "Floor", "Ceil", "Sign",
+    "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "Round", "Floor", "Ceil", "Sign",
     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
 })
 _INT_ONNX = {
@@ -65,8 +71,8 @@ class GraphConversion:
     module: GraphModule
     op_types: list[str]
     non_differentiable: list[str]  # op types given a straight-through backward
-    softmax_dropped: bool
-    logits_name: str  # the tensor the module returns (the Softmax input when it was dropped)
+    activation_dropped: str | None  # "Softmax" / "Sigmoid" when the final activation was dropped
+    logits_name: str  # the tensor the module returns (the activation's input when it was dropped)
 
 
 @dataclass
@@ -223,6 +229,8 @@ def _run(node, at, ins, env, soft, int_dtype) -> list[torch.Tensor]:  # noqa: C9
         return [(a - torch.as_tensor(az, dtype=torch.float32)) @ (b - (bz if bz.ndim == 0 else bz.reshape(1, -1)))]
     if op in ("QLinearConv", "QLinearMatMul", "QGemm"):
         return [_qlinear(node, at, ins, int_dtype)]
+    if op in QLINEAR_FLOAT_OPS:
+        return [_qlinear_float(node, at, ins, env, soft, int_dtype)]
     if op == "QuantizeLinear":
         scale = ins[1]
         zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
@@ -457,6 +465,36 @@ def _qlinear(node, at, ins, int_dtype):
     return _requantize(at.get("alpha", 1.0) * acc * a_s * bs, node, ins, 7, int_dtype)
 
 
+#: com.microsoft QOperator ops that are a float op between a dequantisation of each input
+#: and a requantisation of the output (what onnxruntime's QOperator format emits for
+#: residual adds, pooling, concatenation and activations of int8 CNNs).
+QLINEAR_FLOAT_OPS = {
+    "QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearAveragePool": "AveragePool",
+    "QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearConcat": "Concat",
+    "QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu",
+}
+
+
+def _qlinear_float(node, at, ins, env, soft, int_dtype):
+    """Dequantise ``(q - zero_point) * scale``, run the float op, requantise (straight-through round)."""
+    op = node.op_type
+    if at.get("channels_last", 0):
+        raise ConversionError(f"{op} with channels_last is not supported")
+
+    def deq(q, scale, zp):
+        return (q - (zp if zp is not None else 0.0)) * scale
+
+    if op == "QLinearConcat":  # Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input
+        xs, y_at = [deq(*ins[i:i + 3]) for i in range(2, len(ins), 3)], 0
+    elif op in ("QLinearAdd", "QLinearMul"):  # A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp
+        xs, y_at = [deq(*ins[0:3]), deq(*ins[3:6])], 6
+    else:  # X, X_scale, X_zp, Y_scale, Y_zp
+        xs, y_at = [deq(*ins[0:3])], 3
+    float_at = {k: v for k, v in at.items() if k != "channels_last"}
+    real = _run(onnx.helper.make_node(QLINEAR_FLOAT_OPS[op], [], ["real"]), float_at, xs, env, soft, int_dtype)[0]
+    return _requantize(real, node, ins, y_at, int_dtype)
+
+
 def _conv(x, w, bias, at):
     if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise ConversionError("Conv with auto_pad is not supported")
@@ -502,18 +540,18 @@ SUPPORTED = frozenset(_UNARY) | frozenset(_BINARY) | {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization", "Identity", "Dropout",
     "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Shape", "Size", "Gather", "Slice",
     "Constant", "ConstantOfShape", "Expand", "Max", "Min", "Sum", "Mean", "ReduceMean", "ReduceSum", "ReduceMax",
-    "ReduceMin", "Pad", "QLinearConv", "QLinearMatMul", "QGemm",
+    "ReduceMin", "Pad", "QLinearConv", "QLinearMatMul", "QGemm", *QLINEAR_FLOAT_OPS,
 }
 #: The only custom-domain ops converted (onnxruntime's QOperator int8 format emits them).
-CUSTOM_DOMAIN = frozenset({("com.microsoft", "QGemm")})
+CUSTOM_DOMAIN = frozenset({("com.microsoft", "QGemm"), *(("com.microsoft", o) for o in QLINEAR_FLOAT_OPS)})
 
 
 def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
-            logits_from_softmax: bool = True) -> GraphConversion:
+            drop_activation: bool = True) -> GraphConversion:
     """Build the torch copy; raises ``ConversionError`` (one line) for what it cannot run.
 
-    ``logits_from_softmax``: when ``logits_output`` is produced by a Softmax over the class
-    axis, return that Softmax's input instead (see the module docstring).
+    ``drop_activation``: when ``logits_output`` is produced by a Softmax over the class
+    axis or a Sigmoid, return that op's input instead (see the module docstring).
     """
     g = model.graph
     bad_domain = sorted({f"{n.domain}.{n.op_type}" for n in g.node
@@ -530,12 +568,12 @@ def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
         raise ConversionError(f"ops not supported by the graph converter: {', '.join(missing)}")
     producer = {o: n for n in g.node for o in n.output}
     out = logits_output
-    dropped = False
+    dropped = None
     p = producer.get(logits_output)
-    if logits_from_softmax and p is not None and p.op_type == "Softmax":
+    if drop_activation and p is not None and p.op_type in ("Softmax", "Sigmoid"):
         axis = next((a.i for a in p.attribute if a.name == "axis"), -1)
-        if axis in (-1, 1):
-            out, dropped = p.input[0], True
+        if p.op_type == "Sigmoid" or axis in (-1, 1):
+            out, dropped = p.input[0], p.op_type
     needed = _ancestors(g, out)
     module = GraphModule(model, out, input_name)
     module.nodes = [n for n in module.nodes if any(o in needed for o in n.output)]
@@ -565,13 +603,13 @@ def _ancestors(g: onnx.GraphProto, out: str) -> set[str]:
     return seen
 
 
-def verify(module: nn.Module, reference: np.ndarray, x: np.ndarray, reference_is_logprob: bool,
+def verify(module: nn.Module, reference: np.ndarray, x: np.ndarray, convention: OutputConvention,
            rel_tol: float = 1e-3) -> Verification:
     """Compare the module's logits with the session's on ``x``.
 
-    ``reference`` is what the session returned (logits, or log-probabilities of a Softmax
-    model): with log-probabilities both sides are compared after ``log_softmax``, which
-    removes the per-row constant.
+    ``reference`` is what the session returned, as logits (``OutputConvention.to_logits``):
+    log-probabilities are compared after ``log_softmax``, which removes the per-row
+    constant; both are compared only where float32 outputs still carry the logit.
     """
     with torch.no_grad():
         z = torch.cat([module(torch.from_numpy(np.ascontiguousarray(x[i:i + 256], np.float32)))
@@ -580,16 +618,21 @@ def verify(module: nn.Module, reference: np.ndarray, x: np.ndarray, reference_is
         return Verification(len(x), float("inf"), float("inf"), 0.0, False, "the converted graph returns NaN/Inf")
     ours = z.numpy().astype(np.float64)
     ref = reference.astype(np.float64)
-    if reference_is_logprob:
-        ours = torch.log_softmax(torch.from_numpy(ours), 1).numpy()
-        ref = torch.log_softmax(torch.from_numpy(ref), 1).numpy()
-        keep = ref > -30  # float32 probabilities underflow below e^-30 or so: compare where they exist
+    if convention is not OutputConvention.LOGITS:
+        if convention is OutputConvention.PROBABILITIES:
+            ours = torch.log_softmax(torch.from_numpy(ours), 1).numpy()
+            ref = torch.log_softmax(torch.from_numpy(ref), 1).numpy()
+        keep = convention.comparable(ref)
+        if len(x) and not keep.any():
+            return Verification(len(x), float("inf"), float("inf"), 0.0, False,
+                                "every output is saturated: nothing to compare the converted graph with")
         err = float(np.abs(np.where(keep, ours - ref, 0.0)).max()) if len(x) else 0.0
         scale = 1.0
     else:
         err = float(np.abs(ours - ref).max()) if len(x) else 0.0
         scale = 1.0 + float(np.abs(ref).max()) if len(x) else 1.0
-    agree = float(np.mean(ours.argmax(1) == ref.argmax(1))) if len(x) else 1.0
+    unique = (ref == ref.max(1, keepdims=True)).sum(1) == 1  # saturated ties have no top-1 to agree on
+    agree = float(np.mean(ours.argmax(1)[unique] == ref.argmax(1)[unique])) if unique.any() else 1.0
     rel = err / scale
     exact = rel <= rel_tol and agree == 1.0
     reason = None if exact else (f"converted graph differs from onnxruntime: max |error| {err:.3g} "

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
+from attacks.outputs import OutputConvention
 from hardening.data import Dataset
 from hardening.errors import DataError, ModelError
 
@@ -37,7 +38,7 @@ class ModelInfo:
     features_output: str | None
     num_classes: int | None
     opset: int
-    outputs_probabilities: bool
+    output_convention: OutputConvention  # a final Softmax or Sigmoid makes the output probabilities
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +134,7 @@ def load_model(path: str | Path, max_bytes: int = MAX_MODEL_BYTES) -> ModelInfo:
         features_output=feats.name if feats is not None else None,
         num_classes=lshape[1],
         opset=opset,
-        outputs_probabilities=producer is not None and producer.op_type == "Softmax",
+        output_convention=OutputConvention.of_final_op(producer.op_type if producer is not None else None),
     )
 
 

@@ -33,14 +33,15 @@ class STRound(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    """Flat input, 4 classes; optional input quantisation, logit scale and final Softmax."""
+    """Flat input, 4 classes; optional input quantisation, logit scale and final Softmax or Sigmoid."""
 
     def __init__(self, d: int = 20, classes: int = 4, levels: int = 0, scale: float = 1.0, softmax: bool = False,
-                 straight_through: bool = False, threshold: float | None = None) -> None:
+                 straight_through: bool = False, threshold: float | None = None, sigmoid: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, classes))
         self.levels, self.scale, self.softmax, self.straight_through = levels, scale, softmax, straight_through
         self.threshold = threshold  # binarise the input (a comparison feeding Where)
+        self.sigmoid = sigmoid
 
     def logits(self, x):
         if self.threshold is not None:
@@ -53,7 +54,31 @@ class MLP(nn.Module):
 
     def forward(self, x):
         z = self.logits(x)
+        if self.sigmoid:
+            return torch.sigmoid(z)
         return torch.softmax(z, dim=1) if self.softmax else z
+
+
+class ResidualCNN(nn.Module):
+    """A ResNet-style block (skip add), average pooling and global average pooling, 1x12x12, 5 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.pool = nn.AvgPool2d(2)
+        self.wide = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+        self.softmax, self.scale = False, 1.0
+
+    def logits(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        h = self.wide(self.pool(h))
+        return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    def forward(self, x):
+        return self.logits(x)
 
 
 class CNN3(nn.Module):

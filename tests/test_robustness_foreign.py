@@ -24,7 +24,7 @@ from hardening.report.policy import Policy
 from hardening.report.summary import add_robustness, empty_variant
 from hardening.robustness import run_robustness_audit
 
-from foreign_models import CNN3, MLP, Deployed, cnn_data, export, mlp_data, quantize, reference_pgd, train
+from foreign_models import CNN3, MLP, Deployed, ResidualCNN, cnn_data, export, mlp_data, quantize, reference_pgd, train
 
 EPS = [0.05, 0.1, 0.2]
 N = 40
@@ -70,6 +70,7 @@ def _assert_not_above_reference(v, path, input_name, st_model, x, y, from_sessio
 def test_graph_copy_matches_the_session_on_every_foreign_graph(mlp, cnn):
     from attacks.estimators import OrtLogits
     from attacks.onnx_torch import convert, verify
+    from attacks.outputs import OutputConvention
     from hardening.intake import load_model, make_session
 
     for _d, x, _y, _model, path in (mlp, cnn):
@@ -78,7 +79,7 @@ def test_graph_copy_matches_the_session_on_every_foreign_graph(mlp, cnn):
             info = load_model(p)
             conv = convert(onnx.load(str(p)), info.input_name, info.logits_output)
             ort_fn = OrtLogits(make_session(p), info.input_name, info.logits_output, x.shape[1:])
-            ver = verify(conv.module, ort_fn(x[:64]), x[:64], False)
+            ver = verify(conv.module, ort_fn(x[:64]), x[:64], OutputConvention.LOGITS)
             assert ver.exact, (p, ver)
             assert ("QuantizeLinear" in conv.non_differentiable) == (kind == "static")
 
@@ -114,6 +115,46 @@ def test_int8_qoperator_cnn_without_source_gets_bpda_from_its_graph(cnn):
     _assert_not_above_reference(v, q, "image", model, x, y, from_session=True)
 
 
+@pytest.fixture(scope="module")
+def residual_int8(cnn, tmp_path_factory):
+    """A ResNet-style CNN in onnxruntime's QOperator int8 format (QLinearAdd, pooling contrib ops)."""
+    d, x, y, _model, _path = cnn
+    model = train(ResidualCNN(), x, y)
+    path = export(model, x, tmp_path_factory.mktemp("residual") / "res.onnx", "image", "out")
+    m = onnx.load(str(path))
+    for n in m.graph.node:  # torch's exporter writes ReduceMean; most exported ResNets have GlobalAveragePool
+        if n.op_type == "ReduceMean":
+            n.op_type = "GlobalAveragePool"
+            del n.input[1:]
+            del n.attribute[:]
+    onnx.save(m, str(path))
+    q = quantize(path, x[:160], "image", "qoperator")
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearAveragePool"} <= ops, ops  # what ORT emits
+    return d, x, y, model, q
+
+
+def test_int8_qoperator_contrib_ops_convert_and_match_the_session(residual_int8):
+    from attacks.estimators import OrtLogits
+    from hardening.intake import make_session
+    from hardening.robustness.routes import GraphStatus, graph_route
+
+    d, x, y, model, q = residual_int8
+    ort_fn = OrtLogits(make_session(q), "image", "out", x.shape[1:])
+    graph = graph_route(str(q), "image", "out", ort_fn, x[:64])
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearAveragePool"} <= set(graph.non_differentiable)
+    assert graph.status in (GraphStatus.STRAIGHT_THROUGH, GraphStatus.APPROXIMATE), graph.reason
+    assert graph.verification["top1_agreement"] >= 0.95, graph.verification
+
+
+@pytest.mark.slow
+def test_int8_qoperator_residual_cnn_gets_bpda_through_its_contrib_ops(residual_int8):
+    d, x, y, model, q = residual_int8
+    rep, v = _audit(q, d / "data.npz", profile="thorough")  # quick over-reports one point of 40 at eps 0.05
+    assert v.families[0] == "bpda" and not v.upper_bound, v.upper_bound_reason
+    _assert_not_above_reference(v, q, "image", model, x, y, from_session=True)
+
+
 def test_input_rounding_with_a_torchscript_source_really_runs_bpda(mlp, tmp_path):
     d, x, y, model, _ = mlp
     rounding = copy.deepcopy(model)
@@ -138,9 +179,34 @@ def test_softmax_output_with_source_is_attacked_on_log_probabilities(mlp, tmp_pa
     sm.softmax, sm.scale = True, 20.0  # saturating probabilities
     path = export(sm, x, tmp_path / "softmax.onnx", "sensor_readings", "probs")
     rep, v = _audit(path, d / "data.npz", source=sm)  # used to crash inside ART
-    assert v.output_convention == "probabilities" and v.gradient_check["graph"]["softmax_dropped"]
+    assert v.output_convention == "probabilities" and v.gradient_check["graph"]["activation_dropped"] == "Softmax"
     assert "PROBABILITY_OUTPUT" in {f.code for f in rep.findings} and not v.upper_bound
     _assert_not_above_reference(v, path, "sensor_readings", sm, x, y)
+
+
+@pytest.mark.parametrize("with_source", [False, True])
+def test_sigmoid_output_is_attacked_on_its_logit(mlp, tmp_path, with_source):
+    d, x, y, model, _ = mlp
+    sg = copy.deepcopy(model)
+    sg.sigmoid, sg.scale = True, 20.0  # per-class probabilities, most of them saturated at 0 or 1
+    path = export(sg, x, tmp_path / "sigmoid.onnx", "sensor_readings", "probs")
+    rep, v = _audit(path, d / "data.npz", source=sg if with_source else None)
+    graph = v.gradient_check["graph"]
+    assert v.output_convention == "sigmoid" and graph["activation_dropped"] == "Sigmoid"
+    assert graph["status"] == "exact" and not v.upper_bound, graph
+    assert "Sigmoid probabilities" in next(f.message for f in rep.findings if f.code == "PROBABILITY_OUTPUT")
+    _assert_not_above_reference(v, path, "sensor_readings", sg, x, y)
+
+
+def test_sigmoid_logits_round_trip_where_float32_carries_them():
+    from attacks.outputs import OutputConvention
+
+    z = np.array([[-40.0, -10.0, 0.0, 3.0, 14.0, 40.0]], np.float32)
+    back = OutputConvention.SIGMOID.to_logits((1 / (1 + np.exp(-z.astype(np.float64)))).astype(np.float32))
+    keep = OutputConvention.SIGMOID.comparable(back)
+    assert keep.tolist() == [[False, False, True, True, False, False]]
+    assert np.allclose(back[keep], z[keep], atol=1e-3)
+    assert np.all(np.diff(back[0]) >= 0)  # order kept where saturated
 
 
 def test_logits_scaled_by_1000_do_not_blind_the_white_box_family(mlp, tmp_path):

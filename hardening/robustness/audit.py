@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from attacks.estimators import (
-    LOG_FLOOR,
+    AsLogits,
     BPDARounding,
-    LogOfProbabilities,
     OrtLogits,
     QueryCounter,
     ScaledLogits,
@@ -38,6 +37,7 @@ from attacks.estimators import (
     torch_logits,
 )
 from attacks.evasion import ATTACKS, DEFAULT_ATTACKS, check_attack_names, check_profile, parse_norm
+from attacks.outputs import OutputConvention
 from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import check_fits, load_model, make_session
@@ -45,11 +45,9 @@ from hardening.robustness import checks
 from hardening.robustness.engine import Progress, Stage, Target, run_cascade
 from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
 from hardening.robustness.routes import (
-    OutputConvention,
     batch_dependent,
     graph_route,
     logit_scale,
-    looks_like_probabilities,
     same_outputs,
 )
 from hardening.robustness.stats import median_distance
@@ -260,8 +258,8 @@ class Routes:
         return out
 
 
-def _source_scores(module: nn.Module, x: np.ndarray, nb: int, name: str, log_probs: bool):
-    """The source as a logits module (log of its probabilities when it returns them)."""
+def _source_scores(module: nn.Module, x: np.ndarray, nb: int, name: str, convention: OutputConvention):
+    """The source as a logits module (its probabilities as logits when it returns them)."""
     try:
         tl = torch_logits(module, x)
     except Exception as e:  # noqa: BLE001 - any failure here means the source does not fit
@@ -269,8 +267,8 @@ def _source_scores(module: nn.Module, x: np.ndarray, nb: int, name: str, log_pro
         raise ModelError(f"PyTorch source does not accept the data for '{name}': {first}") from None
     if tl.ndim != 2 or tl.shape[1] != nb:
         raise ModelError(f"PyTorch source returns {tuple(tl.shape[1:])} outputs, '{name}' has {nb} classes")
-    if log_probs and looks_like_probabilities(tl):
-        return LogOfProbabilities(module), np.log(np.maximum(tl, LOG_FLOOR))
+    if convention is not OutputConvention.LOGITS and convention.looks_like(tl):
+        return AsLogits(module, convention), convention.to_logits(tl)
     return module, tl
 
 
@@ -281,19 +279,18 @@ def _audit_one(
     findings: list[Finding] = []
     nb = int(info.num_classes)
     shape = tuple(x.shape[1:])
-    convention = OutputConvention.PROBABILITIES if info.outputs_probabilities else OutputConvention.LOGITS
-    log_probs = convention == OutputConvention.PROBABILITIES
-    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, log_probs=log_probs,
+    convention = info.output_convention
+    ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, convention=convention,
                        row_by_row=batch_dependent(s.path))
     module = _load_torch(s.torch_source, torch_cache)
     graph = graph_route(s.path, info.input_name, info.logits_output, ort_fn, x)
     routes = Routes()
     role, agreement, src = "black-box", None, None
     if module is not None:
-        src, tl = _source_scores(module, x, nb, s.name, log_probs)
+        src, tl = _source_scores(module, x, nb, s.name, convention)
         ol = ort_fn(x)
         agreement = float(np.mean(tl.argmax(1) == ol.argmax(1)))
-        same = same_outputs(tl, ol, log_probs)
+        same = same_outputs(tl, ol, convention)
         role = "white-box" if same else "compressed"
         if s.kind == "float" and not same:
             findings.append(Finding("warning", "SOURCE_MISMATCH", "the PyTorch source's outputs differ from this float "
@@ -302,8 +299,8 @@ def _audit_one(
             findings.append(Finding("warning", "LOW_AGREEMENT", f"variant agrees with its float parent on only "
                                     f"{agreement:.0%} of clean points; transfer and BPDA attacks are weaker", s.name))
     if role == "white-box":
-        if graph.differentiable and log_probs and src is not module:
-            # the source returns probabilities; the graph copy gives the Softmax input itself
+        if graph.differentiable and convention is not OutputConvention.LOGITS and src is not module:
+            # the source returns probabilities; the graph copy gives the activation's input itself
             routes.white_box, routes.white_box_source = graph.module, "onnx-graph"
         else:
             routes.white_box, routes.white_box_source = src, "torch-source"
@@ -443,10 +440,12 @@ def _route_findings(v, routes: Routes, graph, convention, source_probs: bool) ->
         ops = ", ".join(graph.non_differentiable) or "none"
         out.append(Finding("info", "STRAIGHT_THROUGH", f"BPDA through the deployed graph (non-differentiable ops: {ops}; "
                            f"copy {graph.status.value}); {runs('bpda')} point-attacks ran", v.name))
-    if convention == OutputConvention.PROBABILITIES:
-        how = "the Softmax input of the graph copy" if graph.softmax_dropped and routes.first is not None and (
-            routes.white_box_source == "onnx-graph" or routes.bpda_source == "onnx-graph") else "log-probabilities"
-        out.append(Finding("info", "PROBABILITY_OUTPUT", "the model outputs Softmax probabilities: attacks use "
+    if convention is not OutputConvention.LOGITS:
+        op, inverse = (("Softmax", "log-probabilities") if convention is OutputConvention.PROBABILITIES
+                       else ("Sigmoid", "the logit of each probability"))
+        how = f"the {op} input of the graph copy" if graph.activation_dropped and routes.first is not None and (
+            routes.white_box_source == "onnx-graph" or routes.bpda_source == "onnx-graph") else inverse
+        out.append(Finding("info", "PROBABILITY_OUTPUT", f"the model outputs {op} probabilities: attacks use "
                            f"{how} (never cross-entropy on probabilities)"
                            + ("; the PyTorch source returns probabilities too" if source_probs else ""), v.name))
     if routes.scale < 1.0:

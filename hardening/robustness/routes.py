@@ -20,17 +20,11 @@ from torch import nn
 
 from attacks.estimators import OrtLogits, StraightThrough
 from attacks.onnx_torch import ConversionError, convert, verify
+from attacks.outputs import OutputConvention
 
 APPROX_MIN_AGREEMENT = 0.9  # a graph copy this close is still a useful backward for BPDA
 SCALE_MARGIN = 50.0  # median logit margin above which CE gradients saturate in float32
 SCALE_TARGET = 10.0  # ... and the margin the CE-based attacks are shown instead
-
-
-class OutputConvention(str, Enum):
-    """What the deployed model's first output holds."""
-
-    LOGITS = "logits"
-    PROBABILITIES = "probabilities"  # a final Softmax: attacked on log-probabilities
 
 
 class GraphStatus(str, Enum):
@@ -49,7 +43,7 @@ class GraphRoute:
     reason: str | None = None
     op_types: list[str] = field(default_factory=list)
     non_differentiable: list[str] = field(default_factory=list)
-    softmax_dropped: bool = False
+    activation_dropped: str | None = None
     verification: dict | None = None
     module: nn.Module | None = field(default=None, repr=False)
 
@@ -63,7 +57,7 @@ class GraphRoute:
 
     def to_dict(self) -> dict:
         return {"status": self.status.value, "reason": self.reason, "op_types": self.op_types,
-                "non_differentiable": self.non_differentiable, "softmax_dropped": self.softmax_dropped,
+                "non_differentiable": self.non_differentiable, "activation_dropped": self.activation_dropped,
                 "verification": self.verification}
 
 
@@ -72,14 +66,14 @@ def graph_route(path: str, input_name: str, logits_output: str, ort_fn: OrtLogit
     try:
         model = onnx.load(str(path), load_external_data=False)
         conv = convert(model, input_name, logits_output)
-        ver = verify(conv.module, ort_fn(x), x, ort_fn.log_probs)
+        ver = verify(conv.module, ort_fn(x), x, ort_fn.convention)
     except ConversionError as e:
         return GraphRoute(GraphStatus.REFUSED, str(e))
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:  # torch refused a shape or dtype
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         return GraphRoute(GraphStatus.REFUSED, f"the converted graph failed to run: {first}")
     base = dict(op_types=conv.op_types, non_differentiable=conv.non_differentiable,
-                softmax_dropped=conv.softmax_dropped, verification=ver.to_dict())
+                activation_dropped=conv.activation_dropped, verification=ver.to_dict())
     if "DynamicQuantizeLinear" in conv.non_differentiable and ver.top1_agreement >= APPROX_MIN_AGREEMENT:
         # its quantisation scale is computed over the whole batch (the session judges it row by
         # row, see batch_dependent): the copy gives the backward, the session the forward
@@ -100,19 +94,13 @@ def batch_dependent(path: str) -> bool:
     return any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
 
 
-def looks_like_probabilities(z: np.ndarray) -> bool:
-    """Rows that are non-negative and sum to one (what a Softmax returns)."""
-    return bool(len(z)) and bool((z >= 0).all()) and bool(np.allclose(z.sum(1), 1.0, atol=1e-3))
-
-
-def same_outputs(ours: np.ndarray, ref: np.ndarray, log_probs: bool) -> bool:
-    """The source's scores equal the session's (up to a per-row constant for log-probabilities)."""
-    if log_probs:
-        a = ours - ours.max(1, keepdims=True)
-        b = ref - ref.max(1, keepdims=True)
-        keep = b > -30  # compare where float32 probabilities exist
-        return bool(np.abs(np.where(keep, a - b, 0)).max() <= 1e-3 * (1 + np.abs(np.where(keep, b, 0)).max()))
-    return bool(np.abs(ours - ref).max() <= 1e-3 * (1 + np.abs(ref).max()))
+def same_outputs(ours: np.ndarray, ref: np.ndarray, convention: OutputConvention) -> bool:
+    """The source's logits equal the session's (up to a per-row constant for log-probabilities),
+    where the float32 outputs still carry them."""
+    if convention is OutputConvention.PROBABILITIES:
+        ours, ref = ours - ours.max(1, keepdims=True), ref - ref.max(1, keepdims=True)
+    keep = convention.comparable(ref)
+    return bool(np.abs(np.where(keep, ours - ref, 0)).max() <= 1e-3 * (1 + np.abs(np.where(keep, ref, 0)).max()))
 
 
 def logit_scale(scores: np.ndarray, y: np.ndarray) -> float:
