@@ -46,6 +46,19 @@ def test_query_counter_attributes_rows_to_their_original():
     assert c.per_example.tolist() == [1, 1, 0, 3, 0]
 
 
+@pytest.mark.parametrize("n, dim", [(3, 12), (40, 64), (120, 3 * 16 * 16)])
+def test_query_attribution_equals_the_nearest_reference_by_brute_force(n, dim):
+    rng = np.random.default_rng(n)
+    ref = rng.random((n, dim), dtype=np.float32)
+    rows = np.clip(ref[rng.integers(0, n, 3 * n)] + rng.uniform(-0.15, 0.15, (3 * n, dim)).astype(np.float32), 0, 1)
+    c = QueryCounter()
+    c.set_reference(ref)
+    c.record(rows[: n])
+    c.record(rows[n:])
+    d = ((rows[:, None, :] - ref[None, :, :]) ** 2).sum(2)
+    assert c.per_example.tolist() == np.bincount(d.argmin(1), minlength=n).tolist()
+
+
 def test_onnx_classifier_scores_and_labels_match_session(digits):
     ds, info, sess, ort_fn, _ = digits
     x = ds.x[:20]
