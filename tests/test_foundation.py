@@ -84,6 +84,10 @@ def test_profile_json_has_every_field(digits_variants, digits_demo, tmp_path):
         assert [lat["batch"] for lat in v["latency"]] == [1, 32]
         assert all(lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] for lat in v["latency"])
         assert v["cold_start_ms"] > 0 and v["memory_added_mb"] >= 0
+        by_batch = v["memory_by_batch"]
+        assert [m["batch"] for m in by_batch] == sorted(m["batch"] for m in by_batch) and by_batch[0]["batch"] == 1
+        assert v["memory_added_mb"] == by_batch[0]["memory_added_mb"]
+        assert all(a["memory_added_mb"] <= b["memory_added_mb"] for a, b in zip(by_batch, by_batch[1:]))
         if v["energy_mj_per_inference"] is None:
             assert v["energy_source"].startswith("unavailable")
     by = {v["name"]: v for v in doc["variants"]}

@@ -98,9 +98,9 @@ def profile_cmd(
         table(
             f"profile ({threads} thread(s); energy: {report.variants[0].energy_source})",
             ["variant", "size KiB", "acc", "agree", "p50 b1 ms", "p95 b1", "p99 b1", f"p50 b{batch}",
-             "cold ms", "mem MB", "cpu ms/inf", "budgets"],
+             "cold ms", "mem MB b1", f"mem b{batch}", "cpu ms/inf", "budgets"],
             [(p.name, p.size_bytes / 1024, p.accuracy, p.agreement_with_float, p.latency[0].p50_ms, p.latency[0].p95_ms,
-              p.latency[0].p99_ms, p.latency[1].p50_ms, p.cold_start_ms, p.memory_added_mb, p.cpu_ms_per_inference,
+              p.latency[0].p99_ms, p.latency[1].p50_ms, p.cold_start_ms, p.memory_added_mb, p.memory_by_batch[1].memory_added_mb, p.cpu_ms_per_inference,
               ("PASS" if p.passed else "FAIL") if p.budget_checks else "-") for p in report.variants],
         )
     if not report.passed:
