@@ -25,6 +25,8 @@ def _recipes() -> dict[str, Recipe]:
         Recipe("adv_pgd", "adversarial", "PGD adversarial fine-tuning (L-inf) from the source's weights", adversarial.adv_pgd),
         Recipe("trades", "adversarial", "TRADES fine-tuning (L-inf) from the source's weights", adversarial.trades),
         Recipe("distill", "distillation", "knowledge distillation into a half-width student", distillation.distill),
+        Recipe("adv_distill", "distillation", "adversarially robust distillation (ARD) into a half-width student",
+               distillation.adv_distill),
         Recipe("prune_structured", "pruning", "torch-pruning channel removal + fine-tuning", pruning.prune_structured),
         Recipe("int4", "low-bit", "4-bit weight-only MatMulNBits (onnxruntime)", lowbit.int4, onnx_level=True),
         Recipe("ptq", "quantization", "post-training static QDQ at --quant-bits (onnxruntime)", quantization.ptq,
@@ -36,7 +38,7 @@ def _recipes() -> dict[str, Recipe]:
     )}
 
 
-RECIPE_NAMES = ("adv_pgd", "trades", "distill", "prune_structured", "int4", "ptq", "qat", "mixed")
+RECIPE_NAMES = ("adv_pgd", "trades", "distill", "adv_distill", "prune_structured", "int4", "ptq", "qat", "mixed")
 
 
 def parse_recipes(text: str) -> list[Recipe]:
