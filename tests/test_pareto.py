@@ -61,6 +61,10 @@ def reviewed(digits_demo, tmp_path_factory):
     return res, tmp_path_factory.mktemp("pol")
 
 
+def by_params(res) -> dict:
+    return {v["name"]: v["recipe"].get("parameters") for v in json.loads(res.report_path.read_text())["variants"]}
+
+
 def _policy(folder, robust: float, clean: float = 0.9) -> str:
     path = folder / f"p_{robust}.toml"
     path.write_text(f"[accuracy]\nmin_clean = {clean}\n[robustness]\nn = 48\n"
@@ -86,6 +90,10 @@ def test_report_has_the_pareto_section_with_parent_deltas(reviewed):
             assert c.metrics[k] is not None, (name, k)
             assert c.delta_vs_parent[k] == pytest.approx(c.metrics[k] - by["float"].metrics[k])
     assert by["ptq"].on_front  # the smallest file is never dominated
+    ard = next(v for v in json.loads(res.report_path.read_text())["variants"] if v["name"] == "adv_distill")["recipe"]
+    assert ard["eps"] == pytest.approx(0.1) and ard["train_eps"] == pytest.approx(0.2) and ard["pgd_steps"] >= 5
+    assert {"temperature", "soft_loss_weight", "hard_loss_weight", "student_kwargs", "pgd_objective"} <= ard.keys()
+    assert 2 * ard["parameters"] <= by_params(res)["float"]
 
 
 def test_select_picks_the_variant_the_policy_names_and_package_takes_it(reviewed, tmp_path):
