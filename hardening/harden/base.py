@@ -23,6 +23,10 @@ PROFILES: dict[str, dict[str, dict]] = {
         "trades": {"epochs": 30, "steps": 7, "lr": 3e-3, "beta": 6.0, "train_eps_factor": 1.5, "batch": 32},
         "distill": {"epochs": 40, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
         "prune_structured": {"ratio": 0.5, "epochs": 8, "lr": 1e-3, "batch": 32},
+        "adv_distill": {"epochs": 40, "steps": 5, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7,
+                        "train_eps_factor": 2.0, "batch": 32},
+        "qat": {"epochs": 10, "lr": 5e-4, "batch": 32, "freeze_observers_after": 7},
+        "mixed": {"tolerance": 0.01},
     },
     "thorough": {
         "adv_pgd": {"epochs": 120, "steps": 10, "lr": 3e-3, "lr_schedule": "cosine", "clean_weight": 0.3,
@@ -30,6 +34,10 @@ PROFILES: dict[str, dict[str, dict]] = {
         "trades": {"epochs": 80, "steps": 10, "lr": 3e-3, "beta": 6.0, "train_eps_factor": 1.5, "batch": 32},
         "distill": {"epochs": 120, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
         "prune_structured": {"ratio": 0.5, "epochs": 30, "lr": 1e-3, "batch": 32},
+        "adv_distill": {"epochs": 120, "steps": 10, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7,
+                        "train_eps_factor": 2.0, "batch": 32},
+        "qat": {"epochs": 30, "lr": 5e-4, "batch": 32, "freeze_observers_after": 20},
+        "mixed": {"tolerance": 0.01},
     },
 }
 
@@ -48,6 +56,7 @@ class Context:
     seed: int
     profile: str
     out: Path
+    quant_bits: str = "w4a8"  # weight/activation bits of ptq, qat and mixed
     log: list[str] = field(default_factory=list)
 
     @property

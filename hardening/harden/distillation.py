@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hardening.errors import InputError
-from hardening.harden.base import Context, Result, Timer, batches, logits, parameters
+from hardening.harden.base import Context, Result, Timer, batches, logits, parameters, pgd
 from hardening.zoo import ARCHITECTURES, WIDTH_KWARGS
 
 
@@ -24,18 +24,64 @@ def student_kwargs(arch: str, kwargs: dict) -> dict:
     return out
 
 
-def distill(ctx: Context) -> Result:
-    """loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
-    b = ctx.budget("distill")
-    T, alpha = b["temperature"], b["alpha"]
+def _student(ctx: Context) -> tuple[nn.Module, dict, int, int]:
     kw = student_kwargs(ctx.arch, ctx.kwargs)
     torch.manual_seed(ctx.seed)
-    g = torch.Generator().manual_seed(ctx.seed)
     student = ARCHITECTURES[ctx.arch](**kw).train()
     teacher_params, student_params = parameters(ctx.teacher), parameters(student)
     if 2 * student_params > teacher_params:
         raise InputError(f"distill: the student has {student_params} parameters, more than half the "
                          f"teacher's {teacher_params}")
+    return student, kw, teacher_params, student_params
+
+
+def adv_distill(ctx: Context) -> Result:
+    """Adversarially robust distillation (ARD, Goldblum et al. 2020) into the half-width student:
+    loss = alpha * T^2 * KL(t(x)/T || s(x_adv)/T) + (1 - alpha) * CE(s(x), y), where x_adv is PGD
+    on the student maximising that KL. The teacher is the given source (pass an ``adv_pgd.pt``
+    as ``--torch-source`` for a robust teacher)."""
+    b = ctx.budget("adv_distill")
+    T, alpha = b["temperature"], b["alpha"]
+    student, kw, teacher_params, student_params = _student(ctx)
+    g = torch.Generator().manual_seed(ctx.seed)
+    x, y = ctx.x_train, ctx.y_train
+    with torch.no_grad():
+        soft = torch.softmax(logits(ctx.teacher, x) / T, 1)
+    opt = torch.optim.Adam(student.parameters(), lr=b["lr"])
+    kl = nn.KLDivLoss(reduction="batchmean")
+    train_eps = ctx.eps * b["train_eps_factor"]
+    with Timer() as t:
+        for _ in range(b["epochs"]):
+            for idx in batches(len(x), b["batch"], g):
+                target = soft[idx]
+                adv = pgd(student, x[idx], y[idx], train_eps, b["steps"], ctx.clip, g,
+                          loss_fn=lambda out, p=target: kl(torch.log_softmax(out / T, 1), p))
+                opt.zero_grad()
+                loss = alpha * T * T * kl(torch.log_softmax(logits(student, adv) / T, 1), target) + \
+                    (1 - alpha) * nn.functional.cross_entropy(logits(student, x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+    recipe = {
+        "tool": "torch adversarially robust distillation (plain loop)",
+        "method": "ARD (Goldblum et al. 2020): KL(teacher(x) || student(PGD(x))) at temperature T + hard-label CE",
+        "teacher": "the --torch-source model", "student_arch": ctx.arch, "student_kwargs": kw,
+        "student_parameters": student_params, "teacher_parameters": teacher_params,
+        "parameter_ratio": student_params / teacher_params, "temperature": T, "soft_loss_weight": alpha,
+        "hard_loss_weight": 1 - alpha, "norm": "inf", "eps": ctx.eps, "train_eps": train_eps,
+        "pgd_steps": b["steps"], "pgd_step_size": 2.5 * train_eps / b["steps"], "random_start": True,
+        "pgd_objective": "KL(teacher soft targets || student at T)", "epochs": b["epochs"], "batch": b["batch"],
+        "optimizer": "Adam", "lr": b["lr"], "init": f"random (seed {ctx.seed})", "train_samples": int(len(x)),
+        "seed": ctx.seed, "train_seconds": t.seconds,
+    }
+    return Result(student.eval(), ctx.arch, kw, recipe)
+
+
+def distill(ctx: Context) -> Result:
+    """loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
+    b = ctx.budget("distill")
+    T, alpha = b["temperature"], b["alpha"]
+    student, kw, teacher_params, student_params = _student(ctx)
+    g = torch.Generator().manual_seed(ctx.seed)
     x, y = ctx.x_train, ctx.y_train
     with torch.no_grad():
         soft = torch.softmax(logits(ctx.teacher, x) / T, 1)

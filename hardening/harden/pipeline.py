@@ -14,6 +14,7 @@ from hardening.compression import VARIANTS_FILE, Variant, _drop_unused_opsets, _
 from hardening.data import load_dataset
 from hardening.errors import InputError, ModelError
 from hardening.harden.base import PROFILES, Context, Timer, check_training_data, parameters, source_arch
+from hardening.harden.quantization import parse_bits
 from hardening.harden.registry import parse_recipes
 from hardening.intake import check_fits, load_model, make_session, sha256_file
 from hardening.torch_source import export_onnx, load_torch_source, save_state_dict
@@ -42,11 +43,12 @@ def _check_source_matches(module, model_path: Path, x: np.ndarray, src: Path) ->
 
 def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Path, recipes: str,
            out_dir: str | Path, profile: str = "quick", eps: float | None = None, seed: int = 0,
-           progress=None) -> list[Variant]:
+           quant_bits: str = "w4a8", progress=None) -> list[Variant]:
     """Write ``float`` plus one variant per recipe to ``out_dir``, and ``variants.json``."""
     if profile not in PROFILES:
         raise InputError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     chosen = parse_recipes(recipes)
+    parse_bits(quant_bits)
     model_path, src = Path(model_path), Path(torch_source)
     arch = source_arch(src)
     info = load_model(model_path)
@@ -63,7 +65,7 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(teacher=teacher, arch=arch["arch"], kwargs=dict(arch.get("kwargs", {})), ds=ds, clip=(lo, hi),
-                  eps=eps_v, seed=seed, profile=profile, out=out)
+                  eps=eps_v, seed=seed, profile=profile, out=out, quant_bits=quant_bits)
 
     float_onnx, float_pt = out / "float.onnx", out / "float.pt"
     for a, b in ((model_path, float_onnx), (src, float_pt)):
@@ -101,11 +103,18 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
             with Timer() as t:
                 res = r.run(ctx)
             save_state_dict(res.model, pt_path, res.arch, res.kwargs)
-            export_onnx(res.model, sample, onnx_path)
-            load_model(onnx_path)  # every variant passes intake itself
+            exported = out / f"{r.name}.float.onnx" if r.post else onnx_path
+            export_onnx(res.model, sample, exported)
+            load_model(exported)  # every variant passes intake itself
             check = load_torch_source(pt_path)  # and its source reloads with weights_only=True
-            _check_source_matches(check, onnx_path, ds.x[:64], pt_path)
-            recipe = {**res.recipe, "recipe": r.name, "family": r.family, "profile": profile,
+            _check_source_matches(check, exported, ds.x[:64], pt_path)
+            extra: dict = {}
+            if r.post:  # e.g. QAT: the trained float graph becomes QDQ; its source is the float latent weights
+                extra = r.post(ctx, exported, onnx_path)
+                exported.unlink()
+                _drop_unused_opsets(onnx_path)
+                load_model(onnx_path)
+            recipe = {**res.recipe, **extra, "recipe": r.name, "family": r.family, "profile": profile,
                       "arch": res.arch, "kwargs": res.kwargs, "parameters": parameters(res.model),
                       "accuracy": onnx_accuracy(onnx_path, ds.x, ds.y), "parent_accuracy": float_acc,
                       "size_bytes": onnx_path.stat().st_size, "parent_size_bytes": float_onnx.stat().st_size,

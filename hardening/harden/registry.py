@@ -15,21 +15,30 @@ class Recipe:
     summary: str
     run: Callable  # (Context) -> Result; onnx_level: (Context, float_onnx, dst) -> recipe dict
     onnx_level: bool = False  # works on the float ONNX graph; the source stays the parent's
+    post: Callable | None = None  # (Context, float export, dst) -> recipe dict: rewrites the trained export
 
 
 def _recipes() -> dict[str, Recipe]:
-    from hardening.harden import adversarial, distillation, lowbit, pruning
+    from hardening.harden import adversarial, distillation, lowbit, pruning, quantization
 
     return {r.name: r for r in (
         Recipe("adv_pgd", "adversarial", "PGD adversarial fine-tuning (L-inf) from the source's weights", adversarial.adv_pgd),
         Recipe("trades", "adversarial", "TRADES fine-tuning (L-inf) from the source's weights", adversarial.trades),
         Recipe("distill", "distillation", "knowledge distillation into a half-width student", distillation.distill),
+        Recipe("adv_distill", "distillation", "adversarially robust distillation (ARD) into a half-width student",
+               distillation.adv_distill),
         Recipe("prune_structured", "pruning", "torch-pruning channel removal + fine-tuning", pruning.prune_structured),
         Recipe("int4", "low-bit", "4-bit weight-only MatMulNBits (onnxruntime)", lowbit.int4, onnx_level=True),
+        Recipe("ptq", "quantization", "post-training static QDQ at --quant-bits (onnxruntime)", quantization.ptq,
+               onnx_level=True),
+        Recipe("qat", "quantization", "quantization-aware fine-tuning, QDQ at --quant-bits", quantization.qat,
+               post=quantization.qat_export),
+        Recipe("mixed", "quantization", "QDQ at --quant-bits, most sensitive nodes kept in float", quantization.mixed,
+               onnx_level=True),
     )}
 
 
-RECIPE_NAMES = ("adv_pgd", "trades", "distill", "prune_structured", "int4")
+RECIPE_NAMES = ("adv_pgd", "trades", "distill", "adv_distill", "prune_structured", "int4", "ptq", "qat", "mixed")
 
 
 def parse_recipes(text: str) -> list[Recipe]:

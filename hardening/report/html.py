@@ -131,6 +131,8 @@ def _roc_images(report: dict, base_dir: Path | None) -> str:
 
 def render_html(report: dict, base_dir: str | Path | None = None) -> str:
     """The page as a string; ``base_dir`` is where the report's artifact paths are relative to."""
+    from hardening.report.pareto_section import render_section
+
     v = report["verdict"]
     pol = report["settings"]["policy"]
     sv = report["summary"]
@@ -167,6 +169,7 @@ seed {_e(report['settings']['seed'])} · generated {_e(report['created_at'])} ·
 <h2 id="extraction">Model extraction</h2>{sec_ext}
 <h2 id="ood">Out-of-distribution detection</h2>{sec_ood}
 <h2 id="efficiency">Latency and size</h2>{sec_eff}
+<h2 id="pareto">Pareto front and parent comparison</h2>{render_section(report)}
 <h2 id="checks">All policy checks</h2>
 <details {'open' if not v['passed'] else ''}><summary>{v['total_checks']} checks: {v['failed_checks']} failed,
 {v['skipped_checks']} skipped</summary>{_checks(report)}</details>
