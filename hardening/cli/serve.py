@@ -52,6 +52,16 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         max_connections: int = typer.Option(1000, "--max-connections", help="Open connections per worker."),
         max_connections_per_peer: int = typer.Option(64, "--max-connections-per-peer", help="Open connections per client address per worker."),
         connection_reserve: int = typer.Option(50, "--connection-reserve", help="Connections kept for addresses that hold none yet."),
+        update_from: Optional[str] = typer.Option(None, "--update-from", help="TUF repository URL to take updates from (needs edgeward[fleet])."),
+        state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Device state (TUF metadata, A/B slots); turns anti-rollback on."),
+        device_id: Optional[str] = typer.Option(None, "--device-id", help="Stable device id (rollout cohort)."),
+        trusted_root: Optional[Path] = typer.Option(None, "--trusted-root", help="Repository root.json for the first update."),
+        update_channel: str = typer.Option("stable", "--update-channel", help="Release channel."),
+        update_interval: float = typer.Option(60.0, "--update-interval", help="Seconds between update checks."),
+        allow_unattested: bool = typer.Option(False, "--allow-unattested", help="Accept releases without an in-toto attestation."),
+        max_rejection_increase: float = typer.Option(0.25, "--rollback-rejection-increase", help="Roll back when the rejected/flagged share rises by more than this."),
+        max_latency_ratio: float = typer.Option(3.0, "--rollback-latency-ratio", help="Roll back when mean latency exceeds this multiple of the previous bundle's."),
+        max_psi: float = typer.Option(0.5, "--rollback-psi", help="Roll back when class-drift PSI exceeds this."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
@@ -60,8 +70,27 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         from api.server import ServerSettings
         from api.server import serve as run
 
-        if bundle is None and watch is None:
-            raise InputError("give a BUNDLE or --watch DIR")
+        if bundle is None and watch is None and update_from is None:
+            raise InputError("give a BUNDLE, --watch DIR or --update-from URL")
+        rules = None
+        if update_from is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("tuf") is None:
+                raise InputError("--update-from needs the 'fleet' extra (python-tuf), which is not "
+                                 "installed: pip install 'edgeward[fleet]'")
+            if state_dir is None or not device_id:
+                raise InputError("--update-from needs --state-dir and --device-id")
+            if workers != 1:
+                raise InputError("--update-from runs with --workers 1 (one updater owns the state directory)")
+            from runtime_guard.update.triggers import ProbationRules
+
+            try:
+                rules = ProbationRules(min_requests=rollback_min_requests,
+                                       max_rejection_increase=max_rejection_increase,
+                                       max_latency_ratio=max_latency_ratio, max_psi=max_psi)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
         if sum(x is not None for x in (key_file, kek_env, passphrase_env)) != 1:
             raise InputError("give exactly one of --key-file, --kek-env or --passphrase-env")
         try:
@@ -75,6 +104,10 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 watch_dir=str(watch) if watch else None, watch_interval_s=watch_interval,
                 max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers,
                 rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
+                update_from=update_from, state_dir=str(state_dir) if state_dir else None, device_id=device_id,
+                trusted_root=str(trusted_root) if trusted_root else None, update_channel=update_channel,
+                update_interval_s=update_interval, require_attestation=not allow_unattested,
+                probation_rules=rules,
             )
             settings = ServerSettings(host, port, workers, threads, require_shared_storage,
                                       header_timeout_s=header_timeout, max_connections=max_connections,

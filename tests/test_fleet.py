@@ -1,0 +1,206 @@
+"""Fleet updates, in process: TUF repository (hardening.fleet) over HTTP on 127.0.0.1,
+ngclient updater (runtime_guard.update.client), cohorts, attestations, probation rules."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+
+import pytest
+from api_fixtures import api_env  # noqa: F401
+from fleet_fixtures import PASSPHRASE, StaticServer, attested_bundle, new_repo, serve_copy, snapshot_repo
+
+from runtime_guard.bundle import load_public_key
+from runtime_guard.update import attestation
+from runtime_guard.update.cohort import bucket, in_cohort
+from runtime_guard.update.errors import UpdateError
+from runtime_guard.update.triggers import Figures, ProbationRules, judge
+
+
+def test_cohorts_are_stable_nested_and_near_the_percentage():
+    ids = [f"device-{i}" for i in range(4000)]
+    assert [bucket(d, "stable") for d in ids[:50]] == [bucket(d, "stable") for d in ids[:50]]
+    for pct in (10, 25, 50):
+        share = sum(in_cohort(d, "stable", pct) for d in ids) / len(ids)
+        assert abs(share - pct / 100) < 0.03, (pct, share)
+    # nested: raising the percentage only adds devices
+    assert all(in_cohort(d, "stable", 50) for d in ids if in_cohort(d, "stable", 25))
+    assert not any(in_cohort(d, "stable", 0) for d in ids) and all(in_cohort(d, "stable", 100) for d in ids)
+    with pytest.raises(ValueError):
+        in_cohort("", "stable", 10)
+
+
+def test_attestation_round_trip_tamper_and_policy(api_env, tmp_path):
+    b = attested_bundle(api_env, tmp_path / "m.ewb", 1)
+    env = (tmp_path / "m.ewb.intoto.json").read_bytes()
+    pk = load_public_key(api_env.public_key_path)
+    import hashlib
+
+    digest = hashlib.sha256(b.read_bytes()).hexdigest()
+    stmt = attestation.check(env, pk, digest, "ab" * 32)
+    assert stmt["subject"][0]["digest"]["sha256"] == digest
+    # interoperable: securesystemslib's DSSE Envelope reads and verifies the same bytes
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+
+    key = SSlibKey.from_crypto(pk, keyid=json.loads(env)["signatures"][0]["keyid"])
+    envelope = Envelope.from_dict(json.loads(env))
+    assert key.keyid in envelope.verify([key], 1)
+    # tampered payload (verdict flipped to a pass it never had) -> signature check fails
+    bad = attested_bundle(api_env, tmp_path / "bad.ewb", 1, passed=False)
+    bad_env = json.loads((tmp_path / "bad.ewb.intoto.json").read_bytes())
+    bad_digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    with pytest.raises(UpdateError) as e:
+        attestation.check(json.dumps(bad_env).encode(), pk, bad_digest, "ab" * 32)
+    assert e.value.check == "attestation-verdict"
+    payload = json.loads(base64.b64decode(bad_env["payload"]))
+    payload["predicate"]["verdict"] = {"passed": True, "forced": False, "failed_checks": []}
+    bad_env["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    with pytest.raises(UpdateError) as e:
+        attestation.check(json.dumps(bad_env).encode(), pk, bad_digest, "ab" * 32)
+    assert e.value.check == "attestation-signature"
+    with pytest.raises(UpdateError) as e:  # about another file
+        attestation.check(env, pk, bad_digest, "ab" * 32)
+    assert e.value.check == "attestation-subject"
+    with pytest.raises(UpdateError) as e:  # another audit report than the manifest's
+        attestation.check(env, pk, digest, "cd" * 32)
+    assert e.value.check == "attestation-report"
+    with pytest.raises(UpdateError) as e:
+        attestation.check(b"{not json", pk, digest, "ab" * 32)
+    assert e.value.check == "attestation-format"
+
+
+def test_probation_rules_fire_on_each_signal_and_not_on_a_healthy_bundle():
+    rules = ProbationRules(min_requests=20)
+    ref = Figures(200, 0.02, 0.001, 0.05)
+    ok = judge(Figures(40, 0.05, 0.0012, 0.1), ref, rules)
+    assert ok.trigger is None and ok.evidence["checks"]["rejection_rate"]["status"] == "ok"
+    assert judge(Figures(40, 0.6, 0.001, 0.1), ref, rules).trigger == "rejection_rate"
+    assert judge(Figures(40, 0.02, 0.02, 0.1), ref, rules).trigger == "latency"
+    assert judge(Figures(40, 0.02, 0.001, 1.3), ref, rules).trigger == "drift_psi"
+    waiting = judge(Figures(5, 1.0, 1.0, None), ref, rules)
+    assert waiting.trigger is None and waiting.evidence["checks"]["rejection_rate"]["status"] == "waiting"
+    # a noised snapshot has no latency sum: reported, never guessed
+    assert judge(Figures(40, 0.02, None, 0.1), ref, rules).evidence["checks"]["latency"]["status"] == "unavailable"
+
+
+def test_repository_keys_are_encrypted_and_outside_the_served_tree(tmp_path):
+    repo = new_repo(tmp_path, targets=2)
+    keys = list((tmp_path / "keys").glob("*.pem"))
+    assert len(keys) == 5  # root, 2 x targets, snapshot, timestamp
+    for k in keys:
+        assert stat.S_IMODE(os.stat(k).st_mode) == 0o600
+        assert b"ENCRYPTED PRIVATE KEY" in k.read_bytes()
+    assert not list((tmp_path / "repo").rglob("*.pem"))
+    assert repo.load("root").signed.roles["targets"].threshold == 2
+    from hardening.errors import InputError
+    from hardening.fleet import Repository
+
+    with pytest.raises(InputError, match="passphrase"):
+        Repository(tmp_path / "repo", tmp_path / "keys", b"wrong").signers("targets")
+    with pytest.raises(InputError, match="outside"):
+        Repository(tmp_path / "repo", tmp_path / "repo" / "keys", PASSPHRASE.encode())
+
+
+def _updater(api_env, url, state, device="dev-1", root=None):
+    from runtime_guard.update.client import FleetUpdater
+
+    return FleetUpdater(url, state, load_public_key(api_env.public_key_path), device, trusted_root=root)
+
+
+def test_updater_installs_only_in_cohort_and_refuses_tuf_attacks(api_env, tmp_path):
+    """Every attack on a device that trusts repository state N: refused with a named check."""
+    from tuf.api.metadata import Metadata
+
+    repo = new_repo(tmp_path, targets=2)
+    served = tmp_path / "served"
+    served.mkdir()
+    root = tmp_path / "repo" / "metadata" / "1.root.json"
+    b1 = attested_bundle(api_env, tmp_path / "digits-v1.ewb", 1)
+    repo.publish(b1, public_key=str(api_env.public_key_path))
+    good1 = snapshot_repo(tmp_path / "repo", tmp_path / "good1")
+    with StaticServer(served, tmp_path / "http.log") as http:
+        serve_copy(good1, served)
+        up = _updater(api_env, http.url, tmp_path / "dev", root=root)
+        offer = up.check()
+        assert offer is not None and offer.version == 1 and offer.statement is not None
+
+        b2 = attested_bundle(api_env, tmp_path / "digits-v2.ewb", 2)
+        rel2 = repo.publish(b2, percentage=100)
+        good2 = snapshot_repo(tmp_path / "repo", tmp_path / "good2")
+
+        def attempt(check):
+            with pytest.raises(UpdateError) as e:
+                up.check()
+            assert e.value.check == check, (check, e.value.check, str(e.value))
+
+        # 1. target with a wrong hash (bytes swapped on the mirror)
+        serve_copy(good2, served)
+        (f,) = (served / "targets" / "bundles" / "v2").glob("*.digits-v2.ewb")
+        f.write_bytes(b1.read_bytes()[: f.stat().st_size].ljust(f.stat().st_size, b"\0"))
+        attempt("tuf-hash")
+        # 2. mix-and-match: good1's timestamp + snapshot, good2's targets content under v1's name
+        serve_copy(good1, served)
+        (served / "metadata" / "1.targets.json").write_bytes((good2 / "metadata" / "2.targets.json").read_bytes())
+        attempt("tuf-version")
+        # 3. now legitimately on good2; then a metadata rollback to good1
+        serve_copy(good2, served)
+        assert up.check().version == 2
+        serve_copy(good1, served)
+        attempt("tuf-version")
+        # 4. freeze: a newer, correctly signed timestamp that has expired (replayed late)
+        repo.refresh_timestamp(expires_in_s=-60)
+        serve_copy(tmp_path / "repo", served)
+        attempt("tuf-expired")
+        repo.refresh_timestamp()
+        # 5. targets signed below threshold (attacker holds one of the two targets keys
+        #    plus the online snapshot/timestamp keys)
+        keyids = repo.load("root").signed.roles["targets"].keyids
+        attacker = _attacker_copy(tmp_path)
+        targets = attacker.load("targets")
+        targets.signed.targets[rel2.target].unrecognized_fields["custom"]["edgeward"]["version"] = 99
+        _sign_as_attacker(attacker, targets, [repo.load_signer(keyids[0])])
+        serve_copy(tmp_path / "attacker", served)
+        attempt("tuf-signature")
+        # 6. compromised-then-rotated targets keys: device learns root v2, old keys refused
+        repo.rotate("targets")
+        serve_copy(tmp_path / "repo", served)
+        assert up.check().version == 2
+        old = [repo.load_signer(k, revoked=True) for k in keyids]
+        attacker = _attacker_copy(tmp_path)
+        targets = attacker.load("targets")
+        targets.signed.targets[rel2.target].unrecognized_fields["custom"]["edgeward"]["version"] = 98
+        _sign_as_attacker(attacker, targets, old)
+        serve_copy(tmp_path / "attacker", served)
+        attempt("tuf-signature")
+        assert Metadata.from_file(str(tmp_path / "dev" / "tuf" / "metadata" / "root.json")).signed.version == 2
+
+
+def _attacker_copy(tmp_path):
+    """The attacker's working copy of the repository (the publisher's stays untouched)."""
+    from hardening.fleet import Repository
+
+    snapshot_repo(tmp_path / "repo", tmp_path / "attacker")
+    return Repository(tmp_path / "attacker", tmp_path / "keys", PASSPHRASE.encode())
+
+
+def _sign_as_attacker(repo, targets, signers):
+    """New targets version signed by ``signers`` only, with a valid snapshot + timestamp over it."""
+    from tuf.api.metadata import MetaFile
+
+    root = repo.load("root")
+    snap, ts = repo.load("snapshot"), repo.load("timestamp")
+    targets.signed.version += 1
+    targets.signatures.clear()
+    for s in signers:
+        targets.sign(s, append=True)
+    snap.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
+    snap.signed.version += 1
+    repo._sign(snap, "snapshot", root)
+    ts.signed.snapshot_meta = MetaFile(version=snap.signed.version)
+    ts.signed.version += 1
+    repo._sign(ts, "timestamp", root)
+    for md, name in ((targets, "targets"), (snap, "snapshot"), (ts, "timestamp")):
+        repo._write(md, name)
