@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from servers import free_port
 
 pytest.importorskip("tuf")

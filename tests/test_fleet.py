@@ -9,7 +9,6 @@ import os
 import stat
 
 import pytest
-from api_fixtures import api_env  # noqa: F401
 from fleet_fixtures import PASSPHRASE, StaticServer, attested_bundle, new_repo, serve_copy, snapshot_repo
 
 from runtime_guard.bundle import load_public_key
@@ -17,6 +16,8 @@ from runtime_guard.update import attestation
 from runtime_guard.update.cohort import bucket, in_cohort
 from runtime_guard.update.errors import UpdateError
 from runtime_guard.update.triggers import Figures, ProbationRules, judge
+
+from api_fixtures import api_env  # noqa: F401
 
 
 def test_cohorts_are_stable_nested_and_near_the_percentage():
