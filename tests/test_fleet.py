@@ -205,3 +205,43 @@ def _sign_as_attacker(repo, targets, signers):
     repo._sign(ts, "timestamp", root)
     for md, name in ((targets, "targets"), (snap, "snapshot"), (ts, "timestamp")):
         repo._write(md, name)
+
+
+def test_rejection_spike_rolls_back_with_evidence_in_status_and_metrics(api_env, tmp_path):
+    """A bundle whose signed sanitizer range is too narrow for real traffic: every answer is
+    a 400 (no server error, so the error-rate rule never fires); the telemetry rule does."""
+    import numpy as np
+    import onnxruntime as ort
+    from api_fixtures import ADMIN_TOKEN, json_body
+
+    from api import create_app
+    from api.reload import RollbackTrigger
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    v1 = api_env.make_bundle(tmp_path / "v1.ewb", 1)
+    small = (api_env.x[:8] * 0.5).astype(np.float32)  # the golden set fits the narrow range
+    sess = ort.InferenceSession(api_env.model_bytes, providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: small})[0]
+    runtime = api_env.runtime()
+    runtime["input"]["value_range"] = [0.0, 0.5]
+    golden = {"inputs": small.tolist(), "expected_labels": logits.argmax(1).tolist(),
+              "expected_logits": logits.tolist(), "atol": 1e-4}
+    v2 = api_env.make_bundle(tmp_path / "v2.ewb", 2, runtime=runtime, golden=golden)
+    app = create_app(api_env.app_config(v1, admin_token=ADMIN_TOKEN,
+                                        rollback_trigger=RollbackTrigger(min_requests=10, window_s=60),
+                                        probation_rules=ProbationRules(min_requests=10)))
+    c = app.test_client()
+    for i in range(20):  # reference traffic on v1
+        assert c.post("/v1/predict", data=json_body(api_env.x[i:i + 1]), content_type="application/json").status_code == 200
+    assert c.post("/v1/admin/reload", json={"path": str(v2)}, headers=admin).get_json()["outcome"] == "swapped"
+    x = api_env.x[np.asarray(api_env.x).reshape(len(api_env.x), -1).max(1) > 0.5][:10]
+    codes = [c.post("/v1/predict", data=json_body(x[i:i + 1]), content_type="application/json").status_code
+             for i in range(10)]
+    assert codes == [400] * 10
+    status = c.get("/v1/admin/status", headers=admin).get_json()
+    ev = status["last_event"]
+    assert ev["outcome"] == "rolled-back" and ev["trigger"] == "rejection_rate", ev
+    assert ev["evidence"]["checks"]["rejection_rate"]["live"] == 1.0
+    assert ev["evidence"]["checks"]["rejection_rate"]["reference"] == 0.0
+    assert status["current"]["version"] == 1
+    assert 'edgeward_rollbacks_total{trigger="rejection_rate"} 1.0' in c.get("/metrics").get_data(as_text=True)

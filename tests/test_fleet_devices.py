@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from api_fixtures import ADMIN_TOKEN, api_env, crashing_model, json_body  # noqa: F401
 from fleet_fixtures import StaticServer, attested_bundle, new_repo, serve_copy, snapshot_repo
-from servers import ServerProcess
 
 from runtime_guard.update.cohort import in_cohort
+
+from api_fixtures import ADMIN_TOKEN, api_env, crashing_model, json_body  # noqa: F401
+from servers import ServerProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 JSON = {"Content-Type": "application/json"}
