@@ -212,10 +212,11 @@ def test_rejection_spike_rolls_back_with_evidence_in_status_and_metrics(api_env,
     a 400 (no server error, so the error-rate rule never fires); the telemetry rule does."""
     import numpy as np
     import onnxruntime as ort
-    from api_fixtures import ADMIN_TOKEN, json_body
 
     from api import create_app
     from api.reload import RollbackTrigger
+
+    from api_fixtures import ADMIN_TOKEN, json_body
 
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     v1 = api_env.make_bundle(tmp_path / "v1.ewb", 1)

@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from api_fixtures import api_env  # noqa: F401
 from fleet_fixtures import StaticServer, attested_bundle
-from servers import REPO, _env
 
 from runtime_guard.bundle import write_secret_file
+
+from api_fixtures import api_env  # noqa: F401
+from servers import REPO, _env
 
 
 def _block() -> list[str]:
