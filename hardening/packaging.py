@@ -194,6 +194,8 @@ def package_variant(
     gate_action: str = "flag",
     rate_limit: str | None = "600/minute",
     runtime_overrides: dict | None = None,
+    model_signature: str | Path | None = None,
+    model_signing_key: str | Path | None = None,
 ) -> PackageResult:
     """Write a signed, encrypted bundle for one reviewed variant; see the module doc for the rules.
 
@@ -225,6 +227,12 @@ def package_variant(
     got = sha256_file(model)
     if got != v["sha256"]:
         raise ModelError(f"{model}: sha256 {got[:12]}... is not the reviewed variant {name!r} ({v['sha256'][:12]}...)")
+    if model_signature is not None or model_signing_key is not None:
+        if model_signature is None or model_signing_key is None:
+            raise InputError("--model-signature and --model-signing-key go together")
+        from hardening.model_signature import verify_model_signature
+
+        verify_model_signature(model, model_signature, model_signing_key)
     info = load_model(model)
     _admit(model, name)
 

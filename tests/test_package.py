@@ -175,3 +175,49 @@ def test_package_attestation_round_trip_through_a_tuf_repository(reviewed, tmp_p
         with pytest.raises(UpdateError) as e:
             up.check()
         assert e.value.check == "attestation-signature"
+
+
+def test_package_verifies_an_openssf_model_signature_offline(reviewed, tmp_path, monkeypatch):
+    """model-signing (key-based): a good signature packages, a wrong key or a signature of
+    another file is refused (exit 1), and no socket is opened while verifying."""
+    pytest.importorskip("model_signing")
+    import shutil
+    import socket
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from model_signing import signing
+
+    from hardening.paths import resolve
+
+    report, _, keys = reviewed
+    rep = load_report(report)
+    model = resolve(rep["variants"][0]["path"], report.parent)
+    pems = {}
+    for name in ("publisher", "other"):
+        k = ec.generate_private_key(ec.SECP256R1())
+        (tmp_path / f"{name}.pem").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                               serialization.NoEncryption()))
+        pems[name] = tmp_path / f"{name}.pub.pem"
+        pems[name].write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    sig = tmp_path / "model.sig"
+    signing.Config().use_elliptic_key_signer(private_key=str(tmp_path / "publisher.pem")).sign(str(model), str(sig))
+    other_file = tmp_path / "other.onnx"
+    shutil.copy(model, other_file)
+    other_file.write_bytes(other_file.read_bytes() + b"\0")
+    other_sig = tmp_path / "other.sig"
+    signing.Config().use_elliptic_key_signer(private_key=str(tmp_path / "publisher.pem")).sign(str(other_file), str(other_sig))
+
+    def no_network(*_a, **_k):
+        raise AssertionError("network use during model-signature verification")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    ok = _package(report, keys, tmp_path / "ok.ewb", "--model-signature", str(sig), "--model-signing-key", str(pems["publisher"]))
+    assert ok.exit_code == 0, ok.output
+    for s, key in ((sig, pems["other"]), (other_sig, pems["publisher"])):
+        r = _package(report, keys, tmp_path / "bad.ewb", "--model-signature", str(s), "--model-signing-key", str(key))
+        assert r.exit_code == 1 and "model signature does not verify" in r.output, r.output
+        assert not (tmp_path / "bad.ewb").exists()
+    r = _package(report, keys, tmp_path / "bad.ewb", "--model-signature", str(sig))
+    assert r.exit_code == 2 and "go together" in r.output
