@@ -246,3 +246,16 @@ def test_rejection_spike_rolls_back_with_evidence_in_status_and_metrics(api_env,
     assert ev["evidence"]["checks"]["rejection_rate"]["reference"] == 0.0
     assert status["current"]["version"] == 1
     assert 'edgeward_rollbacks_total{trigger="rejection_rate"} 1.0' in c.get("/metrics").get_data(as_text=True)
+
+
+def test_state_dir_turns_bundle_anti_rollback_on_by_default(api_env, tmp_path):
+    from api import create_app
+    from runtime_guard.errors import RollbackError
+
+    v1 = api_env.make_bundle(tmp_path / "v1.ewb", 1)
+    v2 = api_env.make_bundle(tmp_path / "v2.ewb", 2)
+    create_app(api_env.app_config(v2, state_dir=str(tmp_path / "state")))  # serves v2: committed
+    assert json.loads((tmp_path / "state" / "rollback.json").read_text())["version"] == 2
+    with pytest.raises(RollbackError):  # a restart with the older signed bundle is refused
+        create_app(api_env.app_config(v1, state_dir=str(tmp_path / "state")))
+    create_app(api_env.app_config(v1))  # without a state directory there is nothing to compare with

@@ -184,6 +184,11 @@ def _rollout(api_env, tmp_path, n_devices: int) -> dict:
                 requests.post(srv.url + "/v1/admin/update", headers=ADMIN, timeout=30)
             after = {d: _version(s) for d, s in devices.items()}
             metrics = {d: requests.get(s.url + "/metrics", timeout=10).text for d, s in devices.items()}
+            d0 = sorted(cohort)[0]  # restart a rolled-back device: slot A at once, v2 never again
+            devices[d0].stop()
+            devices[d0] = _device(api_env, tmp_path, http.url, d0, "--update-interval", "0.5").start(timeout=120)
+            check = requests.post(devices[d0].url + "/v1/admin/update", headers=ADMIN, timeout=30).json()
+            figures["after_restart"] = {"version": _version(devices[d0]), "check": check["outcome"]}
         finally:
             for s in devices.values():
                 s.stop()
@@ -207,6 +212,7 @@ def _check_rollout(f: dict) -> None:
     assert f["failed_outside"] == 0 and f["v2_answers_outside"] == 0, f
     assert 0 < f["failed_inside"] < f["requests_inside"], f  # the triggers cut the failures short
     assert all(v == 1 for v in f["versions_after"].values()), f
+    assert f["after_restart"] == {"version": 1, "check": "current"}, f
     for d in cohort:
         ev = f["statuses"][d]["last_event"]
         assert ev["trigger"] == "error_rate" and ev["restored_version"] == 1, ev
