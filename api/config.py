@@ -25,6 +25,7 @@ class ApiConfig:
     kek_file: str | None = None
     kek_env: str | None = None
     kek: Any = None  # runtime_guard.bundle.Kek or 32 raw bytes (in-process use, tests)
+    device_key_file: str | None = None  # X25519 key: per-bundle KEK from <bundle>.recipients.json
     passphrase_env: str | None = None  # name of the variable holding a KEK passphrase (scrypt)
     rollback_state: str | None = None
     storage_uri: str = "memory://"
@@ -69,15 +70,18 @@ class ApiConfig:
                 self.rollback_state = os.path.join(self.state_dir, "rollback.json")
         if self.public_key is None:
             raise ValueError("a pinned public key is required")
-        if sum(x is not None for x in (self.kek_file, self.kek_env, self.kek, self.passphrase_env)) != 1:
-            raise ValueError("give exactly one of kek_file, kek_env, passphrase_env, kek")
+        if sum(x is not None for x in (self.kek_file, self.kek_env, self.kek, self.passphrase_env,
+                                       self.device_key_file)) != 1:
+            raise ValueError("give exactly one of kek_file, kek_env, passphrase_env, kek, device_key_file")
+        if self.device_key_file is not None and not self.device_id:
+            raise ValueError("a device key needs the device id it was sealed to")
         if self.rate_limit_headers not in RATE_LIMIT_HEADERS:
             raise ValueError(f"rate_limit_headers must be one of {RATE_LIMIT_HEADERS}")
         if not 0.1 <= float(self.load_deadline_s) <= 3600:
             raise ValueError("load_deadline_s must be between 0.1 and 3600 seconds")
         if not 1024 <= int(self.max_body_bytes) <= 1 << 30:
             raise ValueError("max_body_bytes must be between 1 KiB and 1 GiB")
-        for name in ("bundle", "kek_file", "rollback_state", "api_keys_file",
+        for name in ("bundle", "kek_file", "device_key_file", "rollback_state", "api_keys_file",
                      "admin_token_file", "watch_dir"):
             v = getattr(self, name)
             if v is not None:

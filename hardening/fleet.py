@@ -270,6 +270,10 @@ class Repository:
                                "report_digest": manifest.get("report_digest"),
                                "forced": bool(manifest.get("forced")), "attestation": att_target,
                                "rollout": {"percentage": percentage, "channel": channel}}}
+        recipients = bundle.with_name(bundle.name + ".recipients.json")
+        if recipients.is_file():  # per-device key wrapping: fetched beside the bundle
+            self._add_file(targets, base + ".recipients.json", recipients, None)
+            custom["edgeward"]["recipients"] = base + ".recipients.json"
         self._add_file(targets, base, bundle, custom)
         releases = [r for r in self.releases(channel) if r["target"] != base]
         releases.insert(0, {"target": base, "version": version})

@@ -259,3 +259,60 @@ def test_state_dir_turns_bundle_anti_rollback_on_by_default(api_env, tmp_path):
     with pytest.raises(RollbackError):  # a restart with the older signed bundle is refused
         create_app(api_env.app_config(v1, state_dir=str(tmp_path / "state")))
     create_app(api_env.app_config(v1))  # without a state directory there is nothing to compare with
+
+
+def test_per_device_key_wrapping_through_the_repository(api_env, tmp_path):
+    """One signed bundle, its KEK sealed to two devices; a revoked third device cannot open
+    it, and neither can a recipient entry moved to another bundle."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from api import create_app
+    from runtime_guard.bundle import generate_kek, write_bundle, write_secret_file
+    from runtime_guard.bundle.recipients import generate_device_key, load_device_public_key, seal
+    from runtime_guard.errors import BundleKeyError
+    from runtime_guard.update.client import FleetUpdater
+
+    keys = {}
+    for d in ("dev-a", "dev-b", "dev-revoked"):
+        priv, pub = generate_device_key()
+        write_secret_file(tmp_path / f"{d}.key", priv)
+        keys[d] = load_device_public_key(pub)
+    kek = generate_kek()  # fresh per release
+    b = tmp_path / "digits-v1.ewb"
+    manifest = write_bundle(b, {"model": api_env.model_bytes},
+                            {"model": {"name": "digits"}, "runtime": api_env.runtime(), "smoke_test": api_env.golden(),
+                             "report_digest": "ab" * 32}, api_env.signing_key, kek, 1)
+    from runtime_guard.bundle.manifest import canonical_json
+
+    digest = hashlib.sha256(canonical_json(manifest)).hexdigest()
+    (tmp_path / "digits-v1.ewb.recipients.json").write_bytes(seal(kek, {d: keys[d] for d in ("dev-a", "dev-b")}, digest))
+    sk = load_pem_private_key(api_env.signing_key, None)
+    stmt = attestation.statement(b.name, hashlib.sha256(b.read_bytes()).hexdigest(), "ab" * 32,
+                                 {"passed": True, "forced": False, "failed_checks": []})
+    (tmp_path / "digits-v1.ewb.intoto.json").write_bytes(attestation.sign(stmt, sk))
+    repo = new_repo(tmp_path)
+    repo.publish(b)
+    with StaticServer(tmp_path / "repo", tmp_path / "http.log") as http:
+        for d in ("dev-a", "dev-b", "dev-revoked"):
+            offer = FleetUpdater(http.url, tmp_path / f"state-{d}", load_public_key(api_env.public_key_path), d,
+                                 trusted_root=tmp_path / "repo" / "metadata" / "1.root.json").check()
+            cfg = dict(bundle=offer.path, public_key=str(api_env.public_key_path), device_id=d,
+                       device_key_file=str(tmp_path / f"{d}.key"))
+            if d == "dev-revoked":
+                with pytest.raises(BundleKeyError) as e:
+                    create_app(cfg)
+                assert e.value.check == "not-a-recipient"
+            else:
+                from api_fixtures import json_body
+
+                c = create_app(cfg).test_client()
+                r = c.post("/v1/predict", data=json_body(api_env.x[:1]), content_type="application/json")
+                assert r.status_code == 200, r.get_data(as_text=True)
+    other = api_env.make_bundle(tmp_path / "other.ewb", 2)  # dev-a's entry moved to another bundle
+    (tmp_path / "other.ewb.recipients.json").write_bytes((tmp_path / "digits-v1.ewb.recipients.json").read_bytes())
+    with pytest.raises(BundleKeyError) as e:
+        create_app(dict(bundle=str(other), public_key=str(api_env.public_key_path), device_id="dev-a",
+                        device_key_file=str(tmp_path / "dev-a.key")))
+    assert e.value.check == "recipient-unwrap"

@@ -21,6 +21,8 @@ PASS_OPT = typer.Option(PASS_ENV, "--keys-passphrase-env", help="Environment var
 def register(app: typer.Typer, audit: typer.Typer) -> None:
     app.command("publish")(publish)
     app.command("update")(update)
+    app.command("device-key")(device_key)
+    app.command("recipients")(recipients)
     repo_app = typer.Typer(help="TUF repository for fleet updates: init, rotate keys, staged rollout.",
                            no_args_is_help=True)
     repo_app.command("init")(init)
@@ -140,6 +142,58 @@ def releases(repo: Path = REPO_OPT, keys: Path = KEYS_OPT, channel: str = typer.
         table(f"channel {channel}", ["target", "version", "percentage", "attested"],
               [(x["target"], x.get("version"), (x.get("rollout") or {}).get("percentage"),
                 "yes" if x.get("attestation") else "no") for x in rows])
+
+
+@handle_errors
+def device_key(out_dir: Path = typer.Option(..., "--out", help="Folder for device.key (0600) and device.pub.pem."),
+               json_out: bool = JSON_OPT) -> None:
+    """Make this device's X25519 key pair for per-device key wrapping; never overwrites."""
+    from runtime_guard.bundle import write_secret_file
+    from runtime_guard.bundle.recipients import generate_device_key
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out_dir / "device.key", out_dir / "device.pub.pem"
+    if priv_path.exists() or pub_path.exists():
+        raise InputError(f"refusing to overwrite {priv_path} / {pub_path}")
+    priv, pub = generate_device_key()
+    write_secret_file(priv_path, priv)
+    pub_path.write_bytes(pub)
+    res = {"device_key": str(priv_path), "public_key": str(pub_path)}
+    print_json(res) if json_out else out.print(f"device key {priv_path} (secret), public key {pub_path}", highlight=False)
+
+
+@handle_errors
+def recipients(
+    bundle: Path = typer.Argument(..., help="Bundle packaged with a raw KEK file (use a fresh KEK per release)."),
+    key_file: Path = typer.Option(..., "--key-file", help="The bundle's raw KEK file."),
+    device: list[str] = typer.Option(..., "--device", help="ID=device.pub.pem; repeatable (revoked devices: leave out)."),
+    public_key: Path = typer.Option(..., "--public-key", help="Release public key (the bundle's signature is checked)."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Write BUNDLE.recipients.json: the bundle's KEK sealed to each listed device (X25519)."""
+    from runtime_guard.bundle import inspect_bundle, load_kek
+    from runtime_guard.bundle.recipients import load_device_public_key, seal
+    from runtime_guard.errors import BundleError
+
+    try:
+        kek = load_kek(file=key_file)
+        info = inspect_bundle(bundle, str(public_key))
+        devices = {}
+        for d in device:
+            dev_id, _, path = d.partition("=")
+            if not dev_id or not path:
+                raise InputError(f"--device {d!r}: expected ID=device.pub.pem")
+            devices[dev_id] = load_device_public_key(Path(path).read_bytes())
+    except BundleError as e:
+        raise InputError(f"{e.check}: {e}") from None
+    except OSError as e:
+        raise InputError(f"{e.filename}: {e.strerror}") from None
+    if info["signature_verified"] is not True:
+        raise CheckFailed(f"{bundle}: signature does not verify with {public_key}")
+    outp = bundle.with_name(bundle.name + ".recipients.json")
+    outp.write_bytes(seal(kek.secret, devices, info["manifest_sha256"]))
+    res = {"recipients_file": str(outp), "devices": sorted(devices)}
+    print_json(res) if json_out else out.print(f"wrote {outp} for {len(devices)} device(s)", highlight=False)
 
 
 @handle_errors

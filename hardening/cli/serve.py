@@ -30,6 +30,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         public_key: Path = typer.Option(..., "--public-key", help="Pinned Ed25519 public key (PEM)."),
         key_file: Optional[Path] = typer.Option(None, "--key-file", help="KEK file (0600; raw, hex or base64)."),
         kek_env: Optional[str] = typer.Option(None, "--kek-env", help="Read the KEK from this environment variable instead."),
+        device_key: Optional[Path] = typer.Option(None, "--device-key", help="X25519 device key (0600): each bundle's KEK from BUNDLE.recipients.json (needs --device-id)."),
         passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help="Environment variable holding the passphrase of passphrase-wrapped bundles."),
         host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless told otherwise)."),
         port: int = typer.Option(8080, "--port", help="TCP port (0 = pick a free one)."),
@@ -91,13 +92,14 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                                        max_latency_ratio=max_latency_ratio, max_psi=max_psi)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
-        if sum(x is not None for x in (key_file, kek_env, passphrase_env)) != 1:
-            raise InputError("give exactly one of --key-file, --kek-env or --passphrase-env")
+        if sum(x is not None for x in (key_file, kek_env, passphrase_env, device_key)) != 1:
+            raise InputError("give exactly one of --key-file, --kek-env, --passphrase-env or --device-key")
         try:
             cfg = ApiConfig(
                 bundle=str(bundle) if bundle else None, public_key=str(public_key),
                 kek_file=str(key_file) if key_file else None, kek_env=kek_env,
                 passphrase_env=passphrase_env, load_deadline_s=load_deadline,
+                device_key_file=str(device_key) if device_key else None,
                 rollback_state=str(rollback_state) if rollback_state else None,
                 storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
                 admin_token_file=str(admin_token_file) if admin_token_file else None,

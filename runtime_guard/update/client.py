@@ -167,6 +167,10 @@ class FleetUpdater:
             if meta.get("bundle_sha256") in exclude:
                 continue
             _, path = self._fetch(updater, target)
+            if isinstance(meta.get("recipients"), str):  # lands as <bundle path>.recipients.json
+                _, rpath = self._fetch(updater, meta["recipients"])
+                if rpath != path + ".recipients.json":
+                    raise UpdateError("recipients target is not named after its bundle", check="update-target")
             digest = _sha256(path)
             statement = self._attestation(updater, meta, path, digest)
             return Offer(path, target, int(meta.get("version", -1)), digest, pct, meta, statement)
