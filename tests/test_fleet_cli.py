@@ -71,6 +71,33 @@ def test_updates_walkthrough_runs_as_written(api_env, tmp_path):
     assert list((tmp_path / "repo-keys" / "revoked").glob("*.pem"))  # rotated targets keys
 
 
+def test_key_wrapping_walkthrough_runs_as_written(api_env, tmp_path):
+    from runtime_guard.bundle import generate_kek, write_bundle
+    from runtime_guard.bundle.recipients import load_device_key, open_for
+
+    text = (REPO / "docs" / "updates.md").read_text()
+    block = re.search(r"## Per-device key wrapping.*?```bash\n(.*?)```", text, re.S).group(1)
+    cmds = [c.split("  #")[0].strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    shutil.copy(api_env.public_key_path, keys / "signing.pub.pem")
+    kek = generate_kek()
+    write_secret_file(tmp_path / "release-kek.key", kek.hex().encode())
+    write_bundle(tmp_path / "model-v3.ewb", {"model": api_env.model_bytes},
+                 {"model": {"name": "digits"}, "runtime": api_env.runtime(), "smoke_test": api_env.golden()},
+                 api_env.signing_key, kek, 3)
+    env = _env()
+    for cmd in cmds:
+        if shlex.split(cmd)[1] == "serve":
+            continue
+        r = _run(cmd, tmp_path, env)
+        assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    doc = (tmp_path / "model-v3.ewb.recipients.json").read_bytes()
+    digest = json.loads(doc)["manifest_sha256"]
+    for i in (1, 2):
+        assert open_for(doc, f"device-00{i}", load_device_key(tmp_path / f"dev{i}" / "device.key"), digest).secret == kek
+
+
 def test_cli_refusals_are_one_line_exit_2(api_env, tmp_path):
     env = _env()
     env.pop("EDGEWARD_REPO_PASSPHRASE", None)
