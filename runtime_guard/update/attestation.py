@@ -59,8 +59,14 @@ def statement(bundle_name: str, bundle_sha256: str, report_digest: str | None,
     }
 
 
-def sign(stmt: dict[str, Any], private_key: Ed25519PrivateKey) -> bytes:
-    """DSSE envelope (JSON bytes) over the canonical statement."""
+def sign(stmt: dict[str, Any], private_key: Ed25519PrivateKey | bytes) -> bytes:
+    """DSSE envelope (JSON bytes) over the canonical statement; the key as an object or
+    unencrypted PKCS#8 PEM bytes (what ``write_bundle`` accepts)."""
+    if isinstance(private_key, (bytes, bytearray)):
+        loaded = serialization.load_pem_private_key(bytes(private_key), password=None)
+        if not isinstance(loaded, Ed25519PrivateKey):
+            raise ValueError("release key is not Ed25519")
+        private_key = loaded
     payload = json.dumps(stmt, sort_keys=True, separators=(",", ":")).encode()
     sig = private_key.sign(pae(PAYLOAD_TYPE, payload))
     env = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
