@@ -45,8 +45,19 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
         if dep is not None:
             metrics.model_version.set(dep.version)
 
+    judge = None
+    if cfg.update_from is not None or cfg.probation_rules is not None:
+        from .probation import TelemetryJudge
+
+        judge = TelemetryJudge(cfg.probation_rules)
     holder = ModelHolder(make_loader(cfg), smoke_test, cfg.rollback_trigger, on_event=on_event,
-                         deadline_s=cfg.load_deadline_s)
+                         deadline_s=cfg.load_deadline_s, judge=judge)
+
+    def on_rollback(outcome: str, event: dict[str, Any]) -> None:
+        if outcome == "rolled-back":
+            metrics.rollbacks.labels(str(event.get("trigger", "error_rate"))).inc()
+
+    holder.add_listener(on_rollback)
     metrics_holder["h"] = holder
     keys = KeyStore.load(cfg.api_keys_file) if cfg.api_keys_file else None
     admin = (AdminToken.from_file(cfg.admin_token_file) if cfg.admin_token_file
@@ -54,8 +65,13 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     st = ApiState(cfg, holder, metrics, keys, admin)
     app.extensions[EXT] = st
 
+    poller = None
+    if cfg.update_from is not None:
+        poller = st.poller = _update_poller(cfg, holder, metrics)
     if cfg.bundle is not None:
         holder.load_initial(cfg.bundle)
+    elif poller is not None:
+        poller.load_slot_a()
 
     from .routes import admin as admin_routes
     from .routes import health, predict, v2
@@ -71,7 +87,25 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     if cfg.watch_dir is not None:
         st.watcher = DirectoryWatcher(holder, cfg.watch_dir, cfg.watch_interval_s, cfg.watch_pattern)
         st.watcher.start()
+    if poller is not None:
+        poller.start()
     return app
+
+
+def _update_poller(cfg: ApiConfig, holder: ModelHolder, metrics: ApiMetrics) -> Any:
+    from runtime_guard.bundle import load_public_key
+    from runtime_guard.bundle.keys import coerce_public_key
+    from runtime_guard.update.client import FleetUpdater
+
+    from .updates import UpdatePoller
+
+    assert cfg.update_from is not None and cfg.state_dir is not None and cfg.device_id
+    public_key = load_public_key(cfg.public_key) if isinstance(cfg.public_key, str) else coerce_public_key(cfg.public_key)
+    updater = FleetUpdater(cfg.update_from, cfg.state_dir, public_key, cfg.device_id,
+                           channel=cfg.update_channel, trusted_root=cfg.trusted_root,
+                           require_attestation=cfg.require_attestation)
+    return UpdatePoller(holder, updater, cfg.state_dir, cfg.update_interval_s,
+                        on_check=lambda outcome: metrics.update_checks.labels(outcome).inc())
 
 
 SECURITY_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]

@@ -98,6 +98,10 @@ class ApiMetrics:
                                ["outcome"], registry=reg)
         self.model_version = Gauge("edgeward_model_version", "Version of the bundle being served",
                                    registry=reg, multiprocess_mode="max")
+        self.update_checks = Counter("edgeward_update_checks", "Fleet update checks by outcome",
+                                     ["outcome"], registry=reg)
+        self.rollbacks = Counter("edgeward_rollbacks", "Hot updates rolled back, by trigger",
+                                 ["trigger"], registry=reg)
         if snapshot is not None:
             reg.register(TelemetryCollector(snapshot))
         # Label children cached per label tuple: ``labels()`` validates and locks on every call,

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("api.reload")
 
@@ -80,6 +80,20 @@ class _Probation:
     started: float
     total: int = 0
     errors: int = 0
+    reference: Any = None  # the judge's view of ``previous`` at the swap
+    evidence: dict[str, Any] | None = None  # the judge's last evidence
+
+
+class ProbationJudge(Protocol):
+    """Extra rollback rules for a deployment on probation (``api.probation``): ``reference``
+    is taken from the previous deployment at the swap; ``judge`` returns the trigger that
+    fired (or None) and its evidence."""
+
+    every: int
+
+    def reference(self, previous: Deployment) -> Any: ...
+
+    def judge(self, deployment: Deployment, reference: Any) -> tuple[str | None, dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -123,8 +137,11 @@ class ModelHolder:
     def __init__(self, loader: Loader, smoke_test: SmokeTest,
                  trigger: RollbackTrigger | None = None,
                  on_event: Callable[[str], None] | None = None,
-                 deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+                 deadline_s: float = DEFAULT_DEADLINE_S,
+                 judge: ProbationJudge | None = None) -> None:
         self._loader = loader
+        self.judge = judge
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._smoke = smoke_test
         self.deadline_s = float(deadline_s)
         self.trigger = trigger or RollbackTrigger()
@@ -151,20 +168,27 @@ class ModelHolder:
             "ready": cur is not None,
             "current": cur.info() if cur else None,
             "probation": None if prob is None else {
+                "version": prob.deployment.version,
                 "previous_version": prob.previous.version, "requests": prob.total,
-                "errors": prob.errors, "seconds": round(time.time() - prob.started, 3)},
+                "errors": prob.errors, "seconds": round(time.time() - prob.started, 3),
+                "window_s": self.trigger.window_s, "evidence": prob.evidence},
             "last_event": self.last_event,
         }
 
     # -- transitions ---------------------------------------------------------
+    def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        """``fn(outcome, event)`` after every transition (e.g. the fleet updater's A/B slots)."""
+        self._listeners.append(fn)
+
     def _event(self, outcome: str, quiet: bool = False, **info: Any) -> None:
-        self.last_event = {"outcome": outcome, "at": time.time(), **info}
+        event = self.last_event = {"outcome": outcome, "at": time.time(), **info}
         if not quiet:  # quiet: the caller reports it (start-up failures are one stderr line)
             log.info("reload %s %s", outcome, info)
-        try:
-            self._on_event(outcome)
-        except Exception:  # metrics must not break a reload
-            log.exception("reload event hook failed")
+        for fn in [lambda o, _e: self._on_event(o), *self._listeners]:
+            try:
+                fn(outcome, event)
+            except Exception:  # metrics must not break a reload
+                log.exception("reload event hook failed")
 
     def load_initial(self, source: str) -> Deployment:
         """First bundle: verify + smoke test, serve, commit at once (nothing to roll back to).
@@ -223,10 +247,11 @@ class ModelHolder:
                 if prev is None:
                     self._probation = None
                 else:
-                    self._probation = _Probation(dep, prev, time.time())
+                    self._probation = _Probation(dep, prev, time.time(), reference=self._reference(prev))
             if prev is None:
                 _commit(dep)
-            self._event("swapped", version=dep.version,
+            self._event("swapped", version=dep.version, source=dep.source,
+                        manifest_sha256=dep.manifest_sha256,
                         previous_version=None if prev is None else prev.version)
             return ReloadResult("swapped", dep.version, None if prev is None else prev.version,
                                 dep.manifest_sha256)
@@ -283,28 +308,63 @@ class ModelHolder:
         prob = self._probation
         if prob is None or prob.deployment is not dep:
             return
-        rollback = False
         with self._lock:
             if self._probation is not prob:
                 return
             prob.total += 1
             prob.errors += 0 if ok else 1
             t = self.trigger
-            if prob.total >= t.min_requests and prob.errors / prob.total > t.max_error_rate:
-                self._current = prob.previous
-                self._probation = None
-                self.bad_digests.add(dep.manifest_sha256)
-                rollback = True
-        if rollback:
-            self._event("rolled-back", version=dep.version, restored_version=prob.previous.version,
-                        errors=prob.errors, requests=prob.total)
+            error_rate = prob.total >= t.min_requests and prob.errors / prob.total > t.max_error_rate
+            judge_now = self.judge is not None and prob.total % max(1, self.judge.every) == 0
+        if error_rate:
+            self._roll_back(prob, "error_rate", {"errors": prob.errors, "requests": prob.total,
+                                                 "max_error_rate": t.max_error_rate})
+        elif judge_now and self._judge(prob):
+            return
         else:
             self.tick()
+
+    def _reference(self, prev: Deployment) -> Any:
+        if self.judge is None:
+            return None
+        try:
+            return self.judge.reference(prev)
+        except Exception:  # a broken judge must not break a swap
+            log.exception("probation judge failed on the reference")
+            return None
+
+    def _judge(self, prob: _Probation) -> bool:
+        """Run the telemetry rules once; True when they rolled the deployment back."""
+        assert self.judge is not None
+        try:
+            trigger, evidence = self.judge.judge(prob.deployment, prob.reference)
+        except Exception:
+            log.exception("probation judge failed")
+            return False
+        prob.evidence = evidence
+        if trigger is None:
+            return False
+        return self._roll_back(prob, trigger, evidence)
+
+    def _roll_back(self, prob: _Probation, trigger: str, evidence: dict[str, Any]) -> bool:
+        dep = prob.deployment
+        with self._lock:
+            if self._probation is not prob:
+                return False
+            self._current = prob.previous
+            self._probation = None
+            self.bad_digests.add(dep.manifest_sha256)
+        self._event("rolled-back", version=dep.version, restored_version=prob.previous.version,
+                    errors=prob.errors, requests=prob.total, trigger=trigger, evidence=evidence,
+                    source=dep.source, manifest_sha256=dep.manifest_sha256)
+        return True
 
     def tick(self) -> None:
         """End probation once its window has passed without a rollback."""
         prob = self._probation
         if prob is None or time.time() - prob.started < self.trigger.window_s:
+            return
+        if self.judge is not None and self._judge(prob):  # last look before committing
             return
         with self._lock:
             if self._probation is not prob:
@@ -312,7 +372,8 @@ class ModelHolder:
             self._probation = None
         try:
             _commit(prob.deployment)
-            self._event("committed", version=prob.deployment.version)
+            self._event("committed", version=prob.deployment.version, source=prob.deployment.source,
+                        manifest_sha256=prob.deployment.manifest_sha256, evidence=prob.evidence)
         except Exception as exc:  # state file trouble: keep serving, report it
             self._event("commit-failed", version=prob.deployment.version,
                         check=getattr(exc, "check", type(exc).__name__))

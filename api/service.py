@@ -28,13 +28,24 @@ def make_loader(cfg: ApiConfig) -> Loader:
 
     public_key = (load_public_key(cfg.public_key) if isinstance(cfg.public_key, str)
                   else cfg.public_key)
-    kek = cfg.load_kek()
+    device_key = None
+    if cfg.device_key_file is not None:  # per-device key wrapping: the KEK comes with each bundle
+        from runtime_guard.bundle.recipients import kek_for_bundle, load_device_key
+
+        device_key, kek = load_device_key(cfg.device_key_file), None
+    else:
+        kek = cfg.load_kek()
     state = RollbackState(cfg.rollback_state) if cfg.rollback_state else None
 
     def load(source: str, deadline: Any = None) -> Deployment:
         from runtime_guard.guard import GuardedModel
 
-        model = GuardedModel.load(source, public_key, kek, rollback_state=state,
+        bundle_kek = kek
+        if device_key is not None:
+            assert cfg.device_id is not None
+            bundle_kek = kek_for_bundle(source, cfg.device_id, device_key, public_key)
+
+        model = GuardedModel.load(source, public_key, bundle_kek, rollback_state=state,
                                   storage_uri=cfg.storage_uri, threads=cfg.intra_op_threads,
                                   accept=False, deadline=deadline)
         manifest = model.manifest

@@ -36,6 +36,7 @@ class ApiState:
     keys: KeyStore | None
     admin: AdminToken | None
     watcher: DirectoryWatcher | None = None
+    poller: Any = None  # api.updates.UpdatePoller with --update-from
 
     draining: bool = False
 

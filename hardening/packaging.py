@@ -40,10 +40,25 @@ class PackageResult:
     forced: bool
     failed_checks: list[str]
     manifest: dict = field(repr=False, default_factory=dict)
+    attestation: str | None = None
 
     def to_dict(self) -> dict:
         return {"out_path": self.out_path, "variant": self.variant, "report_digest": self.report_digest,
-                "forced": self.forced, "failed_checks": self.failed_checks, "manifest": self.manifest}
+                "forced": self.forced, "failed_checks": self.failed_checks, "manifest": self.manifest,
+                "attestation": self.attestation}
+
+
+def write_attestation(bundle_path: str | Path, report_digest: str | None, verdict: dict, signing_key: Any) -> Path:
+    """``<bundle>.intoto.json``: in-toto Statement (subject = the bundle file's SHA-256,
+    predicate = audit report digest + policy verdict) in a DSSE envelope signed with the
+    release key (``runtime_guard.update.attestation``; checked by the device updater)."""
+    from runtime_guard.update import attestation
+
+    bundle_path = Path(bundle_path)
+    stmt = attestation.statement(bundle_path.name, sha256_file(bundle_path), report_digest, verdict)
+    out = bundle_path.with_name(bundle_path.name + ".intoto.json")
+    out.write_bytes(attestation.sign(stmt, signing_key))
+    return out
 
 
 def _value_range(ds: Dataset) -> tuple[float, float]:
@@ -179,6 +194,8 @@ def package_variant(
     gate_action: str = "flag",
     rate_limit: str | None = "600/minute",
     runtime_overrides: dict | None = None,
+    model_signature: str | Path | None = None,
+    model_signing_key: str | Path | None = None,
 ) -> PackageResult:
     """Write a signed, encrypted bundle for one reviewed variant; see the module doc for the rules.
 
@@ -210,6 +227,12 @@ def package_variant(
     got = sha256_file(model)
     if got != v["sha256"]:
         raise ModelError(f"{model}: sha256 {got[:12]}... is not the reviewed variant {name!r} ({v['sha256'][:12]}...)")
+    if model_signature is not None or model_signing_key is not None:
+        if model_signature is None or model_signing_key is None:
+            raise InputError("--model-signature and --model-signing-key go together")
+        from hardening.model_signature import verify_model_signature
+
+        verify_model_signature(model, model_signature, model_signing_key)
     info = load_model(model)
     _admit(model, name)
 
@@ -261,4 +284,7 @@ def package_variant(
         manifest = write_bundle(out_path, payloads, fields, signing_key, kek, version, expires_in_s)
     except ValueError as e:  # writer's argument checks (version, expiry, manifest size)
         raise InputError(f"cannot write bundle: {e}") from None
-    return PackageResult(str(out_path), name, digest, bool(failed), failed, manifest)
+    verdict = {"passed": not failed, "forced": bool(failed), "failed_checks": failed,
+               "headline": report["verdict"]["headline"], "variant": name}
+    att = write_attestation(out_path, digest, verdict, signing_key)
+    return PackageResult(str(out_path), name, digest, bool(failed), failed, manifest, str(att))

@@ -92,3 +92,17 @@ def test_device_install_serves_verifies_and_inspects(device_venv, api_env, bundl
         r = requests.post(srv.url + "/v1/predict", data=json_body(api_env.x[:2]),
                           headers={"Content-Type": "application/json"}, timeout=10)
         assert r.status_code == 200 and r.json()["labels"] == api_env.labels[:2].tolist(), r.text
+
+
+def test_device_install_without_the_fleet_extra_refuses_update_from_in_one_line(device_venv, api_env, tmp_path):
+    ew = str(device_venv / "bin" / "edgeward")
+    r = _sh([str(device_venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('tuf'))"], tmp_path)
+    assert r.stdout.strip() == "None"  # the fleet extra is not part of the device install
+    secrets = ["--public-key", str(api_env.public_key_path), "--key-file", str(api_env.kek_path)]
+    for argv in (["serve", *secrets, "--update-from", "http://127.0.0.1:9", "--state-dir", "s", "--device-id", "d"],
+                 ["update", "--from", "http://127.0.0.1:9", "--state-dir", "s", "--device-id", "d",
+                  "--public-key", str(api_env.public_key_path)]):
+        r = _sh([ew, *argv], tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "edgeward[fleet]" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr

@@ -127,3 +127,97 @@ def test_verify_detects_tampering_and_wrong_keys(reviewed, tmp_path):
     assert r.exit_code == 1 and "signature" in r.output
     r = runner.invoke(app, ["verify", str(bundle), "--public-key", str(keys / "signing.pub.pem")])
     assert r.exit_code == 2 and "exactly one of" in r.output
+
+
+def test_package_attestation_round_trip_through_a_tuf_repository(reviewed, tmp_path):
+    """Produced at packaging, checked at publishing and by the device updater; a failing
+    (forced) audit and a tampered attestation are refused."""
+    pytest.importorskip("tuf")
+    from fleet_fixtures import PASSPHRASE, StaticServer
+
+    from hardening.errors import InputError
+    from hardening.fleet import Repository
+    from runtime_guard.bundle import load_public_key
+    from runtime_guard.update import attestation
+    from runtime_guard.update.client import FleetUpdater
+    from runtime_guard.update.errors import UpdateError
+
+    report, failing, keys = reviewed
+    pub = keys / "signing.pub.pem"
+    good = tmp_path / "good.ewb"
+    assert _package(report, keys, good, "--json").exit_code == 0
+    env = (tmp_path / "good.ewb.intoto.json").read_bytes()
+    stmt = attestation.check(env, load_public_key(pub), hashlib.sha256(good.read_bytes()).hexdigest(),
+                             hashlib.sha256(report.read_bytes()).hexdigest())
+    assert stmt["predicate"]["verdict"]["passed"] is True
+    forced = tmp_path / "forced.ewb"
+    assert _package(failing, keys, forced, "--force").exit_code == 0
+    repo = Repository.init(tmp_path / "repo", tmp_path / "repo-keys", PASSPHRASE.encode())
+    with pytest.raises(InputError, match="attestation-verdict"):  # the publisher refuses it first
+        repo.publish(forced, public_key=str(pub))
+    repo.publish(good, public_key=str(pub))
+    with StaticServer(tmp_path / "repo", tmp_path / "http.log") as http:
+        up = FleetUpdater(http.url, tmp_path / "dev", load_public_key(pub), "d1",
+                          trusted_root=tmp_path / "repo" / "metadata" / "1.root.json")
+        assert up.check().statement["predicate"]["verdict"]["passed"] is True
+        repo.publish(forced)  # no --public-key: only the device stands in the way
+        with pytest.raises(UpdateError) as e:
+            up.check()
+        assert e.value.check == "attestation-verdict"
+        doc = json.loads(env)  # re-signed by someone else: tampered
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        other = json.loads(attestation.sign(json.loads(__import__("base64").b64decode(doc["payload"])),
+                                            Ed25519PrivateKey.generate()))
+        (tmp_path / "good-v4.ewb").write_bytes(good.read_bytes())
+        (tmp_path / "good-v4.ewb.intoto.json").write_text(json.dumps(other))
+        repo.publish(tmp_path / "good-v4.ewb")
+        with pytest.raises(UpdateError) as e:
+            up.check()
+        assert e.value.check == "attestation-signature"
+
+
+def test_package_verifies_an_openssf_model_signature_offline(reviewed, tmp_path, monkeypatch):
+    """model-signing (key-based): a good signature packages, a wrong key or a signature of
+    another file is refused (exit 1), and no socket is opened while verifying."""
+    pytest.importorskip("model_signing")
+    import shutil
+    import socket
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from model_signing import signing
+
+    from hardening.paths import resolve
+
+    report, _, keys = reviewed
+    rep = load_report(report)
+    model = resolve(rep["variants"][0]["path"], report.parent)
+    pems = {}
+    for name in ("publisher", "other"):
+        k = ec.generate_private_key(ec.SECP256R1())
+        (tmp_path / f"{name}.pem").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                               serialization.NoEncryption()))
+        pems[name] = tmp_path / f"{name}.pub.pem"
+        pems[name].write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    sig = tmp_path / "model.sig"
+    signing.Config().use_elliptic_key_signer(private_key=str(tmp_path / "publisher.pem")).sign(str(model), str(sig))
+    other_file = tmp_path / "other.onnx"
+    shutil.copy(model, other_file)
+    other_file.write_bytes(other_file.read_bytes() + b"\0")
+    other_sig = tmp_path / "other.sig"
+    signing.Config().use_elliptic_key_signer(private_key=str(tmp_path / "publisher.pem")).sign(str(other_file), str(other_sig))
+
+    def no_network(*_a, **_k):
+        raise AssertionError("network use during model-signature verification")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    ok = _package(report, keys, tmp_path / "ok.ewb", "--model-signature", str(sig), "--model-signing-key", str(pems["publisher"]))
+    assert ok.exit_code == 0, ok.output
+    for s, key in ((sig, pems["other"]), (other_sig, pems["publisher"])):
+        r = _package(report, keys, tmp_path / "bad.ewb", "--model-signature", str(s), "--model-signing-key", str(key))
+        assert r.exit_code == 1 and "model signature does not verify" in r.output, r.output
+        assert not (tmp_path / "bad.ewb").exists()
+    r = _package(report, keys, tmp_path / "bad.ewb", "--model-signature", str(sig))
+    assert r.exit_code == 2 and "go together" in r.output

@@ -51,4 +51,17 @@ def reload() -> Response:
 def status() -> Response:
     st = state()
     st.require_admin(request)
-    return jsonify(st.holder.status())
+    body = st.holder.status()
+    if st.poller is not None:
+        body["update"] = st.poller.status()
+    return jsonify(body)
+
+
+@bp.post("/update")
+def update() -> Response:
+    """Check the update source now (``--update-from``); the outcome, refusals included."""
+    st = state()
+    st.require_admin(request)
+    if st.poller is None:
+        raise ApiProblem(404, "no-update-source", "Not Found", "this server has no update source")
+    return jsonify(st.poller.check_once())

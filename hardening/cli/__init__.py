@@ -7,7 +7,7 @@ import os
 import typer
 from typer.core import TyperGroup
 
-from hardening.cli import bundle, extraction, foundation, harden, ood, report, robustness, select, serve
+from hardening.cli import bundle, extraction, fleet, foundation, harden, ood, report, robustness, select, serve
 from hardening.cli.common import Settings, error_line, report_internal_error
 from hardening.cli.extras import release_time_refusal, version
 
@@ -61,7 +61,7 @@ def _root(
         raise typer.Exit(2)
 
 
-for _module in (foundation, harden, robustness, extraction, ood, bundle, serve, report, select):
+for _module in (foundation, harden, robustness, extraction, ood, bundle, fleet, serve, report, select):
     _module.register(app, audit_app)
 
 app.add_typer(audit_app, name="audit")

@@ -93,9 +93,12 @@ def package(
     rate_limit: str = typer.Option("600/minute", "--rate-limit", help="Per-client rate ('none' to disable)."),
     runtime: Optional[Path] = typer.Option(None, "--runtime", help="JSON file with GuardConfig sections to override."),
     force: bool = typer.Option(False, "--force", help="Package a variant that failed the policy (manifest records forced=true)."),
+    model_signature: Optional[Path] = typer.Option(None, "--model-signature", help="OpenSSF model-signing signature of the model (key-based, offline); refused unless it verifies."),
+    model_signing_key: Optional[Path] = typer.Option(None, "--model-signing-key", help="Model publisher's EC public key (PEM) for --model-signature."),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Sign and encrypt a reviewed variant with its detectors, runtime policy and golden smoke set.
+    """Sign and encrypt a reviewed variant with its detectors, runtime policy and golden smoke set;
+    also writes OUT.intoto.json, the in-toto attestation of the bundle and its audit verdict.
 
     Refuses (exit 1) a variant whose report failed the policy unless --force.
     """
@@ -120,6 +123,7 @@ def package(
         report, out_path, signing_key=sk, kek=kek, version=version, variant=variant, model_path=model,
         data_path=data, expires_in_s=expires_in, force=force, output_policy=output_policy, gate_action=gate_action,
         rate_limit=None if rate_limit.lower() == "none" else rate_limit, runtime_overrides=overrides,
+        model_signature=model_signature, model_signing_key=model_signing_key,
     )
     if json_out:
         print_json({k: v for k, v in res.to_dict().items() if k != "manifest"} | {"version": version})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-DEVICE_COMMANDS = frozenset({"serve", "verify", "inspect", "keygen", "api-key"})
+DEVICE_COMMANDS = frozenset({"serve", "verify", "inspect", "keygen", "api-key", "update", "device-key"})
 AUDIT_INSTALL = "pip install torch==2.13.0 && pip install 'edgeward[audit]'"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

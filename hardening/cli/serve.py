@@ -30,6 +30,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         public_key: Path = typer.Option(..., "--public-key", help="Pinned Ed25519 public key (PEM)."),
         key_file: Optional[Path] = typer.Option(None, "--key-file", help="KEK file (0600; raw, hex or base64)."),
         kek_env: Optional[str] = typer.Option(None, "--kek-env", help="Read the KEK from this environment variable instead."),
+        device_key: Optional[Path] = typer.Option(None, "--device-key", help="X25519 device key (0600): each bundle's KEK from BUNDLE.recipients.json (needs --device-id)."),
         passphrase_env: Optional[str] = typer.Option(None, "--passphrase-env", help="Environment variable holding the passphrase of passphrase-wrapped bundles."),
         host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless told otherwise)."),
         port: int = typer.Option(8080, "--port", help="TCP port (0 = pick a free one)."),
@@ -52,6 +53,16 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         max_connections: int = typer.Option(1000, "--max-connections", help="Open connections per worker."),
         max_connections_per_peer: int = typer.Option(64, "--max-connections-per-peer", help="Open connections per client address per worker."),
         connection_reserve: int = typer.Option(50, "--connection-reserve", help="Connections kept for addresses that hold none yet."),
+        update_from: Optional[str] = typer.Option(None, "--update-from", help="TUF repository URL to take updates from (needs edgeward[fleet])."),
+        state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Device state (TUF metadata, A/B slots); turns anti-rollback on."),
+        device_id: Optional[str] = typer.Option(None, "--device-id", help="Stable device id (rollout cohort)."),
+        trusted_root: Optional[Path] = typer.Option(None, "--trusted-root", help="Repository root.json for the first update."),
+        update_channel: str = typer.Option("stable", "--update-channel", help="Release channel."),
+        update_interval: float = typer.Option(60.0, "--update-interval", help="Seconds between update checks."),
+        allow_unattested: bool = typer.Option(False, "--allow-unattested", help="Accept releases without an in-toto attestation."),
+        max_rejection_increase: float = typer.Option(0.25, "--rollback-rejection-increase", help="Roll back when the rejected/flagged share rises by more than this."),
+        max_latency_ratio: float = typer.Option(3.0, "--rollback-latency-ratio", help="Roll back when mean latency exceeds this multiple of the previous bundle's."),
+        max_psi: float = typer.Option(0.5, "--rollback-psi", help="Roll back when class-drift PSI exceeds this."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
@@ -60,21 +71,45 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         from api.server import ServerSettings
         from api.server import serve as run
 
-        if bundle is None and watch is None:
-            raise InputError("give a BUNDLE or --watch DIR")
-        if sum(x is not None for x in (key_file, kek_env, passphrase_env)) != 1:
-            raise InputError("give exactly one of --key-file, --kek-env or --passphrase-env")
+        if bundle is None and watch is None and update_from is None:
+            raise InputError("give a BUNDLE, --watch DIR or --update-from URL")
+        rules = None
+        if update_from is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("tuf") is None:
+                raise InputError("--update-from needs the 'fleet' extra (python-tuf), which is not "
+                                 "installed: pip install 'edgeward[fleet]'")
+            if state_dir is None or not device_id:
+                raise InputError("--update-from needs --state-dir and --device-id")
+            if workers != 1:
+                raise InputError("--update-from runs with --workers 1 (one updater owns the state directory)")
+            from runtime_guard.update.triggers import ProbationRules
+
+            try:
+                rules = ProbationRules(min_requests=rollback_min_requests,
+                                       max_rejection_increase=max_rejection_increase,
+                                       max_latency_ratio=max_latency_ratio, max_psi=max_psi)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        if sum(x is not None for x in (key_file, kek_env, passphrase_env, device_key)) != 1:
+            raise InputError("give exactly one of --key-file, --kek-env, --passphrase-env or --device-key")
         try:
             cfg = ApiConfig(
                 bundle=str(bundle) if bundle else None, public_key=str(public_key),
                 kek_file=str(key_file) if key_file else None, kek_env=kek_env,
                 passphrase_env=passphrase_env, load_deadline_s=load_deadline,
+                device_key_file=str(device_key) if device_key else None,
                 rollback_state=str(rollback_state) if rollback_state else None,
                 storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
                 admin_token_file=str(admin_token_file) if admin_token_file else None,
                 watch_dir=str(watch) if watch else None, watch_interval_s=watch_interval,
                 max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers,
                 rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
+                update_from=update_from, state_dir=str(state_dir) if state_dir else None, device_id=device_id,
+                trusted_root=str(trusted_root) if trusted_root else None, update_channel=update_channel,
+                update_interval_s=update_interval, require_attestation=not allow_unattested,
+                probation_rules=rules,
             )
             settings = ServerSettings(host, port, workers, threads, require_shared_storage,
                                       header_timeout_s=header_timeout, max_connections=max_connections,
