@@ -15,13 +15,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import InputSchema
+from .verdict import Reason, Stage
 
 __all__ = ["SanitizerError", "Sanitizer", "REASONS"]
 
 _min, _max = np.minimum.reduce, np.maximum.reduce
 _SMALL = 256  # elements up to which the value checks run on Python floats
 
-REASONS = ("bytes", "not_numeric", "dtype", "shape", "batch_size", "non_finite", "range")
+REASONS = tuple(r.code for r in Reason if r.stage is Stage.INPUT)
 
 
 class SanitizerError(ValueError):
@@ -30,6 +31,7 @@ class SanitizerError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.verdict_reason = Reason.of(Stage.INPUT, reason)
 
 
 class Sanitizer:
