@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import GuardConfig
-from .errors import ModelRejected
+from .errors import InvalidClientId, ModelRejected, PartsMismatch
 from .extraction_monitor import ExtractionMonitor, MonitorState
 from .golden import GoldenSet, read_golden
 from .output_policy import OutputPolicy
@@ -157,13 +157,13 @@ class GuardedModel:
         self.num_classes = n_classes
 
         if config.anomaly.action != "off" and anomaly is None:
-            raise ValueError(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
+            raise PartsMismatch(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
         self.anomaly = anomaly if config.anomaly.action != "off" else None
         needs = self.anomaly.needs if self.anomaly is not None else frozenset()
         self._run_names: list[str] = [self.logits_name]
         if "features" in needs:
             if self.features_name is None:
-                raise ValueError("the anomaly detectors need a 'features' output the model does not have")
+                raise PartsMismatch("the anomaly detectors need a 'features' output the model does not have")
             self._run_names.append(self.features_name)
 
         self.sanitizer = Sanitizer(config.input, model_shape)
@@ -197,8 +197,8 @@ class GuardedModel:
         detector arrays; the manifest's ``runtime`` dict is the ``GuardConfig``
         (its ``anomaly.detector_meta`` is the detectors' JSON). With ``accept``
         the anti-rollback state is advanced once the guard answered a smoke
-        request; BundleError subtypes, ModelRejected and GuardConfigError
-        propagate. ``deadline`` bounds the smoke run (``DeadlineExceeded``).
+        request; every failure is a ``LoadError`` (``runtime_guard.errors``): BundleError
+        subtypes, ModelRejected, GuardConfigError, AnomalyFormatError, PartsMismatch. ``deadline`` bounds the smoke run (``DeadlineExceeded``).
         """
         from .bundle import open_bundle
 
@@ -209,7 +209,7 @@ class GuardedModel:
             from .anomaly import AnomalyScorer
 
             if DETECTORS_PAYLOAD not in opened.payloads or config.anomaly.detector_meta is None:
-                raise ValueError(
+                raise PartsMismatch(
                     f"runtime.anomaly.action={config.anomaly.action!r} but the bundle lacks "
                     f"'{DETECTORS_PAYLOAD}' or runtime.anomaly.detector_meta"
                 )
@@ -227,7 +227,7 @@ class GuardedModel:
     def smoke_test(self, deadline: "Deadline | None" = None) -> None:
         """Run one mid-range sample through model and detectors (no limits, no telemetry).
 
-        Raises ValueError (or the scorer's AnomalyInputError) if the parts do not fit,
+        Raises ``PartsMismatch`` if the parts do not fit (detectors fitted for another model),
         ``ModelRejected`` (check ``smoke-run``) if onnxruntime fails on the sample
         (e.g. a runtime allocation of TiBs) and ``DeadlineExceeded`` past ``deadline``.
         """
@@ -245,9 +245,14 @@ class GuardedModel:
             raise ModelRejected(f"onnxruntime failed on the smoke sample: {type(exc).__name__}: {msg}",
                                 check="smoke-run") from None
         if outs[0].shape != (1, self.num_classes) or not np.isfinite(outs[0]).all():
-            raise ValueError("smoke test failed: model output is not finite [1, C] logits")
+            raise PartsMismatch("smoke test failed: model output is not finite [1, C] logits")
         if self.anomaly is not None:
-            self.anomaly.score(x, outs[0], outs[1] if len(outs) > 1 else None)
+            from .anomaly import AnomalyInputError
+
+            try:
+                self.anomaly.score(x, outs[0], outs[1] if len(outs) > 1 else None)
+            except AnomalyInputError as exc:  # detectors fitted for another model: a load-time failure
+                raise PartsMismatch(f"the detectors do not fit this model: {exc}") from None
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -255,7 +260,7 @@ class GuardedModel:
         """Guarded inference for one request (a sample or a batch) from ``client_id``."""
         t0 = _clock()
         if type(client_id) is not str or not client_id or len(client_id) > MAX_CLIENT_ID_LEN:
-            raise ValueError(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID_LEN} chars")
+            raise InvalidClientId(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID_LEN} chars")
         if self._throttle:
             wait = self.monitor.throttled_for(client_id)  # type: ignore[union-attr]
             if wait > 0:

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .config import TelemetryConfig
+from .errors import PartsMismatch
 from .verdict import Decision, Reason, Verdict
 
 __all__ = ["Telemetry", "psi", "DECISIONS", "REASON_CODES"]
@@ -56,7 +57,7 @@ class Telemetry:
         self.config = config
         self.num_classes = num_classes
         if config.reference_class_counts is not None and len(config.reference_class_counts) != num_classes:
-            raise ValueError(
+            raise PartsMismatch(
                 f"telemetry.reference_class_counts has {len(config.reference_class_counts)} entries, "
                 f"model has {num_classes} classes"
             )
