@@ -146,7 +146,7 @@ def json_to_array(inputs: Any, data: bytes = b"null") -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             out = arr.astype(np.float32)
     # huge integers / floats past the float32 range are Inf now; one float64 sum shows any
-    if not math.isfinite(float(np.add.reduce(out, axis=None, dtype=np.float64))):
+    if not math.isfinite(float(out.sum(dtype=np.float64))):
         raise bad_body("inputs must be finite numbers within the float32 range", "json-type")
     return out
 

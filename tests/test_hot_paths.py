@@ -143,7 +143,7 @@ def test_threaded_decrypt_roundtrip_and_late_tamper():
         decrypt_payload(key, aad, read, 0, len(pt), chunk, digest, "m")
 
 
-# -- one-row Python paths (guard, sanitizer, softmax) ---------------------------------------
+# -- batch of one vs batches (guard, sanitizer, softmax) ---------------------------------------
 
 def test_softmax_one_row_equals_batched_rows():
     from runtime_guard.output_policy import softmax
@@ -180,7 +180,7 @@ def test_sanitizer_value_checks_same_on_both_paths(size):
 
 
 def test_guard_batch_of_one_equals_batch(digits_demo):
-    """The guard's one-row path (Python floats) and its batched path agree exactly
+    """The guard at batch 1 and at batch N agree exactly
     on labels and decisions, and to float rounding on scores and OOD scores."""
     from runtime_guard.anomaly import AnomalyScorer
     from runtime_guard.config import (
