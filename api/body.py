@@ -42,10 +42,8 @@ def unsupported_type(got: str) -> ApiProblem:
 
 
 def media_type(req: Request) -> str:
-    """``type/subtype`` of the body, lower case (werkzeug's ``mimetype`` re-parses the
-    whole header, parameters included, on every access)."""
-    content_type: str = req.environ.get("CONTENT_TYPE", "")
-    return content_type.split(";", 1)[0].strip().lower()
+    """``type/subtype`` of the body, lower case."""
+    return req.mimetype
 
 
 def read_body(req: Request, max_bytes: int) -> bytes:

@@ -245,7 +245,7 @@ def _in_context(g: GuardedModel, xs: list[np.ndarray], n: int) -> dict[str, floa
         t.append(clock())
         g.policy.apply_labelled(outs[0], ood, raw)
         t.append(clock())
-        g.telemetry.record("accepted", [], 1e-4, raw, score)
+        g.telemetry.record(ACCEPTED, 1e-4, raw, score)
         t.append(clock())
         for k in range(len(names)):
             ts[k].append(t[k + 1] - t[k])

@@ -66,18 +66,12 @@ class AnomalyInputError(RequestError, ValueError):
     check = "detector-input"
 
 
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    res: np.ndarray = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
-    return res
-
-
 def fuse_z(z: np.ndarray, rule: str) -> np.ndarray:
     """Fused score from the members' z-scores ``z`` (n, k) by ``rule`` (module docstring)."""
     if rule == "mean_z":
-        res: np.ndarray = z.mean(axis=1)
+        res: np.ndarray = z.sum(axis=1) / z.shape[1]
     elif rule == "mean_pos_z":
-        res = np.maximum(z, 0.0).mean(axis=1)
+        res = np.maximum(z, 0.0).sum(axis=1) / z.shape[1]
     elif rule == "max_z":
         res = z.max(axis=1)
     else:
@@ -133,9 +127,14 @@ class Softmax(Detector):
 
     def raw(self, v: np.ndarray) -> np.ndarray:
         t = self.temperature
-        zz = v / t
-        lse = _logsumexp(zz)
-        res: np.ndarray = 1.0 - np.exp(zz.max(axis=1) - lse) if self.kind == "msp" else -t * lse
+        zz = v / t if t != 1.0 else v
+        top = zz.max(axis=1)
+        total = np.exp(zz - top[:, None]).sum(axis=1)  # softmax denominator over exp(max)
+        res: np.ndarray
+        if self.kind == "msp":  # the top class's probability is exp(0) / total
+            res = 1.0 - 1.0 / total
+        else:  # -T * logsumexp(v / T)
+            res = -t * (top + np.log(total))
         return res
 
 
@@ -171,8 +170,11 @@ class Knn(Detector):
             v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         k = self.n_neighbors
         # |v|^2 is added after the selection: it shifts a whole row and cannot change the order
-        part = self._bank_sq[None, :] - 2.0 * (v @ self._bank_t)
-        kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
+        part = self._bank_sq - 2.0 * (v @ self._bank_t)
+        if k == 1:
+            kth = part.min(axis=1)
+        else:
+            kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
         res: np.ndarray = np.sqrt(np.maximum(kth + (v * v).sum(axis=1), 0.0))
         return res
 
@@ -249,6 +251,8 @@ class AnomalyScorer:
         self.detectors = dets
         self.rule = rule
         self._fused = [d for d in dets if d.name in members]
+        self._norm_mean = np.array([d.mean for d in self._fused])
+        self._norm_std = np.array([d.std for d in self._fused])
         self.threshold: float = _threshold(meta.get("threshold"), "threshold")
         alpha = meta.get("alpha")
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
@@ -313,10 +317,10 @@ class AnomalyScorer:
             if arr is None:
                 who = next(d.name for d in dets if d.view == view)
                 raise AnomalyInputError(f"detector '{who}' needs the {view!r} array")
-            arr = np.asarray(arr, dtype=np.float64)
+            arr = np.asarray(arr)
             if arr.ndim < 2:
                 raise AnomalyInputError(f"{view} must be batched (n, ...), got shape {arr.shape}")
-            arr = arr.reshape(len(arr), -1)
+            arr = arr.reshape(len(arr), -1).astype(np.float64)
             if not np.isfinite(arr).all():
                 raise AnomalyInputError(f"{view} holds NaN/Inf values")
             if n is not None and len(arr) != n:
@@ -342,7 +346,9 @@ class AnomalyScorer:
         """Fused score per sample (float64); only the fused detectors run. Compare with ``threshold``.
         Raises ``AnomalyInputError`` when the arrays do not fit the detectors."""
         views = self._views(x, logits, features, self._fused)
-        z = np.stack([d.z(views[d.view]) for d in self._fused], axis=1)
+        z = np.stack([d.raw(views[d.view]) for d in self._fused], axis=1)
+        z -= self._norm_mean
+        z /= self._norm_std
         return fuse_z(z, self.rule)
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
