@@ -28,14 +28,17 @@ what is not scanned is exactly what the walker saw as opaque weight bytes.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from .config import GuardConfigError
 from .errors import ModelRejected
 
 __all__ = ["AdmissionLimits", "admit_model", "load_session", "open_session", "session_options"]
@@ -408,7 +411,7 @@ def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1) -> ort
     """SessionOptions that write nothing to disk and load nothing extra."""
     for n in (intra_op_threads, inter_op_threads):
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_THREADS:
-            raise ValueError(f"thread counts must be integers in 1..{MAX_THREADS}")
+            raise GuardConfigError("threads", f"thread counts must be integers in 1..{MAX_THREADS}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = inter_op_threads
@@ -488,8 +491,8 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     OrtValues that view the weight bytes inside ``model_bytes`` (the decrypted
     payload), instead of parsing a second copy of every weight out of the
     protobuf (for a 51 MB model that copy, with its page faults, costs more
-    than decryption and hashing together). The session keeps those buffers
-    alive (``_edgeward_weights``) for as long as it exists. Models under
+    than decryption and hashing together). ``_WEIGHTS`` keeps those buffers
+    alive for as long as the session exists (a weak key: no attribute on onnxruntime's object). Models under
     ``limits.strip_min_model_bytes`` go to onnxruntime as plain bytes, which is
     faster at that size.
     """
@@ -501,5 +504,8 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     so = session_options(intra_op_threads, inter_op_threads)
     so.add_external_initializers(names, values)
     sess = _session(skeleton, so)
-    sess._edgeward_weights = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
+    _WEIGHTS[sess] = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
     return sess
+
+
+_WEIGHTS: weakref.WeakKeyDictionary[ort.InferenceSession, tuple[Any, bytes]] = weakref.WeakKeyDictionary()
