@@ -64,6 +64,9 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     app.register_blueprint(predict.bp)
     app.register_blueprint(admin_routes.bp)
     app.register_blueprint(v2.bp)
+    from .oip.stats import InferenceStats
+
+    app.extensions[v2.STATS_EXT] = InferenceStats()
     register_error_handlers(app)
     metrics.allow_endpoints({rule.rule for rule in app.url_map.iter_rules()})
     app.wsgi_app = RequestObserver(app.wsgi_app, metrics)  # type: ignore[method-assign]
