@@ -322,21 +322,19 @@ def openapi_document(*, api_keys: bool = False, admin: bool = False) -> dict[str
             "parameters": params,
             "responses": {"200": _json("model configuration", _ref("V2ModelConfig")),
                           "404": unknown, "503": not_ready}}}
-        paths[prefix + "/stats"] = {"get": sec({
+        paths[prefix + "/stats"] = {"get": {
             "operationId": "v2ModelStats" + suffix, "summary": "statistics extension, one model",
             "parameters": params,
-            "responses": {"200": _json("statistics", _ref("V2Stats")),
-                          **({"401": unauthorized} if api_keys else {}), "404": unknown, "503": not_ready}}, key_sec)}
+            "responses": {"200": _json("statistics", _ref("V2Stats")), "404": unknown, "503": not_ready}}}
         paths[prefix + "/infer"] = {"post": sec({
             "operationId": "v2Infer" + suffix, "summary": "KServe v2 inference (JSON or binary tensor data)",
             "parameters": params,
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("V2InferRequest")}}},
             "responses": {"200": infer_ok, "404": unknown, **predict_errors}}, key_sec)}
-    paths["/v2/models/stats"] = {"get": sec({
+    paths["/v2/models/stats"] = {"get": {
         "operationId": "v2Stats", "summary": "statistics extension, every model",
-        "responses": {"200": _json("statistics", _ref("V2Stats")),
-                      **({"401": unauthorized} if api_keys else {})}}, key_sec)}
+        "responses": {"200": _json("statistics", _ref("V2Stats"))}}}
     paths["/v2/repository/index"] = {"post": {
         "operationId": "v2RepositoryIndex", "summary": "model repository index",
         "responses": {"200": _json("the served model", {"type": "array", "items": _ref("V2IndexEntry")}),

@@ -116,16 +116,14 @@ def model_config(name: str, version: str | None) -> Response:
 
 @bp.get("/models/stats")
 def all_stats() -> Response:
-    st = state()
-    st.client_id(request)  # traffic figures: only for authenticated clients when keys are on
-    dep = st.holder.current()
+    # unauthenticated, like /metrics, which already exposes the same counts
+    dep = state().holder.current()
     models = [] if dep is None else [stats().model_stats(dep.name, str(dep.version))]
     return jsonify(model_stats=models)
 
 
 @_versioned("/stats", ["GET"])
 def model_stats(name: str, version: str | None) -> Response:
-    state().client_id(request)
     dep = _model(name, version)
     return jsonify(model_stats=[stats().model_stats(dep.name, str(dep.version))])
 

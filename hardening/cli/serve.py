@@ -52,6 +52,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         max_connections: int = typer.Option(1000, "--max-connections", help="Open connections per worker."),
         max_connections_per_peer: int = typer.Option(64, "--max-connections-per-peer", help="Open connections per client address per worker."),
         connection_reserve: int = typer.Option(50, "--connection-reserve", help="Connections kept for addresses that hold none yet."),
+        grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="Also serve OIP v2 over gRPC on this port (same host; needs edgeward[grpc])."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
@@ -79,7 +80,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             settings = ServerSettings(host, port, workers, threads, require_shared_storage,
                                       header_timeout_s=header_timeout, max_connections=max_connections,
                                       max_connections_per_peer=max_connections_per_peer,
-                                      connection_reserve=connection_reserve)
+                                      connection_reserve=connection_reserve, grpc_port=grpc_port)
             code = run(cfg, settings)
         except (ValueError, OSError, LookupError) as exc:  # incl. ServerConfigError, AuthConfigError
             raise _input_error(exc) from None
