@@ -46,6 +46,8 @@ class ApiConfig:
     # Wall-clock budget for one candidate bundle (verify, admit, open, smoke runs): a
     # hostile graph is terminated / abandoned past it and the reload answers 409.
     load_deadline_s: float = 20.0
+    # One JSON line per request on the edgeward.access logger (stderr); see api.access.
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if self.bundle is None and self.watch_dir is None:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from .access import AccessLog, request_id
 from .oip import infer as oip
 from .oip.grpc_codes import grpc_code_name
 from .oip.proto import open_inference_pb2 as pb
@@ -61,17 +62,22 @@ def _peer_host(peer: str) -> str:
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, st: ApiState, stats: InferenceStats) -> None:
-        self.st, self.stats = st, stats
+    def __init__(self, st: ApiState, stats: InferenceStats, access_log: AccessLog) -> None:
+        self.st, self.stats, self.access_log = st, stats, access_log
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _call(self, method: str, context: grpc.ServicerContext, body: Callable[[], R]) -> R:
-        """Run ``body``; ApiProblem -> the table's status code with the problem's detail
-        (Retry-After and RateLimit-* as trailing metadata); count it like HTTP does."""
+    def _call(self, method: str, context: grpc.ServicerContext, body: Callable[[dict[str, Any]], R]) -> R:
+        """Run ``body(notes)``; ApiProblem -> the table's status code with the problem's detail
+        (Retry-After and RateLimit-* as trailing metadata); count and log it like HTTP does,
+        with the ``x-request-id`` metadata (validated, else generated) sent back."""
         t0 = time.perf_counter()
         status = 200
+        md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        rid = request_id(md.get("x-request-id"))
+        context.send_initial_metadata((("x-request-id", rid),))
+        notes: dict[str, Any] = {}
         try:
-            return body()
+            return body(notes)
         except ApiProblem as exc:
             status = exc.status
             trailers = tuple((k.lower(), v) for k, v in exc.headers.items()
@@ -86,7 +92,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, "the server failed to handle this request; see server logs")
             raise
         finally:
-            self.st.metrics.observe_request(f"/{SERVICE}/{method}", "POST", status, time.perf_counter() - t0)
+            latency = time.perf_counter() - t0
+            self.st.metrics.observe_request(f"/{SERVICE}/{method}", "POST", status, latency)
+            self.access_log.write(rid=rid, transport="grpc", route=f"/{SERVICE}/{method}", method="POST",
+                                  status=status, latency_s=latency, notes=notes)
 
     def _client_id(self, context: grpc.ServicerContext) -> str:
         if self.st.keys is not None:
@@ -100,10 +109,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- health and metadata ----------------------------------------------------------------
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call("ServerLive", context, lambda: pb.ServerLiveResponse(live=True))
+        return self._call("ServerLive", context, lambda _notes: pb.ServerLiveResponse(live=True))
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def body() -> Any:
+        def body(_notes: dict[str, Any]) -> Any:
             try:
                 self.st.readiness()
             except ApiProblem:
@@ -112,7 +121,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._call("ServerReady", context, body)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def body() -> Any:
+        def body(_notes: dict[str, Any]) -> Any:
             try:
                 oip.resolve(self.st, request.name, request.version)
             except ApiProblem as exc:
@@ -125,13 +134,13 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         from .routes.v2 import EXTENSIONS
 
-        return self._call("ServerMetadata", context, lambda: pb.ServerMetadataResponse(
+        return self._call("ServerMetadata", context, lambda _notes: pb.ServerMetadataResponse(
             name="edgeward", version="1", extensions=[e for e in EXTENSIONS if e != "binary_tensor_data"]))
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         from .routes.v2 import model_metadata_doc
 
-        def body() -> Any:
+        def body(_notes: dict[str, Any]) -> Any:
             doc = model_metadata_doc(oip.resolve(self.st, request.name, request.version))
             tm = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
@@ -141,14 +150,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------------------
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def body() -> Any:
+        def body(notes: dict[str, Any]) -> Any:
             client_id = self._client_id(context)
             dep = oip.resolve(self.st, request.model_name, request.model_version)
             try:
                 req = _infer_request(request, dep.model.input_name, self.st.config.max_body_bytes)
             except ApiProblem as exc:
                 raise oip.oip_problem(exc) from None
-            return _infer_response(oip.run(self.st, self.stats, dep, req, client_id))
+            return _infer_response(oip.run(self.st, self.stats, dep, req, client_id, notes, "grpc"))
         return self._call("ModelInfer", context, body)
 
 
@@ -202,14 +211,14 @@ def _infer_response(res: oip.InferResponse) -> Any:
 class GrpcServer:
     """A grpc.server bound to ``host:port`` serving ``Servicer`` on a thread pool."""
 
-    def __init__(self, st: ApiState, stats: InferenceStats, host: str, port: int, threads: int,
-                 max_message_bytes: int) -> None:
+    def __init__(self, st: ApiState, stats: InferenceStats, access_log: AccessLog, host: str, port: int,
+                 threads: int, max_message_bytes: int) -> None:
         st.metrics.allow_endpoints(st.metrics.endpoints_allowed | ENDPOINTS)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_message_bytes + 65536),
                      ("grpc.so_reuseport", 1)])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(st, stats), self.server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(st, stats, access_log), self.server)  # type: ignore[no-untyped-call]
         shown = f"[{host}]" if ":" in host else host
         self.port = self.server.add_insecure_port(f"{shown}:{port}")
         if self.port == 0:

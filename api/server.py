@@ -205,11 +205,12 @@ def start_grpc(app: Flask, settings: ServerSettings, config: ApiConfig) -> Any:
         from .grpc_server import GrpcServer
     except ImportError:
         raise ServerConfigError("--grpc-port needs the grpc extra: pip install 'edgeward[grpc]'") from None
+    from .app import ACCESS_EXT
     from .routes.v2 import STATS_EXT
     from .state import EXT
 
-    srv = GrpcServer(app.extensions[EXT], app.extensions[STATS_EXT], settings.host, settings.grpc_port,
-                     settings.threads, config.max_body_bytes).start()
+    srv = GrpcServer(app.extensions[EXT], app.extensions[STATS_EXT], app.extensions[ACCESS_EXT], settings.host,
+                     settings.grpc_port, settings.threads, config.max_body_bytes).start()
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     sys.stderr.write(f"edgeward: serving OIP gRPC on {shown}:{srv.port} (pid={os.getpid()})\n")
     sys.stderr.flush()

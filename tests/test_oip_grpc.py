@@ -26,12 +26,13 @@ def live(api_env, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("oip_grpc")
     key = add_key(d / "keys.json", "grpc")
+    budget_key = add_key(d / "keys.json", "budget")  # spent to exhaustion by one test only
     # a tight per-client budget, to show gRPC and HTTP spend the same one
     bundle = api_env.make_bundle(d / "b.ewb", 1, runtime=api_env.runtime(per_client="40/minute"))
     port = free_port()
     srv = ServerProcess(api_env.serve_args(bundle, "--api-keys", str(d / "keys.json"),
                                            "--grpc-port", str(port)), d / "server.log").start()
-    yield srv, key, port, bundle
+    yield srv, key, port, bundle, budget_key
     srv.stop()
     assert "Traceback" not in srv.log(), srv.log()
 
@@ -47,7 +48,7 @@ def guard(api_env, live):
 
 @pytest.fixture(scope="module")
 def client(live):
-    srv, key, port, _ = live
+    srv, key, port = live[:3]
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     yield c, {"authorization": f"Bearer {key}"}
     c.close()
@@ -84,7 +85,7 @@ def test_infer_raw_every_datatype(client, guard, api_env, datatype):
     typed = x.astype(dt)
     inp = grpcclient.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(typed)  # tritonclient.grpc sends raw_input_contents
-    res = c.infer("digits", [inp], request_id="g-1", headers=dict(auth))
+    res = c.infer("digits", [inp], request_id="g-1", headers={**auth, "x-request-id": f"grpc-{datatype}"})
     labels, scores = _expected(guard, typed.astype(np.float32))
     np.testing.assert_array_equal(res.as_numpy("label"), labels)
     np.testing.assert_allclose(res.as_numpy("scores"), scores, rtol=1e-6)
@@ -94,7 +95,7 @@ def test_infer_raw_every_datatype(client, guard, api_env, datatype):
 
 def test_outputs_auth_and_shared_rate_limit(client, live, api_env):
     c, auth = client
-    srv, key, _, _ = live
+    srv, key = live[0], live[4]
     inp = grpcclient.InferInput("input", [1, 1, 8, 8], "FP32")
     inp.set_data_from_numpy(api_env.x[:1])
     res = c.infer("digits", [inp], outputs=[grpcclient.InferRequestedOutput("label")], headers=dict(auth))
@@ -112,6 +113,7 @@ def test_outputs_auth_and_shared_rate_limit(client, live, api_env):
         c.infer("digits", [bad], headers=dict(auth))
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
     # the 40/minute budget is the key's, whichever transport spends it
+    auth = {"authorization": f"Bearer {key}"}
     body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                         "data": api_env.x[0].ravel().tolist()}]}
     codes = []
@@ -125,7 +127,7 @@ def test_outputs_auth_and_shared_rate_limit(client, live, api_env):
                 codes.append(200)
             except InferenceServerException as exc:
                 codes.append(exc.status())
-    assert codes.count(200) < 40 and "StatusCode.RESOURCE_EXHAUSTED" in codes and 429 in codes
+    assert codes.count(200) == 40 and "StatusCode.RESOURCE_EXHAUSTED" in codes and 429 in codes
 
 
 def test_grpc_stays_optional(api_env, bundle_v1):
@@ -153,3 +155,24 @@ except ServerConfigError as exc:
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "edgeward[grpc]" in out.stdout
+
+
+def test_grpc_access_log(client, live, api_env):
+    import json
+    import time
+
+    c, auth = client
+    inp = grpcclient.InferInput("input", [1, 1, 8, 8], "FP32")
+    inp.set_data_from_numpy(api_env.x[:1])
+    c.infer("digits", [inp], headers={**auth, "x-request-id": "grpc-log-1"})
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        hits = [json.loads(line) for line in live[0].log_path.read_text().splitlines()
+                if line.startswith("{") and '"grpc-log-1"' in line]
+        if hits:
+            break
+        time.sleep(0.1)
+    [line] = hits
+    assert line["transport"] == "grpc" and line["route"] == "/inference.GRPCInferenceService/ModelInfer"
+    assert line["status"] == 200 and line["decision"] == "accepted" and line["client"]
+    assert live[1] not in live[0].log_path.read_text()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..access import timed_predict
 from ..body import bad_body
 from ..problems import ApiProblem
 from ..reload import Deployment
@@ -104,12 +105,12 @@ def check_request_id(value: object) -> str:
 
 
 def run(st: ApiState, stats: InferenceStats, dep: Deployment, req: InferRequest,
-        client_id: str) -> InferResponse:
+        client_id: str, notes: dict[str, Any], transport: str) -> InferResponse:
     """Guarded predict through the shared service layer (auth is the caller's job:
-    ``client_id`` is already authenticated)."""
+    ``client_id`` is already authenticated); ``notes`` collects the access-log fields."""
     t0 = time.perf_counter_ns()
     try:
-        ans = st.predict(dep, req.x, client_id)
+        ans = timed_predict(st, dep, req.x, client_id, notes, transport)
     except ApiProblem as exc:
         stats.record(dep.name, str(dep.version), False, time.perf_counter_ns() - t0, 0)
         raise oip_problem(exc) from None

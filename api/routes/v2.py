@@ -17,6 +17,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from ..access import ENV_NOTES
 from ..body import bad_body, media_type, parse_json_document, read_body, unsupported_type
 from ..oip import infer as oip
 from ..oip.stats import InferenceStats
@@ -244,4 +245,5 @@ def infer(name: str, version: str | None) -> Response:
         req = parse_infer(parse_json_document(head), tail, dep.model.input_name)
     except ApiProblem as exc:
         raise oip.oip_problem(exc) from None
-    return infer_response(oip.run(st, stats(), dep, req, client_id))
+    notes = request.environ.setdefault(ENV_NOTES, {})
+    return infer_response(oip.run(st, stats(), dep, req, client_id, notes, "http"))

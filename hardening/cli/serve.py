@@ -52,6 +52,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         max_connections: int = typer.Option(1000, "--max-connections", help="Open connections per worker."),
         max_connections_per_peer: int = typer.Option(64, "--max-connections-per-peer", help="Open connections per client address per worker."),
         connection_reserve: int = typer.Option(50, "--connection-reserve", help="Connections kept for addresses that hold none yet."),
+        access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per request on stderr (request id, route, status, decision, latency, client hash)."),
         grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="Also serve OIP v2 over gRPC on this port (same host; needs edgeward[grpc])."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
@@ -74,7 +75,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
                 admin_token_file=str(admin_token_file) if admin_token_file else None,
                 watch_dir=str(watch) if watch else None, watch_interval_s=watch_interval,
-                max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers,
+                max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers, access_log=access_log,
                 rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
             )
             settings = ServerSettings(host, port, workers, threads, require_shared_storage,
