@@ -107,3 +107,21 @@ def test_metrics_process_openmetrics_and_promtool(live, api_env):
     out = subprocess.run([promtool, "check", "metrics"], input=r.text, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_rate_limit_reset_is_a_delay_everywhere(api_env, tmp_path):
+    """X-RateLimit-Reset, RateLimit-Reset and Retry-After are all delay seconds (not an
+    epoch), equal between the two header families, and within the window."""
+    from api import create_app
+
+    bundle = api_env.make_bundle(tmp_path / "b.ewb", 1, runtime=api_env.runtime(per_client="2/minute"))
+    client = create_app(api_env.app_config(bundle, rate_limit_headers="always")).test_client()
+    body = _body(api_env)
+    answers = [client.post(INFER, json=body) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    for r in answers:
+        reset = int(r.headers["RateLimit-Reset"])
+        assert 0 <= reset <= 60
+        if r.status_code == 429:
+            assert r.headers["X-RateLimit-Reset"] == r.headers["RateLimit-Reset"]
+            assert 1 <= int(r.headers["Retry-After"]) <= 60 and r.json["error"]
