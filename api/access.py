@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ENV_ID, ENV_NOTES = "edgeward.request_id", "edgeward.access"
 log = logging.getLogger("edgeward.access")
-# The guard decision a refusal stands for (ApiProblem slugs of the service layer).
-DECISION_OF_SLUG = {"input-rejected": "rejected", "anomalous-input": "rejected",
-                    "rate-limited": "rate_limited", "rate-limit-storage-unavailable": "unavailable"}
 
 
 def request_id(presented: str | None) -> str:
@@ -45,8 +42,12 @@ def request_id(presented: str | None) -> str:
     return uuid.uuid4().hex
 
 
-def decision_of(exc: ApiProblem) -> str | None:
-    return DECISION_OF_SLUG.get(exc.slug)
+def decision_of(exc: ApiProblem) -> str:
+    """The guard's decision behind a refusal (its verdict, ``api.decisions``); a
+    rate-limit storage outage is ``unavailable``, anything else ``error``."""
+    if exc.verdict is not None:
+        return exc.verdict.decision.value
+    return "unavailable" if exc.slug == "rate-limit-storage-unavailable" else "error"
 
 
 class AccessLog:
@@ -92,7 +93,7 @@ def timed_predict(st: "ApiState", dep: "Deployment", x: Any, client_id: str, not
     try:
         ans = st.predict(dep, x, client_id)
     except ApiProblem as exc:
-        notes["decision"] = decision_of(exc) or "error"
+        notes["decision"] = decision_of(exc)
         raise
     finally:
         st.metrics.compute.labels(transport).observe(time.perf_counter() - t0)

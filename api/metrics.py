@@ -30,6 +30,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from runtime_guard.verdict import Verdict
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Every label value comes from one of these fixed sets; anything else is "other", so no
@@ -98,8 +100,10 @@ class ApiMetrics:
         reg = self.registry
         self.requests = Counter("edgeward_http_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "method", "status"], registry=reg)
-        self.decisions = Counter("edgeward_decisions", "Guard decisions by outcome and reason",
-                                 ["decision", "reason"], registry=reg)
+        self.decisions = Counter("edgeward_decisions", "Guard decisions (one per request) by outcome "
+                                 "and first reason", ["decision", "reason"], registry=reg)
+        self.reasons = Counter("edgeward_reasons", "Every reason the guard gave, by reason",
+                               ["reason"], registry=reg)
         self.latency = Histogram("edgeward_request_latency_seconds", "Request latency",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
         self.reloads = Counter("edgeward_reloads", "Hot update attempts by outcome",
@@ -142,12 +146,16 @@ class ApiMetrics:
         self._child(self.requests, endpoint, bounded(method, METHODS), bounded(str(status), STATUSES)).inc()
         self._child(self.latency, endpoint).observe(seconds)
 
+    def observe_verdict(self, verdict: Verdict) -> None:
+        self.observe_decision(verdict.decision.value, [r.value for r in verdict.reasons])
+
     def observe_decision(self, decision: str, reasons: list[str] | tuple[str, ...]) -> None:
+        """Count the request once (labelled with its first reason), and each reason once."""
         decision = bounded(decision, DECISION_LABELS)
-        if not reasons:
-            self._child(self.decisions, decision, "none").inc()
+        first = bounded(reasons[0], self.reasons_allowed) if reasons else "none"
+        self._child(self.decisions, decision, first).inc()
         for r in reasons:
-            self._child(self.decisions, decision, bounded(str(r), self.reasons_allowed)).inc()
+            self._child(self.reasons, bounded(r, self.reasons_allowed)).inc()
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition format the ``Accept`` header asks for: OpenMetrics for

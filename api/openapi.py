@@ -229,6 +229,7 @@ def openapi_document(*, api_keys: bool = False, admin: bool = False) -> dict[str
         "415": _problem("content type is not accepted"),
         "422": _problem("the anomaly gate rejected the input"),
         "429": _problem("rate limited", {**RETRY_AFTER, **RATE_HEADERS, **LEGACY_RATE_HEADERS}),
+        "500": _problem("the model's output for a valid input is not finite (``model-output-invalid``)"),
         "503": not_ready,
     }
 

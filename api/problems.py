@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, has_request_context, json, request
 from werkzeug.exceptions import HTTPException
+
+if TYPE_CHECKING:
+    from runtime_guard.verdict import Verdict
 
 PROBLEM_MIME = "application/problem+json"
 TYPE_BASE = "https://edgeward.dev/problems/"
@@ -26,12 +29,14 @@ class ApiProblem(Exception):
 
     ``slug`` becomes the ``type`` URI; ``extra`` adds extension members
     (e.g. ``check`` for sanitizer rejections); ``headers`` are added to the
-    response (e.g. ``Retry-After``).
+    response (e.g. ``Retry-After``); ``verdict`` is the guard's verdict when the
+    guard refused the request (``api.decisions``).
     """
 
     def __init__(self, status: int, slug: str, title: str, detail: str | None = None, *,
                  extra: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 verdict: Verdict | None = None) -> None:
         super().__init__(detail or title)
         self.status = status
         self.slug = slug
@@ -39,6 +44,7 @@ class ApiProblem(Exception):
         self.detail = detail
         self.extra = dict(extra or {})
         self.headers = dict(headers or {})
+        self.verdict = verdict
 
 
 def problem_response(status: int, slug: str, title: str, detail: str | None = None, *,

@@ -19,8 +19,8 @@ there: a rate-limit storage outage is answered 503 without touching probation.
 
 Every candidate (start-up, reload, watch directory) is loaded and smoke-run on
 a helper thread under ``deadline_s`` (``runtime_guard.deadline``), and every
-way it can fail leaves as ``BundleError`` or ``ReloadRefused`` with a check
-name, so the API answers 409 and ``serve`` exits 2 with one line.
+way it can fail leaves as ``BundleError`` or ``ReloadRefused`` (both
+``runtime_guard.errors.LoadError``) with a check name, so the API answers 409 and ``serve`` exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime_guard.errors import BundleError, GuardError, LoadError, ModelRejected
+
 log = logging.getLogger("api.reload")
 
 
-class ReloadRefused(Exception):
+class ReloadRefused(LoadError):
     """A candidate bundle was not swapped in; ``check`` names why."""
 
     def __init__(self, check: str, message: str) -> None:
-        super().__init__(message)
-        self.check = check
+        super().__init__(message, check=check)
 
 
 @dataclass
@@ -102,19 +103,17 @@ _GRACE_S = 1.0  # past the deadline, how long to wait for a terminated run to un
 
 def _refusal(exc: BaseException) -> BaseException:
     """The one shape a failed candidate leaves ``ModelHolder`` in: ``BundleError``
-    (its own ``check``) or ``ReloadRefused``. Anything else a signed bundle can
-    provoke in the loader (an odd model that breaks the guard constructor, an
-    onnxruntime failure, an OSError) becomes ``ReloadRefused`` with a check name,
-    so callers answer 409 / exit 2 instead of a 500 or a traceback."""
-    from runtime_guard.errors import BundleError
-
+    (its own ``check``) or ``ReloadRefused``. Any other ``GuardError`` keeps its
+    check (``config``, ``parts``, ``detectors``, ...); anything else a signed bundle
+    can provoke in the loader (an onnxruntime failure, an OSError) becomes
+    ``ReloadRefused`` with a check name, so callers answer 409 / exit 2 instead of
+    a 500 or a traceback."""
     if isinstance(exc, (BundleError, ReloadRefused)):
         return exc
     if isinstance(exc, OSError):
         return ReloadRefused("io", f"bundle could not be read: {exc.strerror or type(exc).__name__}")
-    check = getattr(exc, "check", None)
     msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return ReloadRefused(check if isinstance(check, str) else "load", msg)
+    return ReloadRefused(exc.check if isinstance(exc, GuardError) else "load", msg)
 
 
 class ModelHolder:
@@ -269,8 +268,6 @@ class ModelHolder:
         return dep
 
     def _run_smoke(self, dep: Deployment, deadline: Any = None) -> None:
-        from runtime_guard.errors import ModelRejected
-
         try:
             self._smoke(dep, deadline)
         except (ReloadRefused, ModelRejected):  # incl. DeadlineExceeded: keeps its check

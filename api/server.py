@@ -242,13 +242,10 @@ def _announce(host: str, port: int, workers: int) -> None:
 
 def startup_error(exc: BaseException) -> str | None:
     """One-line text for a failure to start serving a bundle (None: not one of those)."""
-    from runtime_guard.errors import BundleError
+    from runtime_guard.errors import LoadError
 
-    from .reload import ReloadRefused
-
-    if isinstance(exc, (BundleError, ReloadRefused)):
-        check = getattr(exc, "check", None)
-        return f"{check}: {exc}" if check else str(exc)
+    if isinstance(exc, LoadError):
+        return f"{exc.check}: {exc}"
     if isinstance(exc, (ValueError, OSError, LookupError)):
         return str(exc)
     return None

@@ -1,10 +1,9 @@
 """Glue between HTTP and ``runtime_guard``: load a deployment, smoke-test it,
-turn a ``PredictionResult`` into a status code, body and headers.
+turn a ``PredictionResult`` into an answer or a problem.
 
-Kept apart from the routes so v1 and the KServe v2 paths share one mapping:
-accepted/flagged -> 200, sanitizer rejection -> 400 naming the failed check,
-anomaly-gate rejection -> 422, rate limited -> 429 with ``Retry-After`` and
-``RateLimit-*`` / ``X-RateLimit-*`` headers.
+Kept apart from the routes so v1 and the KServe v2 paths share one mapping, the
+``api.decisions`` table; 429s carry ``Retry-After`` and ``RateLimit-*`` /
+``X-RateLimit-*`` headers.
 """
 
 from __future__ import annotations
@@ -16,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from runtime_guard.verdict import Decision, Verdict
+
 from .config import ApiConfig
-from .problems import ApiProblem
+from .decisions import refusal_problem
 from .reload import Deployment, Loader
 
 
@@ -100,11 +101,18 @@ def describe(dep: Deployment) -> dict[str, Any]:
 class Answer:
     """A successful guarded prediction, ready to serialise."""
 
-    decision: str
-    reasons: list[str]
+    verdict: Verdict
     labels: list[int]
     scores: list[list[float]] | None
     headers: list[tuple[str, str]]
+
+    @property
+    def decision(self) -> str:
+        return self.verdict.decision.value
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r.value for r in self.verdict.reasons]
 
 
 def rate_headers(status: Any, legacy: bool = False) -> list[tuple[str, str]]:
@@ -120,27 +128,19 @@ def rate_headers(status: Any, legacy: bool = False) -> list[tuple[str, str]]:
 
 
 def run_predict(dep: Deployment, x: np.ndarray, client_id: str, status_headers: bool = False) -> Answer:
-    """Guarded predict; refusals become ApiProblem (400 / 422 / 429). With
-    ``status_headers`` accepted answers carry ``RateLimit-*`` too (429s always do)."""
+    """Guarded predict; a refusal becomes the ``api.decisions`` problem (carrying the
+    verdict). With ``status_headers`` accepted answers carry ``RateLimit-*`` too (429s always do)."""
     res = dep.model.predict(x, client_id)
-    if res.decision == "rate_limited":
+    verdict = res.verdict
+    if verdict.decision is Decision.RATE_LIMITED:
         wait = max(1, math.ceil(res.retry_after or 1))
         retry_headers = dict(rate_headers(res.rate_limit, legacy=True))
         retry_headers["Retry-After"] = str(wait)
-        raise ApiProblem(429, "rate-limited", "Too Many Requests",
-                         f"request budget exhausted; retry in {wait}s",
-                         extra={"reasons": list(res.reasons), "retry_after": wait}, headers=retry_headers)
-    if res.decision == "rejected":
-        input_reasons = [r.split(":", 1)[1] for r in res.reasons if r.startswith("input:")]
-        if input_reasons:
-            check = input_reasons[0]
-            raise ApiProblem(400, "input-rejected", "Input rejected",
-                             f"input failed the sanitizer's '{check}' check",
-                             extra={"check": check, "reasons": list(res.reasons)})
-        raise ApiProblem(422, "anomalous-input", "Anomalous input",
-                         "the anomaly gate rejected this input as out of distribution",
-                         extra={"check": "anomaly", "reasons": list(res.reasons)})
+        raise refusal_problem(verdict, wait=wait, headers=retry_headers)
+    if not verdict.answered:
+        raise refusal_problem(verdict)
+    assert res.labels is not None  # answered
     headers = (rate_headers(dep.model.rate_limit_status(client_id))
                if status_headers and dep.model.limiter.enabled else [])
-    return Answer(res.decision, list(res.reasons), res.labels.tolist(),
+    return Answer(verdict, res.labels.tolist(),
                   None if res.scores is None else res.scores.tolist(), headers)

@@ -71,18 +71,17 @@ class ApiState:
             # back a good hot update), answered 503 rather than served unlimited.
             self.metrics.observe_decision("unavailable", ["rate_limit:storage"])
             raise storage_problem(exc) from None
-        except ApiProblem as exc:
+        except ApiProblem as exc:  # a refusal: run_predict raises nothing else of this type
             self.holder.record(dep, exc.status < 500)
-            self.metrics.observe_decision(
-                {400: "rejected", 422: "rejected", 429: "rate_limited"}.get(exc.status, "error"),
-                exc.extra.get("reasons") or [exc.slug])
+            if exc.verdict is not None:
+                self.metrics.observe_verdict(exc.verdict)
             raise
         except Exception:
             self.holder.record(dep, False)
             self.metrics.observe_decision("error", ["exception"])
             raise
         self.holder.record(dep, True)
-        self.metrics.observe_decision(ans.decision, ans.reasons)
+        self.metrics.observe_verdict(ans.verdict)
         return ans
 
     def client_id(self, req: Request) -> str:

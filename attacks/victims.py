@@ -26,9 +26,12 @@ import numpy as np
 
 from attacks.errors import InputError
 from runtime_guard.output_policy import softmax
+from runtime_guard.verdict import ANSWERED as _ANSWERED
+from runtime_guard.verdict import Decision, Reason
 
-ANSWERED = ("accepted", "flagged")
-DECISIONS = ("accepted", "flagged", "rejected", "rate_limited", "error")
+# Ledger decisions: the guard's (runtime_guard.verdict.Decision) plus "error" (no verdict reached us).
+ANSWERED = tuple(d.value for d in Decision if d in _ANSWERED)
+DECISIONS = (*(d.value for d in Decision), "error")
 
 
 @dataclass
@@ -237,9 +240,9 @@ class GuardedVictim(Victim):
         flags: list[bool] = []
         for i in range(len(x)):
             r = self.guarded.predict(x[i : i + 1], self.client_id)
-            d = _decision(r.decision)
+            d = r.verdict.decision.value
             decisions.append(d)
-            flags.append("extraction" in (r.reasons or []))
+            flags.append(Reason.EXTRACTION in r.verdict.reasons)
             if d in ANSWERED and r.labels is not None:
                 labels[i] = int(r.labels[0])
                 if r.scores is not None:
@@ -248,16 +251,16 @@ class GuardedVictim(Victim):
 
 
 def _decision(d: Any) -> str:
-    d = str(getattr(d, "value", d)).lower()
-    return d if d in DECISIONS else "error"
+    """A decision string from an HTTP body; anything else is an error."""
+    return d if isinstance(d, str) and d in DECISIONS[:-1] else "error"
 
 
 class HttpVictim(Victim):
     """A running edgeward API over loopback HTTP (``POST /v1/predict``, one sample per request).
 
     ``keys`` are bearer tokens; with several keys (a Sybil attacker) requests rotate over them and
-    ``per_key`` keeps a ledger per key. 200 -> the guard's decision, 429 -> rate_limited,
-    400/422 -> rejected, anything else (5xx, connection error, unreadable 200) -> error.
+    ``per_key`` keeps a ledger per key. The guard's decision is read from the body (answers and
+    refusal problems carry it, see ``api.decisions``); see :func:`http_decision`.
     """
 
     name = "http"
@@ -336,12 +339,15 @@ class HttpVictim(Victim):
 
 
 def http_decision(status: int, payload: dict) -> str:
-    """Map an HTTP answer to a ledger decision: 200 carries the guard's decision (accepted/flagged),
-    429 is rate-limited, 400 (sanitizer) / 422 (OOD gate) are rejections, anything else an error."""
-    if status == 429:
-        return "rate_limited"
+    """Map an HTTP answer to a ledger decision: 200s and the guard's refusals carry its decision
+    in the body; otherwise 429 is rate-limited, 400 (a body the API refused before the guard) a
+    rejection, anything else (5xx, connection error, unreadable 200) an error."""
     if status == 200:
         return _decision(payload.get("decision", "accepted"))
+    if "decision" in payload:
+        return _decision(payload["decision"])
+    if status == 429:
+        return "rate_limited"
     if status in (400, 422):
         return "rejected"
     return "error"

@@ -22,6 +22,16 @@ _EXPORTS = {
     "ExtractionMonitorConfig": "config",
     "TelemetryConfig": "config",
     "SanitizerError": "sanitizer",
+    "GuardError": "errors",
+    "LoadError": "errors",
+    "RequestError": "errors",
+    "BundleError": "errors",
+    "ModelRejected": "errors",
+    "PartsMismatch": "errors",
+    "Verdict": "verdict",
+    "Decision": "verdict",
+    "Reason": "verdict",
+    "Stage": "verdict",
     "RateLimitStatus": "ratelimit",
     "MonitorState": "extraction_monitor",
     "shapiro_wilk": "extraction_monitor",
@@ -38,12 +48,22 @@ if TYPE_CHECKING:  # "X as X": explicit re-exports for type checkers and linters
     from .config import OutputPolicyConfig as OutputPolicyConfig
     from .config import RateLimitConfig as RateLimitConfig
     from .config import TelemetryConfig as TelemetryConfig
+    from .errors import BundleError as BundleError
+    from .errors import GuardError as GuardError
+    from .errors import LoadError as LoadError
+    from .errors import ModelRejected as ModelRejected
+    from .errors import PartsMismatch as PartsMismatch
+    from .errors import RequestError as RequestError
     from .extraction_monitor import MonitorState as MonitorState
     from .extraction_monitor import shapiro_wilk as shapiro_wilk
     from .guard import GuardedModel as GuardedModel
     from .guard import PredictionResult as PredictionResult
     from .ratelimit import RateLimitStatus as RateLimitStatus
     from .sanitizer import SanitizerError as SanitizerError
+    from .verdict import Decision as Decision
+    from .verdict import Reason as Reason
+    from .verdict import Stage as Stage
+    from .verdict import Verdict as Verdict
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from .config import GuardConfigError
 from .errors import ModelRejected
 
 __all__ = ["AdmissionLimits", "admit_model", "load_session", "open_session", "session_options"]
@@ -408,7 +409,7 @@ def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1) -> ort
     """SessionOptions that write nothing to disk and load nothing extra."""
     for n in (intra_op_threads, inter_op_threads):
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_THREADS:
-            raise ValueError(f"thread counts must be integers in 1..{MAX_THREADS}")
+            raise GuardConfigError("threads", f"thread counts must be integers in 1..{MAX_THREADS}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = inter_op_threads

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import LoadError, RequestError
+
 FORMAT = "edgeward-ood/1"
 VIEWS = ("input", "logits", "features")
 NPZ_NAME, JSON_NAME = "detectors.npz", "detectors.json"
@@ -30,12 +32,16 @@ NPZ_NAME, JSON_NAME = "detectors.npz", "detectors.json"
 __all__ = ["AnomalyScorer", "AnomalyFormatError", "AnomalyInputError", "FORMAT"]
 
 
-class AnomalyFormatError(ValueError):
+class AnomalyFormatError(LoadError, ValueError):
     """The exported detectors are malformed, incomplete or of an unknown kind."""
 
+    check = "detectors"
 
-class AnomalyInputError(ValueError):
+
+class AnomalyInputError(RequestError, ValueError):
     """The arrays passed to ``score`` do not fit the detectors (missing view, wrong width, NaN)."""
+
+    check = "detector-input"
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -275,7 +281,7 @@ class _FusedPlan:
             cols = [(i, d) for i, d in enumerate(fused) if d.view == view]
             widths = {d.width for _, d in cols if d.width is not None}
             if len(widths) > 1:
-                raise ValueError("detectors of one view disagree on its width")
+                raise AnomalyFormatError("detectors of one view disagree on its width")
             blocks = [d.fast[0] for _, d in cols if d.fast[0] is not None]
             matrix = np.ascontiguousarray(np.hstack(blocks)) if blocks else None
             members: list[_Member] = []

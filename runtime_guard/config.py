@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
 
+from .errors import LoadError
+
 __all__ = [
     "GuardConfigError",
     "InputSchema",
@@ -33,8 +35,10 @@ GATE_ACTIONS = ("off", "flag", "reject")
 MONITOR_ACTIONS = ("flag", "throttle")
 
 
-class GuardConfigError(ValueError):
+class GuardConfigError(LoadError, ValueError):
     """The runtime config is malformed; ``path`` names the offending field."""
+
+    check = "config"
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"runtime config: {path}: {message}")

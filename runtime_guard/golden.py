@@ -15,13 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from .errors import LoadError
+
 SMOKE_FIELD = "smoke_test"
 SMOKE_PAYLOAD = "smoke.npz"
 _ARRAYS = {"inputs": np.float32, "expected_labels": np.int64, "expected_logits": np.float32}
 
 
-class GoldenSetError(ValueError):
+class GoldenSetError(LoadError, ValueError):
     """The signed golden set is malformed (a packaging bug or a hand-made bundle)."""
+
+    check = "smoke-test"
 
 
 @dataclass(frozen=True)

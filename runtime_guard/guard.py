@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import GuardConfig
-from .errors import ModelRejected
+from .errors import InvalidClientId, ModelRejected, PartsMismatch
 from .extraction_monitor import ExtractionMonitor, MonitorState
 from .golden import GoldenSet, read_golden
 from .output_policy import OutputPolicy
 from .ratelimit import RateLimiter, RateLimitStatus
 from .sanitizer import Sanitizer, SanitizerError
-from .telemetry import DECISIONS, Telemetry
+from .telemetry import Telemetry
+from .verdict import Decision, Reason, Stage, Verdict
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .anomaly import AnomalyScorer
     from .deadline import Deadline
 
-__all__ = ["GuardedModel", "PredictionResult", "DECISIONS"]
+__all__ = ["GuardedModel", "PredictionResult"]
 
 MAX_CLIENT_ID_LEN = 256
 _sum, _any = np.add.reduce, np.logical_or.reduce  # ufunc reduces: no Python-level wrapper per call
@@ -43,15 +44,14 @@ DETECTORS_PAYLOAD = "detectors.npz"
 
 @dataclass
 class PredictionResult:
-    """Outcome of one guarded request.
+    """Outcome of one guarded request: its ``verdict`` and, if answered, the answer.
 
     ``labels``/``scores`` are None when the request was refused. ``scores`` are
     [N, C] after the output policy. ``logits`` are the raw model outputs for
     in-process callers (audits, tests); ``to_dict()`` never includes them.
     """
 
-    decision: str
-    reasons: list[str]
+    verdict: Verdict
     labels: np.ndarray | None = None
     scores: np.ndarray | None = None
     ood_scores: np.ndarray | None = None
@@ -59,6 +59,14 @@ class PredictionResult:
     retry_after: float | None = None
     rate_limit: RateLimitStatus | None = None
     logits: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def decision(self) -> Decision:
+        return self.verdict.decision
+
+    @property
+    def reasons(self) -> list[Reason]:
+        return list(self.verdict.reasons)
 
     @property
     def ok(self) -> bool:
@@ -73,8 +81,8 @@ class PredictionResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view for an API (no logits)."""
         return {
-            "decision": self.decision,
-            "reasons": list(self.reasons),
+            "decision": self.verdict.decision.value,
+            "reasons": [r.value for r in self.verdict.reasons],
             "labels": None if self.labels is None else self.labels.tolist(),
             "scores": None if self.scores is None else self.scores.tolist(),
             "ood_scores": None if self.ood_scores is None else self.ood_scores.tolist(),
@@ -149,13 +157,13 @@ class GuardedModel:
         self.num_classes = n_classes
 
         if config.anomaly.action != "off" and anomaly is None:
-            raise ValueError(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
+            raise PartsMismatch(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
         self.anomaly = anomaly if config.anomaly.action != "off" else None
         needs = self.anomaly.needs if self.anomaly is not None else frozenset()
         self._run_names: list[str] = [self.logits_name]
         if "features" in needs:
             if self.features_name is None:
-                raise ValueError("the anomaly detectors need a 'features' output the model does not have")
+                raise PartsMismatch("the anomaly detectors need a 'features' output the model does not have")
             self._run_names.append(self.features_name)
 
         self.sanitizer = Sanitizer(config.input, model_shape)
@@ -189,8 +197,8 @@ class GuardedModel:
         detector arrays; the manifest's ``runtime`` dict is the ``GuardConfig``
         (its ``anomaly.detector_meta`` is the detectors' JSON). With ``accept``
         the anti-rollback state is advanced once the guard answered a smoke
-        request; BundleError subtypes, ModelRejected and GuardConfigError
-        propagate. ``deadline`` bounds the smoke run (``DeadlineExceeded``).
+        request; every failure is a ``LoadError`` (``runtime_guard.errors``): BundleError
+        subtypes, ModelRejected, GuardConfigError, AnomalyFormatError, PartsMismatch. ``deadline`` bounds the smoke run (``DeadlineExceeded``).
         """
         from .bundle import open_bundle
 
@@ -201,7 +209,7 @@ class GuardedModel:
             from .anomaly import AnomalyScorer
 
             if DETECTORS_PAYLOAD not in opened.payloads or config.anomaly.detector_meta is None:
-                raise ValueError(
+                raise PartsMismatch(
                     f"runtime.anomaly.action={config.anomaly.action!r} but the bundle lacks "
                     f"'{DETECTORS_PAYLOAD}' or runtime.anomaly.detector_meta"
                 )
@@ -219,7 +227,7 @@ class GuardedModel:
     def smoke_test(self, deadline: "Deadline | None" = None) -> None:
         """Run one mid-range sample through model and detectors (no limits, no telemetry).
 
-        Raises ValueError (or the scorer's AnomalyInputError) if the parts do not fit,
+        Raises ``PartsMismatch`` if the parts do not fit (detectors fitted for another model),
         ``ModelRejected`` (check ``smoke-run``) if onnxruntime fails on the sample
         (e.g. a runtime allocation of TiBs) and ``DeadlineExceeded`` past ``deadline``.
         """
@@ -237,9 +245,14 @@ class GuardedModel:
             raise ModelRejected(f"onnxruntime failed on the smoke sample: {type(exc).__name__}: {msg}",
                                 check="smoke-run") from None
         if outs[0].shape != (1, self.num_classes) or not np.isfinite(outs[0]).all():
-            raise ValueError("smoke test failed: model output is not finite [1, C] logits")
+            raise PartsMismatch("smoke test failed: model output is not finite [1, C] logits")
         if self.anomaly is not None:
-            self.anomaly.score(x, outs[0], outs[1] if len(outs) > 1 else None)
+            from .anomaly import AnomalyInputError
+
+            try:
+                self.anomaly.score(x, outs[0], outs[1] if len(outs) > 1 else None)
+            except AnomalyInputError as exc:  # detectors fitted for another model: a load-time failure
+                raise PartsMismatch(f"the detectors do not fit this model: {exc}") from None
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -247,22 +260,22 @@ class GuardedModel:
         """Guarded inference for one request (a sample or a batch) from ``client_id``."""
         t0 = _clock()
         if type(client_id) is not str or not client_id or len(client_id) > MAX_CLIENT_ID_LEN:
-            raise ValueError(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID_LEN} chars")
+            raise InvalidClientId(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID_LEN} chars")
         if self._throttle:
             wait = self.monitor.throttled_for(client_id)  # type: ignore[union-attr]
             if wait > 0:
-                return self._finish(t0, PredictionResult("rate_limited", ["extraction:throttled"], retry_after=wait))
+                verdict = Verdict.refused(Decision.RATE_LIMITED, Reason.EXTRACTION_THROTTLED)
+                return self._finish(t0, PredictionResult(verdict, retry_after=wait))
         if self._limit is not None:
             refused = self._limit(client_id)
             if refused is not None:
-                res = PredictionResult(
-                    "rate_limited", [f"rate_limit:{refused.scope}"], retry_after=refused.reset_after, rate_limit=refused
-                )
+                verdict = Verdict.refused(Decision.RATE_LIMITED, Reason.of(Stage.RATE_LIMIT, refused.scope))
+                res = PredictionResult(verdict, retry_after=refused.reset_after, rate_limit=refused)
                 return self._finish(t0, res)
         try:
             arr = self.sanitizer(x)
         except SanitizerError as e:
-            return self._finish(t0, PredictionResult("rejected", [f"input:{e.reason}"]))
+            return self._finish(t0, PredictionResult(Verdict.refused(Decision.REJECTED, e.verdict_reason)))
 
         outs = self.session.run(self._run_names, {self.input_name: arr})
         logits = outs[0]
@@ -273,10 +286,9 @@ class GuardedModel:
         else:
             finite = math.isfinite(float(_sum(logits, axis=None)))
         if not finite:
-            return self._finish(t0, PredictionResult("rejected", ["output:non_finite"]))
+            return self._finish(t0, PredictionResult(Verdict.refused(Decision.REJECTED, Reason.OUTPUT_NON_FINITE)))
         raw_labels = _array((row.index(max(row)),)) if one else _argmax(logits, 1)
-        reasons: list[str] = []
-        decision = "accepted"
+        reasons: list[Reason] = []
 
         ood_scores = ood = None
         any_ood = False
@@ -289,27 +301,27 @@ class GuardedModel:
                 ood = ood_scores > self.anomaly.threshold
                 any_ood = bool(_any(ood, axis=None))
             if any_ood:
-                reasons.append("ood")
-                decision = "flagged"
+                reasons.append(Reason.OOD)
 
         # The monitor sees every query that reached the model, including ones the gate refuses.
         if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels):
-            reasons.append("extraction")
-            decision = "flagged"
+            reasons.append(Reason.EXTRACTION)
 
         if any_ood and self._gate_reject:
-            res = PredictionResult("rejected", reasons, None, None, ood_scores, 0.0, None, None, logits)
+            verdict = Verdict(Decision.REJECTED, tuple(reasons), Stage.ANOMALY)
+            res = PredictionResult(verdict, None, None, ood_scores, logits=logits)
         else:
             labels, scores = self.policy.apply_labelled(logits, ood, raw_labels)
-            res = PredictionResult(decision, reasons, labels, scores, ood_scores, 0.0, None, None, logits)
+            verdict = Verdict(Decision.FLAGGED if reasons else Decision.ACCEPTED, tuple(reasons))
+            res = PredictionResult(verdict, labels, scores, ood_scores, logits=logits)
         res.latency_s = latency = _clock() - t0
-        self.telemetry.record(res.decision, reasons, latency, raw_labels, ood_scores)
+        self.telemetry.record(verdict, latency, raw_labels, ood_scores)
         return res
 
     def _finish(self, t0: float, res: PredictionResult) -> PredictionResult:
         """Refusals before the model answered: timing and telemetry."""
         res.latency_s = _clock() - t0
-        self.telemetry.record(res.decision, res.reasons, res.latency_s, None, None)
+        self.telemetry.record(res.verdict, res.latency_s, None, None)
         return res
 
     # -- introspection for the API and audits -----------------------------------------------

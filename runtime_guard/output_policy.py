@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from .config import OutputPolicyConfig
+from .errors import PartsMismatch
 
 __all__ = ["softmax", "OutputPolicy"]
 
@@ -124,11 +125,11 @@ class OutputPolicy:
             return labels, _reverse_sigmoid(p, cfg.beta, cfg.gamma)
         if name == "adaptive_misinformation":
             if ood is None:
-                raise ValueError("adaptive_misinformation needs the OOD gate's verdicts")
+                raise PartsMismatch("adaptive_misinformation needs the OOD gate's verdicts")
             if ood.any():
                 p = p.copy()
                 p[ood] = _misinformation(logits[ood])
                 labels = labels.copy()
                 labels[ood] = p[ood].argmax(axis=1)
             return labels, p
-        raise ValueError(f"unknown output policy {name!r}")
+        raise PartsMismatch(f"unknown output policy {name!r}")

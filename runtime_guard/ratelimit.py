@@ -30,6 +30,7 @@ from limits.strategies import (
 )
 
 from .config import RateLimitConfig
+from .errors import RequestError
 
 __all__ = ["RateLimitStatus", "RateLimiter", "STRATEGIES", "StorageHealth", "StorageUnavailable",
            "SweptMemoryStorage"]
@@ -137,13 +138,13 @@ _REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix"})
 REDIS_TIMEOUT_S = 1.0
 
 
-class StorageUnavailable(RuntimeError):
+class StorageUnavailable(RequestError, RuntimeError):
     """The shared rate-limit storage could not be reached: the request is refused
     (fail closed), not answered unlimited. ``cause`` names the backend error class
     (never its message: it may carry a URI with credentials)."""
 
     def __init__(self, cause: str, retry_after: float) -> None:
-        super().__init__(f"rate-limit storage unavailable ({cause})")
+        super().__init__(f"rate-limit storage unavailable ({cause})", check="rate-limit-storage")
         self.cause = cause
         self.retry_after = retry_after
 

@@ -15,21 +15,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import InputSchema
+from .errors import PartsMismatch, RequestError
+from .verdict import Reason, Stage
 
 __all__ = ["SanitizerError", "Sanitizer", "REASONS"]
 
 _min, _max = np.minimum.reduce, np.maximum.reduce
 _SMALL = 256  # elements up to which the value checks run on Python floats
 
-REASONS = ("bytes", "not_numeric", "dtype", "shape", "batch_size", "non_finite", "range")
+REASONS = tuple(r.code for r in Reason if r.stage is Stage.INPUT)
 
 
-class SanitizerError(ValueError):
+class SanitizerError(RequestError, ValueError):
     """The request tensor violates the input schema. ``reason`` is one of ``REASONS``."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
+        super().__init__(f"{reason}: {message}", check=reason)
         self.reason = reason
+        self.verdict_reason = Reason.of(Stage.INPUT, reason)
 
 
 class Sanitizer:
@@ -43,7 +46,7 @@ class Sanitizer:
         self.schema = schema
         shape = schema.sample_shape if schema.sample_shape is not None else tuple(model_sample_shape)
         if schema.sample_shape is not None and len(shape) != len(model_sample_shape):
-            raise ValueError(f"schema sample_shape {shape} does not match the model's rank {len(model_sample_shape)}")
+            raise PartsMismatch(f"schema sample_shape {shape} does not match the model's rank {len(model_sample_shape)}")
         self.sample_shape: tuple[int | None, ...] = tuple(shape)
         self._ndim = len(self.sample_shape) + 1
         self._fixed = tuple((i + 1, d) for i, d in enumerate(self.sample_shape) if d is not None)

@@ -22,16 +22,14 @@ from typing import Any, Iterable
 import numpy as np
 
 from .config import TelemetryConfig
+from .errors import PartsMismatch
+from .verdict import Decision, Reason, Verdict
 
 __all__ = ["Telemetry", "psi", "DECISIONS", "REASON_CODES"]
 
-DECISIONS = ("accepted", "rejected", "rate_limited", "flagged")
+DECISIONS = tuple(d.value for d in Decision)
 # Every reason GuardedModel can give; exported with zeros so the key set leaks nothing.
-REASON_CODES = (
-    "rate_limit:client", "rate_limit:global", "extraction:throttled",
-    "input:bytes", "input:not_numeric", "input:dtype", "input:shape", "input:batch_size",
-    "input:non_finite", "input:range", "output:non_finite", "ood", "extraction",
-)
+REASON_CODES = tuple(r.value for r in Reason)
 
 # Families that get noise (and count toward the privacy cost) in a snapshot.
 _FAMILIES = ("requests", "decisions", "reasons", "latency", "classes", "ood")
@@ -59,7 +57,7 @@ class Telemetry:
         self.config = config
         self.num_classes = num_classes
         if config.reference_class_counts is not None and len(config.reference_class_counts) != num_classes:
-            raise ValueError(
+            raise PartsMismatch(
                 f"telemetry.reference_class_counts has {len(config.reference_class_counts)} entries, "
                 f"model has {num_classes} classes"
             )
@@ -80,8 +78,7 @@ class Telemetry:
 
     def record(
         self,
-        decision: str,
-        reasons: list[str],
+        verdict: Verdict,
         latency_s: float,
         labels: np.ndarray | None = None,
         ood_scores: np.ndarray | None = None,
@@ -90,9 +87,9 @@ class Telemetry:
         oods = ood_scores.tolist() if ood_scores is not None and self.ood is not None else ()
         with self._lock:
             self.requests += 1
-            self.decisions[decision] = self.decisions.get(decision, 0) + 1
-            for r in reasons:
-                self.reasons[r] = self.reasons.get(r, 0) + 1
+            self.decisions[verdict.decision.value] += 1
+            for r in verdict.reasons:
+                self.reasons[r.value] += 1
             self.latency[bisect.bisect_left(self._lat_edges, latency_s)] += 1
             self.latency_sum += latency_s
             for c in lab:

@@ -343,6 +343,69 @@ def test_anomaly_gate_reject_is_422_and_flag_is_200(api_env, tmp_path):
     assert c.post("/v1/predict", data=body, content_type="application/json").get_json()["decision"] == "accepted"
 
 
+def _nan_model(model_bytes: bytes, bad_above: float = 0.9) -> bytes:
+    """The demo model whose logits become +Inf when the first pixel is above ``bad_above``
+    (the golden set and the guard's mid-range smoke sample stay finite)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load_from_string(model_bytes)
+    g = m.graph
+    logits = g.output[0].name
+    raw = logits + "_raw"
+    for node in g.node:
+        node.output[:] = [raw if o == logits else o for o in node.output]
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([0], np.int64), "nf_start"),
+        numpy_helper.from_array(np.array([1], np.int64), "nf_end"),
+        numpy_helper.from_array(np.array([1], np.int64), "nf_axis"),
+        numpy_helper.from_array(np.array(bad_above, np.float32), "nf_cut"),
+        numpy_helper.from_array(np.array(np.inf, np.float32), "nf_inf"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "nf_zero"),
+    ])
+    g.node.extend([
+        helper.make_node("Flatten", [g.input[0].name], ["nf_flat"], axis=1),
+        helper.make_node("Slice", ["nf_flat", "nf_start", "nf_end", "nf_axis"], ["nf_first"]),
+        helper.make_node("Greater", ["nf_first", "nf_cut"], ["nf_bad"]),
+        helper.make_node("Where", ["nf_bad", "nf_inf", "nf_zero"], ["nf_add"]),
+        helper.make_node("Add", [raw, "nf_add"], [logits]),
+    ])
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def test_non_finite_model_output_is_a_5xx_naming_the_output_not_the_anomaly_gate(api_env, tmp_path):
+    """Regression: ``output:non_finite`` was answered 422 "the anomaly gate rejected this input"."""
+    from api import create_app
+
+    b = api_env.make_bundle(tmp_path / "nan.ewb", 1, model_bytes=_nan_model(api_env.model_bytes),
+                            runtime=api_env.runtime(anomaly="flag", threshold=None))
+    c = create_app(api_env.app_config(b)).test_client()
+    good = api_env.x[:1].copy()
+    good[0, 0, 0, 0] = 0.0
+    assert c.post("/v1/predict", data=json_body(good), content_type="application/json").status_code == 200
+    bad = good.copy()
+    bad[0, 0, 0, 0] = 1.0
+    p = problem(c.post("/v1/predict", data=json_body(bad), content_type="application/json"), 500)
+    assert p["type"].endswith("/model-output-invalid") and p["check"] == "output"
+    assert p["decision"] == "rejected" and p["reasons"] == ["output:non_finite"]
+    assert "anomaly" not in p["detail"] and "not finite" in p["detail"]
+    text = c.get("/metrics").get_data(as_text=True)
+    assert 'edgeward_decisions_total{decision="rejected",reason="output:non_finite"} 1.0' in text
+
+
+def test_each_request_counts_one_decision_and_every_reason(api_env, tmp_path):
+    from api import create_app
+
+    rej = api_env.make_bundle(tmp_path / "rej.ewb", 1, runtime=api_env.runtime(anomaly="reject", threshold=-1.0))
+    c = create_app(api_env.app_config(rej)).test_client()
+    for _ in range(3):
+        problem(c.post("/v1/predict", data=json_body(api_env.x[:2]), content_type="application/json"), 422)
+    text = c.get("/metrics").get_data(as_text=True)
+    assert 'edgeward_decisions_total{decision="rejected",reason="ood"} 3.0' in text
+    assert 'edgeward_reasons_total{reason="ood"} 3.0' in text
+
+
 # -- hot update ---------------------------------------------------------------
 
 def test_reload_refuses_bad_bundles_and_keeps_serving(api_env, bundle_v1, tmp_path):

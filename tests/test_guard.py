@@ -23,6 +23,7 @@ from runtime_guard.config import (
 )
 from runtime_guard.guard import GuardedModel, PredictionResult
 from runtime_guard.output_policy import softmax
+from runtime_guard.verdict import Stage
 
 NO_MONITOR = ExtractionMonitorConfig(enabled=False)
 NO_LIMIT = RateLimitConfig(per_client=None)
@@ -308,3 +309,4 @@ def test_non_finite_model_output_is_refused_not_answered():
     assert guard.predict(np.full((1, 4), 0.5, np.float32), "c").decision == "accepted"
     res = guard.predict(np.full((1, 4), 1e10, np.float32), "c")
     assert res.decision == "rejected" and res.reasons == ["output:non_finite"] and res.scores is None
+    assert res.verdict.refused_by is Stage.OUTPUT and res.to_dict()["reasons"] == ["output:non_finite"]

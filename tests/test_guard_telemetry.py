@@ -18,6 +18,7 @@ from runtime_guard.config import (
 )
 from runtime_guard.guard import GuardedModel
 from runtime_guard.telemetry import DECISIONS, REASON_CODES, Telemetry, psi
+from runtime_guard.verdict import Decision, Reason, Verdict
 
 from test_guard import build_detectors  # pytest puts tests/ on sys.path (no tests/__init__.py)
 
@@ -33,9 +34,9 @@ def test_psi_basics():
 
 def test_record_and_snapshot_shapes():
     t = Telemetry(TelemetryConfig(ood_edges=(-1.0, 0.0, 1.0)), num_classes=3)
-    t.record("accepted", [], 0.0002, np.array([0, 2, 2]), np.array([-2.0, 0.5, 5.0]))
-    t.record("rejected", ["input:range"], 0.00003)
-    t.record("flagged", ["ood", "extraction"], 0.2, np.array([1]), np.array([0.0]))
+    t.record(Verdict(Decision.ACCEPTED), 0.0002, np.array([0, 2, 2]), np.array([-2.0, 0.5, 5.0]))
+    t.record(Verdict.refused(Decision.REJECTED, Reason.INPUT_RANGE), 0.00003)
+    t.record(Verdict(Decision.FLAGGED, (Reason.OOD, Reason.EXTRACTION)), 0.2, np.array([1]), np.array([0.0]))
     s = t.snapshot()
     json.dumps(s)  # plain JSON types
     assert s["requests_total"] == 3
@@ -52,7 +53,7 @@ def test_laplace_noise_is_applied_with_stated_epsilon():
     cfg = TelemetryConfig(epsilon=0.5, reference_class_counts=(1, 1))
     t = Telemetry(cfg, num_classes=2)
     for i in range(1000):
-        t.record("accepted", [], 0.0001, np.array([i % 2]))
+        t.record(Verdict(Decision.ACCEPTED), 0.0001, np.array([i % 2]))
     snaps = [t.snapshot(np.random.default_rng(s)) for s in range(200)]
     req = np.array([s["requests_total"] for s in snaps])
     assert len(set(req.tolist())) > 5, "counts must actually be noised"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
+from runtime_guard.errors import LoadError
+
 from ..body import bad_body, media_type, parse_json_document, read_body, unsupported_type
 from ..problems import ApiProblem
-from ..reload import ReloadRefused
 from ..state import state
 
 bp = Blueprint("admin", __name__, url_prefix="/v1/admin")
@@ -31,19 +32,9 @@ def reload() -> Response:
         raise bad_body("no bundle path given and none configured", "json")
     try:
         result = st.holder.reload(path)
-    except ReloadRefused as exc:
+    except LoadError as exc:  # ModelHolder leaves every failure as BundleError or ReloadRefused
         raise ApiProblem(409, "reload-refused", "Reload refused", str(exc),
                          extra={"check": exc.check}) from None
-    except Exception as exc:
-        from runtime_guard.errors import BundleError
-
-        if isinstance(exc, BundleError):
-            check, detail = exc.check, str(exc)
-        elif isinstance(exc, OSError):
-            check, detail = "io", f"bundle could not be read: {exc.strerror}"
-        else:  # ModelHolder normalises failures; anything left is still the bundle's doing
-            check, detail = "load", type(exc).__name__
-        raise ApiProblem(409, "reload-refused", "Reload refused", detail, extra={"check": check}) from None
     return jsonify(result.to_dict())
 
 

@@ -61,6 +61,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         from api.reload import RollbackTrigger
         from api.server import ServerSettings
         from api.server import serve as run
+        from runtime_guard.errors import LoadError
 
         if bundle is None and watch is None:
             raise InputError("give a BUNDLE or --watch DIR")
@@ -83,15 +84,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                                       max_connections_per_peer=max_connections_per_peer,
                                       connection_reserve=connection_reserve, grpc_port=grpc_port)
             code = run(cfg, settings)
-        except (ValueError, OSError, LookupError) as exc:  # incl. ServerConfigError, AuthConfigError
-            raise _input_error(exc) from None
-        except Exception as exc:
-            from api.reload import ReloadRefused
-            from runtime_guard.errors import BundleError
-
-            if isinstance(exc, (BundleError, ReloadRefused)):  # the bundle could not be served
-                raise _input_error(exc) from None
-            raise
+        except (LoadError, ValueError, OSError, LookupError) as exc:  # the bundle could not be
+            raise _input_error(exc) from None  # served (LoadError), or ServerConfigError, AuthConfigError
         raise typer.Exit(code)
 
     keys_app = typer.Typer(help="Manage hashed API keys and the admin token.", no_args_is_help=True)
