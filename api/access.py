@@ -71,8 +71,9 @@ class AccessLog:
         if not self.enabled:
             return
         notes = notes or {}
+        now = time.time()
         log.info(json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
             "request_id": rid, "transport": transport, "route": route, "method": method,
             "status": status, "decision": notes.get("decision"),
             "latency_ms": round(latency_s * 1000, 3), "client": self.client_hash(notes.get("client")),
