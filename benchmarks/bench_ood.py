@@ -113,9 +113,9 @@ def main() -> None:
     t_score = _per_call(lambda: scorer.score(x1, logits, feats), args.runs)
     by_det = {}
     for name in scorer.detector_names:
-        d = next(d for d in scorer._dets if d.name == name)
+        d = next(d for d in scorer.detectors if d.name == name)
         arr = {"input": x1.reshape(1, -1).astype(np.float64), "logits": logits.astype(np.float64), "features": feats.astype(np.float64)}[d.view]
-        by_det[name] = _per_call(lambda d=d, arr=arr: d.fn(arr), args.runs)
+        by_det[name] = _per_call(lambda d=d, arr=arr: d.raw(arr), args.runs)
     print("\n## Batch-1 cost (1 intra-op thread)\n")
     print("| step | us / input | ratio to model inference |")
     print("|---|---|---|")

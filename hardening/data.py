@@ -49,7 +49,11 @@ class Dataset:
 
     @property
     def value_range(self) -> tuple[float, float]:
-        return float(self.x.min()), float(self.x.max())
+        """The data's value range over every input array (x, x_train, x_cal): the one
+        definition, signed into the bundle's input schema by packaging and used by the
+        OOD families and the extraction thieves alike."""
+        arrays = [a for a in (self.x, self.x_train, self.x_cal) if a is not None]
+        return float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
 
 
 def _check_inputs(name: str, arr: np.ndarray, shape: tuple[int, ...] | None, src: str) -> np.ndarray:

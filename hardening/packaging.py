@@ -46,11 +46,6 @@ class PackageResult:
                 "forced": self.forced, "failed_checks": self.failed_checks, "manifest": self.manifest}
 
 
-def _value_range(ds: Dataset) -> tuple[float, float]:
-    arrays = [a for a in (ds.x, ds.x_train, ds.x_cal) if a is not None]
-    return float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
-
-
 def smoke_set(model_path: str | Path, info: ModelInfo, ds: Dataset, n: int = SMOKE_N) -> GoldenSet:
     """Golden inputs (the first ``n`` test inputs) and the packaged model's own outputs on them."""
     x = ds.x[:n].astype(np.float32)
@@ -89,7 +84,7 @@ def runtime_config(
         telemetry.update(_ood_reference(sess, info, x_cal, logits, detector_meta, detector_npz))
     shape = [int(d) if isinstance(d, int) else None for d in info.input_shape[1:]]
     doc: dict[str, Any] = {
-        "input": {"sample_shape": None if None in shape else shape, "value_range": list(_value_range(ds)),
+        "input": {"sample_shape": None if None in shape else shape, "value_range": list(ds.value_range),
                   "out_of_range": "reject"},
         "rate_limit": {"per_client": rate_limit},
         "anomaly": {"action": gate_action if detector_meta is not None else "off", "detector_meta": detector_meta},

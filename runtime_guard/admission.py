@@ -28,8 +28,10 @@ what is not scanned is exactly what the walker saw as opaque weight bytes.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -489,8 +491,8 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     OrtValues that view the weight bytes inside ``model_bytes`` (the decrypted
     payload), instead of parsing a second copy of every weight out of the
     protobuf (for a 51 MB model that copy, with its page faults, costs more
-    than decryption and hashing together). The session keeps those buffers
-    alive (``_edgeward_weights``) for as long as it exists. Models under
+    than decryption and hashing together). ``_WEIGHTS`` keeps those buffers
+    alive for as long as the session exists (a weak key: no attribute on onnxruntime's object). Models under
     ``limits.strip_min_model_bytes`` go to onnxruntime as plain bytes, which is
     faster at that size.
     """
@@ -502,5 +504,8 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     so = session_options(intra_op_threads, inter_op_threads)
     so.add_external_initializers(names, values)
     sess = _session(skeleton, so)
-    sess._edgeward_weights = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
+    _WEIGHTS[sess] = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
     return sess
+
+
+_WEIGHTS: weakref.WeakKeyDictionary[ort.InferenceSession, tuple[Any, bytes]] = weakref.WeakKeyDictionary()

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["GuardedModel", "PredictionResult"]
 
 MAX_CLIENT_ID_LEN = 256
-_sum, _any = np.add.reduce, np.logical_or.reduce  # ufunc reduces: no Python-level wrapper per call
-_argmax, _array = np.argmax, np.array
 _clock = time.perf_counter
 DETECTORS_PAYLOAD = "detectors.npz"
 
@@ -279,27 +277,17 @@ class GuardedModel:
 
         outs = self.session.run(self._run_names, {self.input_name: arr})
         logits = outs[0]
-        one = logits.shape[0] == 1
-        if one:  # one row: Python floats beat a numpy call per step (see output_policy.softmax)
-            row = logits.tolist()[0]
-            finite = math.isfinite(sum(row))  # NaN/Inf propagate through the sum
-        else:
-            finite = math.isfinite(float(_sum(logits, axis=None)))
-        if not finite:
+        if not math.isfinite(float(logits.sum())):  # NaN/Inf propagate through the sum
             return self._finish(t0, PredictionResult(Verdict.refused(Decision.REJECTED, Reason.OUTPUT_NON_FINITE)))
-        raw_labels = _array((row.index(max(row)),)) if one else _argmax(logits, 1)
+        raw_labels = logits.argmax(axis=1)
         reasons: list[Reason] = []
 
         ood_scores = ood = None
         any_ood = False
         if self.anomaly is not None:
             ood_scores = self.anomaly.score(arr, logits, outs[1] if len(outs) > 1 else None)
-            if one:
-                any_ood = ood_scores.item() > self.anomaly.threshold
-                ood = _array((any_ood,))
-            else:
-                ood = ood_scores > self.anomaly.threshold
-                any_ood = bool(_any(ood, axis=None))
+            ood = ood_scores > self.anomaly.threshold
+            any_ood = bool(ood.any())
             if any_ood:
                 reasons.append(Reason.OOD)
 

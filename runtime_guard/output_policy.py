@@ -14,8 +14,6 @@ argmax for every row except OOD rows under adaptive misinformation.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .config import OutputPolicyConfig
@@ -24,23 +22,14 @@ from .errors import PartsMismatch
 __all__ = ["softmax", "OutputPolicy"]
 
 _EPS = 1e-9  # same clipping as ART's ReverseSigmoid
-_ROW_MAX = 64  # classes up to which one row is cheaper in Python floats than in numpy
-_exp = math.exp
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64. One row (the on-device common case) is done in
-    Python floats: a handful of numpy calls costs more than the arithmetic."""
-    if logits.shape[0] == 1 and logits.shape[1] <= _ROW_MAX:
-        row = logits.tolist()[0]
-        top = max(row)
-        e = [_exp(v - top) for v in row]
-        total = sum(e)
-        return np.array([[v / total for v in e]])
+    """Row-wise softmax in float64."""
     z = logits.astype(np.float64)
-    z -= np.maximum.reduce(z, axis=1)[:, None]  # ufunc reduce: cheaper than .max(keepdims=True) at batch 1
+    z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
-    z /= np.add.reduce(z, axis=1)[:, None]
+    z /= z.sum(axis=1, keepdims=True)
     return z
 
 

@@ -20,9 +20,6 @@ from .verdict import Reason, Stage
 
 __all__ = ["SanitizerError", "Sanitizer", "REASONS"]
 
-_min, _max = np.minimum.reduce, np.maximum.reduce
-_SMALL = 256  # elements up to which the value checks run on Python floats
-
 REASONS = tuple(r.code for r in Reason if r.stage is Stage.INPUT)
 
 
@@ -85,17 +82,10 @@ class Sanitizer:
         if arr.size == 0:  # a zero-length dynamic dim
             raise SanitizerError("shape", f"empty sample shape {list(shape)}")
 
-        if arr.size <= _SMALL:  # a few Python floats are cheaper than two numpy reductions
-            vals = arr.ravel().tolist()
-            if not math.isfinite(sum(vals)):  # NaN and +-Inf propagate through the sum
-                raise SanitizerError("non_finite", "input contains NaN or Inf")
-            lo_v, hi_v = min(vals), max(vals)
-        else:
-            # min/max propagate NaN and expose +-Inf, so two reductions cover both checks.
-            lo_v = float(_min(arr, axis=None))  # the ufunc reduce itself: ndarray.min adds a Python wrapper
-            hi_v = float(_max(arr, axis=None))
-            if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
-                raise SanitizerError("non_finite", "input contains NaN or Inf")
+        # min/max propagate NaN and expose +-Inf, so two reductions cover both checks.
+        lo_v, hi_v = float(arr.min()), float(arr.max())
+        if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
+            raise SanitizerError("non_finite", "input contains NaN or Inf")
         if self._range is not None:
             lo, hi = self._range
             if lo_v < lo or hi_v > hi:

@@ -143,8 +143,25 @@ def crashing_model(model_bytes: bytes, bad_above: float = 0.625) -> bytes:
     index out of bounds) when the first pixel is above ``bad_above``. It passes
     the golden set (first pixel 0) and the guard's mid-range smoke sample, so
     only live traffic exposes it -- what the error-rate rollback is for."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    scale = 5.0 / bad_above  # index 5 (out of bounds for 5 entries) at bad_above
+    return add_to_logits(model_bytes, [
+        numpy_helper.from_array(np.array(scale, np.float32), "cf_scale"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "cf_table"),
+    ], lambda first: [
+        helper.make_node("Mul", [first, "cf_scale"], ["cf_scaled"]),
+        helper.make_node("Floor", ["cf_scaled"], ["cf_floor"]),
+        helper.make_node("Cast", ["cf_floor"], ["cf_idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["cf_table", "cf_idx"], ["cf_zero"], axis=0),
+    ], "cf_zero")
+
+
+def add_to_logits(model_bytes: bytes, initializers: list, nodes, offset: str) -> bytes:
+    """The model with ``logits = raw logits + offset``, where ``nodes(first)`` (with
+    ``initializers``) compute the tensor ``offset`` from ``first``, the input's first value."""
+    import onnx
+    from onnx import helper, numpy_helper
 
     m = onnx.load_from_string(model_bytes)
     g = m.graph
@@ -152,23 +169,10 @@ def crashing_model(model_bytes: bytes, bad_above: float = 0.625) -> bytes:
     raw = logits + "_raw"
     for node in g.node:
         node.output[:] = [raw if o == logits else o for o in node.output]
-    x = g.input[0].name
-    scale = 5.0 / bad_above  # index 5 (out of bounds for 5 entries) at bad_above
-    g.initializer.extend([
-        numpy_helper.from_array(np.array([0], np.int64), "cf_start"),
-        numpy_helper.from_array(np.array([1], np.int64), "cf_end"),
-        numpy_helper.from_array(np.array([1], np.int64), "cf_axis"),
-        numpy_helper.from_array(np.array(scale, np.float32), "cf_scale"),
-        numpy_helper.from_array(np.zeros(5, np.float32), "cf_table"),
-    ])
-    g.node.extend([
-        helper.make_node("Flatten", [x], ["cf_flat"], axis=1),
-        helper.make_node("Slice", ["cf_flat", "cf_start", "cf_end", "cf_axis"], ["cf_first"]),
-        helper.make_node("Mul", ["cf_first", "cf_scale"], ["cf_scaled"]),
-        helper.make_node("Floor", ["cf_scaled"], ["cf_floor"]),
-        helper.make_node("Cast", ["cf_floor"], ["cf_idx"], to=TensorProto.INT64),
-        helper.make_node("Gather", ["cf_table", "cf_idx"], ["cf_zero"], axis=0),
-        helper.make_node("Add", [raw, "cf_zero"], [logits]),
-    ])
+    g.initializer.extend([*initializers, *(numpy_helper.from_array(np.array([v], np.int64), f"first_{k}")
+                                           for k, v in (("start", 0), ("end", 1), ("axis", 1)))])
+    g.node.extend([helper.make_node("Flatten", [g.input[0].name], ["first_flat"], axis=1),
+                   helper.make_node("Slice", ["first_flat", "first_start", "first_end", "first_axis"], ["first"]),
+                   *nodes("first"), helper.make_node("Add", [raw, offset], [logits])])
     onnx.checker.check_model(m)
     return m.SerializeToString()

@@ -13,6 +13,7 @@ from api.body import encode_npy
 
 from api_fixtures import (  # noqa: F401  (fixtures)
     ADMIN_TOKEN,
+    add_to_logits,
     api_env,
     bundle_v1,
     crashing_model,
@@ -346,32 +347,16 @@ def test_anomaly_gate_reject_is_422_and_flag_is_200(api_env, tmp_path):
 def _nan_model(model_bytes: bytes, bad_above: float = 0.9) -> bytes:
     """The demo model whose logits become +Inf when the first pixel is above ``bad_above``
     (the golden set and the guard's mid-range smoke sample stay finite)."""
-    import onnx
     from onnx import helper, numpy_helper
 
-    m = onnx.load_from_string(model_bytes)
-    g = m.graph
-    logits = g.output[0].name
-    raw = logits + "_raw"
-    for node in g.node:
-        node.output[:] = [raw if o == logits else o for o in node.output]
-    g.initializer.extend([
-        numpy_helper.from_array(np.array([0], np.int64), "nf_start"),
-        numpy_helper.from_array(np.array([1], np.int64), "nf_end"),
-        numpy_helper.from_array(np.array([1], np.int64), "nf_axis"),
+    return add_to_logits(model_bytes, [
         numpy_helper.from_array(np.array(bad_above, np.float32), "nf_cut"),
         numpy_helper.from_array(np.array(np.inf, np.float32), "nf_inf"),
         numpy_helper.from_array(np.array(0.0, np.float32), "nf_zero"),
-    ])
-    g.node.extend([
-        helper.make_node("Flatten", [g.input[0].name], ["nf_flat"], axis=1),
-        helper.make_node("Slice", ["nf_flat", "nf_start", "nf_end", "nf_axis"], ["nf_first"]),
-        helper.make_node("Greater", ["nf_first", "nf_cut"], ["nf_bad"]),
+    ], lambda first: [
+        helper.make_node("Greater", [first, "nf_cut"], ["nf_bad"]),
         helper.make_node("Where", ["nf_bad", "nf_inf", "nf_zero"], ["nf_add"]),
-        helper.make_node("Add", [raw, "nf_add"], [logits]),
-    ])
-    onnx.checker.check_model(m)
-    return m.SerializeToString()
+    ], "nf_add")
 
 
 def test_non_finite_model_output_is_a_5xx_naming_the_output_not_the_anomaly_gate(api_env, tmp_path):

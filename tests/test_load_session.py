@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime_guard.admission import AdmissionLimits, _admit, _weights_in_place, load_session
+from runtime_guard.admission import _WEIGHTS, AdmissionLimits, _admit, _weights_in_place, load_session
 from runtime_guard.errors import ModelRejected
 
 D = 160  # 160*160*4 B = 100 KiB > checker_strip_bytes (64 KiB): W is stripped
@@ -65,7 +65,7 @@ def test_outputs_equal_plain_session_aligned_or_not(shift):
     admitted = _admit(model, STRIP)
     (offset, length), = admitted.stripped.values()
     sess = load_session(model, STRIP)
-    assert hasattr(sess, "_edgeward_weights")  # the in-place path was taken
+    assert sess in _WEIGHTS  # the in-place path was taken
     np.testing.assert_array_equal(sess.run(None, {"x": X})[0], plain_run(model, X))
     assert length == D * D * 4 and model[offset:offset + 16] == np.asarray(
         numpy_helper.to_array(onnx.load_from_string(model).graph.initializer[0])).tobytes()[:16]
@@ -75,7 +75,7 @@ def test_outputs_equal_plain_session_aligned_or_not(shift):
 def test_other_element_types(dtype):
     model = gemm(dtype=dtype)
     sess = load_session(model, STRIP)
-    assert hasattr(sess, "_edgeward_weights")
+    assert sess in _WEIGHTS
     x = x_for(model)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], plain_run(model, x))
 
@@ -96,7 +96,7 @@ def test_buffers_outlive_every_other_reference():
     model = bytearray(gemm(seed=3))  # a private copy whose only owner ends up being the session
     want = plain_run(bytes(model), X)
     sess = load_session(bytes(model), STRIP)
-    assert hasattr(sess, "_edgeward_weights")
+    assert sess in _WEIGHTS
     del model
     gc.collect()
     np.frombuffer(os.urandom(D * D * 8), np.uint8).copy()  # churn the allocator
@@ -132,12 +132,12 @@ def test_unmappable_weights_fall_back_to_plain_bytes():
     assert list(admitted.stripped) == [0] and _weights_in_place(admitted) is None
     sess = load_session(model, STRIP)
     x = np.ones((1, 2), np.float32)
-    assert not hasattr(sess, "_edgeward_weights") and np.array_equal(sess.run(None, {"x": x})[0], x)
+    assert sess not in _WEIGHTS and np.array_equal(sess.run(None, {"x": x})[0], x)
 
 
 def test_small_weights_go_as_plain_bytes_large_ones_in_place():
     small = gemm()
-    assert not hasattr(load_session(small), "_edgeward_weights")
+    assert load_session(small) not in _WEIGHTS
     d = 736  # 736*736*4 B = 2.07 MiB, just over the default strip_min_model_bytes
     w = numpy_helper.from_array(np.random.default_rng(2).standard_normal((d, d)).astype(np.float32), "W")
     g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
@@ -148,7 +148,7 @@ def test_small_weights_go_as_plain_bytes_large_ones_in_place():
     large = m.SerializeToString()
     assert len(large) >= AdmissionLimits().strip_min_model_bytes
     sess = load_session(large)
-    assert hasattr(sess, "_edgeward_weights")
+    assert sess in _WEIGHTS
     x = x_for(large)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], plain_run(large, x))
 

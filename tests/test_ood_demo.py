@@ -53,7 +53,7 @@ def test_fit_writes_detectors_and_meets_target_frr(fitted_dir):
     out, rep = fitted_dir
     assert (out / "detectors.npz").is_file() and (out / "detectors.json").is_file()
     meta = json.loads((out / "detectors.json").read_text())
-    assert meta["fusion"] == {"rule": "mean_z", "members": rep["fused"]} and meta["alpha"] == 0.05
+    assert meta["fusion"] == {"rule": "mean_pos_z", "members": rep["fused"]} and meta["alpha"] == 0.05
     assert rep["n_threshold"] >= rep["n_norm"] > 0
     # PAC threshold: P(FRR > 6%) <= 10%; the held-out rate and its interval are reported
     assert rep["frr_slack"] == 0.01 and rep["frr_delta"] == 0.1

@@ -121,3 +121,27 @@ def test_runtime_imports_without_sklearn_scipy_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_one_sided_fusion_lets_no_detector_cancel_the_others():
+    """Under mean_z a detector that finds the input very typical (z << 0) hides the one that
+    fires; mean_pos_z and max_z do not let it."""
+    from runtime_guard.anomaly import FORMAT, AnomalyScorer, fuse_z
+
+    z = np.array([[6.0, -6.0], [6.0, 0.0], [0.0, 0.0]])
+    assert fuse_z(z, "mean_z")[0] == 0.0
+    np.testing.assert_allclose(fuse_z(z, "mean_pos_z"), [3.0, 3.0, 0.0])
+    np.testing.assert_allclose(fuse_z(z, "max_z"), [6.0, 6.0, 0.0])
+    buf = io.BytesIO()
+    np.savez(buf)
+
+    def scorer(rule: str) -> AnomalyScorer:
+        meta = {"format": FORMAT, "threshold": 1.0, "fusion": {"rule": rule, "members": ["msp", "energy"]},
+                "detectors": [{"name": "msp", "kind": "msp", "view": "logits", "norm": {"mean": 0.5, "std": 0.1}},
+                              {"name": "energy", "kind": "energy", "view": "logits", "norm": {"mean": -1.0, "std": 1.0}}]}
+        return AnomalyScorer.from_bytes(buf.getvalue(), meta)
+
+    # flat logits: msp is far out (z = 3.2); a huge constant offset makes energy look very typical
+    logits = np.full((1, 5), 50.0)
+    assert not scorer("mean_z").is_anomalous(scorer("mean_z").score(None, logits, None))[0]
+    assert scorer("mean_pos_z").is_anomalous(scorer("mean_pos_z").score(None, logits, None))[0]

@@ -1,15 +1,16 @@
 """Single OOD detectors with a scikit-learn-like interface.
 
-Convention (differs from scikit-learn's ``score_samples``!): **higher score =
-more anomalous**. Every detector reads one *view* of an input:
+Score sign: as ``runtime_guard.anomaly`` defines it (higher = more anomalous;
+this differs from scikit-learn's ``score_samples``). Every detector reads one *view* of an input:
 ``"logits"`` (model output), ``"features"`` (penultimate activations) or
 ``"input"`` (the raw input, flattened). ``fit`` learns from in-distribution
 training data only; ``calibrate`` sets ``threshold_`` (split-conformal) so that
 ``predict`` can say "anomalous" (1) or "in distribution" (0).
 
-Each detector can ``export()`` its fitted state as plain float arrays plus a
-small JSON-able dict; ``runtime_guard.anomaly`` re-implements the scoring with
-numpy only, and a parity test holds both to 1e-5.
+Fitting is here (scikit-learn); scoring is not: ``fit`` exports its state
+(``export()``: plain float arrays plus a small JSON-able dict) into the
+runtime's detector class (``runtime_``), and ``score_samples`` is that class's
+``raw``, so the maths exists once, in ``runtime_guard.anomaly``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from scipy.special import logsumexp, softmax
 from sklearn.base import BaseEstimator
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
-from sklearn.neighbors import NearestNeighbors
 
 from hardening.errors import DataError
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, conformal_threshold
+from runtime_guard import anomaly as runtime
 
 
 def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
@@ -39,7 +39,8 @@ def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
 
 
 class Detector(BaseEstimator):
-    """Base class: subclasses set ``kind``/``view`` and implement ``fit``/``score_samples``/``export``."""
+    """Base class: subclasses set ``kind``/``view`` and implement ``fit`` (ending in
+    ``self._export_runtime()``) and ``export``."""
 
     kind: ClassVar[str] = ""
     view: ClassVar[str] = ""
@@ -58,8 +59,18 @@ class Detector(BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> Detector:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _export_runtime(self) -> None:
+        """Build ``runtime_``, the device's detector for this fitted state (unit normalisation)."""
+        arrays, params = self.export()
+        spec = {"name": self.kind, "kind": self.kind, "view": self.view, "params": params,
+                "norm": {"mean": 0.0, "std": 1.0}}
+        self.runtime_ = runtime.build_detector(
+            spec, {f"{self.kind}__{k}": np.asarray(v, np.float64) for k, v in arrays.items()})
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly score per sample (runtime maths; higher = more anomalous)."""
+        X = self._check_X(X)  # NotFittedError before runtime_ exists
+        return self.runtime_.raw(X)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         """Fitted state as (float arrays, JSON-able params) for the numpy runtime."""
@@ -90,11 +101,9 @@ class MSPDetector(Detector):
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> MSPDetector:
         self.n_features_in_ = _as_2d(X, "msp logits").shape[1]
+        self._export_runtime()
         return self
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        X = self._check_X(X)
-        return 1.0 - softmax(X / self.temperature, axis=1).max(axis=1)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {}, {"temperature": float(self.temperature)}
@@ -111,11 +120,9 @@ class EnergyDetector(Detector):
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> EnergyDetector:
         self.n_features_in_ = _as_2d(X, "energy logits").shape[1]
+        self._export_runtime()
         return self
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        X = self._check_X(X)
-        return -self.temperature * logsumexp(X / self.temperature, axis=1)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {}, {"temperature": float(self.temperature)}
@@ -145,16 +152,9 @@ class MahalanobisDetector(Detector):
             raise DataError(f"mahalanobis: covariance must be 'ledoit_wolf' or 'empirical', got {self.covariance!r}")
         self.precision_ = est(assume_centered=True).fit(centred).precision_
         self.n_features_in_ = X.shape[1]
+        self._export_runtime()
         return self
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        X = self._check_X(X)
-        # (x - m)^T P (x - m) per class as matrix products: x^T P x - 2 x^T P m + m^T P m
-        # (a 3-operand einsum over [n, classes, d] cost ~100x more at d = 3072)
-        xp = X @ self.precision_
-        mp = self.means_ @ self.precision_
-        return ((xp * X).sum(axis=1)[:, None] - 2.0 * (xp @ self.means_.T)
-                + (mp * self.means_).sum(axis=1)[None, :]).min(axis=1)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {"means": self.means_, "precision": self.precision_}, {}
@@ -183,14 +183,10 @@ class _KNNBase(Detector):
             idx = np.random.default_rng(self.random_state).choice(len(X), self.max_bank, replace=False)
             X = X[np.sort(idx)]
         self.bank_ = self._prep(X)
-        self.nn_ = NearestNeighbors(n_neighbors=self.n_neighbors, algorithm="brute").fit(self.bank_)
         self.n_features_in_ = X.shape[1]
+        self._export_runtime()
         return self
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        X = self._check_X(X)
-        dist, _ = self.nn_.kneighbors(self._prep(X))
-        return dist[:, -1]
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {"bank": self.bank_}, {"n_neighbors": int(self.n_neighbors), "normalize": self.normalize}
@@ -225,12 +221,9 @@ class PCAReconstructionDetector(Detector):
         X = _as_2d(X, "pca input")
         self.pca_ = PCA(n_components=self.n_components, svd_solver="full").fit(X)
         self.n_features_in_ = X.shape[1]
+        self._export_runtime()
         return self
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        X = self._check_X(X)
-        rec = self.pca_.inverse_transform(self.pca_.transform(X))
-        return ((X - rec) ** 2).sum(axis=1)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {"mean": self.pca_.mean_, "components": self.pca_.components_}, {}

@@ -1,8 +1,13 @@
 """Fuse several detectors into one score and calibrate one rejection threshold.
 
 Each detector's score is z-normalised with its mean and standard deviation on an
-in-distribution split, then the fused score is the **mean** of the members'
-z-scores. Why mean and not max: on the digits demo the near-OOD family
+in-distribution split, then the fused score is the **mean of the members' positive
+z-scores**, ``mean_i max(z_i, 0)`` (rule ``mean_pos_z``; the formulas of every rule
+are in ``runtime_guard.anomaly``, which this module scores through). One-sided: a
+detector that finds an input more typical than typical (z << 0) adds nothing
+rather than cancelling the detectors that fire, so an attacker cannot hide an
+input-space anomaly behind confident logits. Per family it matches the plain
+mean (``benchmarks/bench_fusion.py``, docs/ood.md). Why a mean and not max: on the digits demo the near-OOD family
 (held-out digit classes) gives several detectors a moderate shift at once, which
 averaging accumulates while the per-detector noise partly cancels; max lets the
 noisiest detector set the in-distribution tail (0.965 vs 0.977 AUROC there).
@@ -29,8 +34,9 @@ from hardening.errors import InputError
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, ConformalThreshold, conformal_threshold
 from hardening.ood.detectors import Detector, default_detectors
 from hardening.ood.views import ModelViews
+from runtime_guard.anomaly import fuse_z
 
-FUSION_RULE = "mean_z"
+FUSION_RULE = "mean_pos_z"
 DEFAULT_FUSED = ("energy", "mahalanobis", "knn", "input_knn", "pca")
 _STD_FLOOR = 1e-12
 
@@ -38,7 +44,9 @@ _STD_FLOOR = 1e-12
 class DetectorEnsemble:
     """Detectors by name; ``fused`` names the members of the fused score."""
 
-    def __init__(self, detectors: dict[str, Detector] | None = None, fused: Sequence[str] | None = None) -> None:
+    def __init__(self, detectors: dict[str, Detector] | None = None, fused: Sequence[str] | None = None,
+                 rule: str = FUSION_RULE) -> None:
+        self.rule = rule
         self.detectors = detectors if detectors is not None else default_detectors()
         self.fused = tuple(fused) if fused is not None else tuple(n for n in DEFAULT_FUSED if n in self.detectors)
         unknown = [n for n in self.fused if n not in self.detectors]
@@ -67,8 +75,8 @@ class DetectorEnsemble:
     def fuse(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         if not hasattr(self, "norm_mean_"):
             raise NotFittedError("ensemble normalisation is not fitted; call fit_normalisation() first")
-        z = [(scores[n] - self.norm_mean_[n]) / self.norm_std_[n] for n in self.fused]
-        return np.mean(z, axis=0)
+        z = np.stack([(scores[n] - self.norm_mean_[n]) / self.norm_std_[n] for n in self.fused], axis=1)
+        return fuse_z(z, self.rule)
 
     def score(self, views: ModelViews) -> np.ndarray:
         """Fused anomaly score; higher = more anomalous."""

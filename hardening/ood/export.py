@@ -11,7 +11,7 @@ import math
 import numpy as np
 from sklearn.exceptions import NotFittedError
 
-from hardening.ood.ensemble import FUSION_RULE, DetectorEnsemble
+from hardening.ood.ensemble import DetectorEnsemble
 from runtime_guard.anomaly import FORMAT, AnomalyScorer
 
 
@@ -48,7 +48,7 @@ def export_detectors(ensemble: DetectorEnsemble, model: dict | None = None) -> t
         "format": FORMAT,
         "score_convention": "higher = more anomalous; anomalous if score > threshold",
         "detectors": dets,
-        "fusion": {"rule": FUSION_RULE, "members": list(ensemble.fused)},
+        "fusion": {"rule": ensemble.rule, "members": list(ensemble.fused)},
         "threshold": _num(cal.threshold),
         "alpha": cal.alpha,
         "calibration": {"k": cal.k, "n": cal.n, "method": "pac_conformal", "slack": cal.slack, "delta": cal.delta,

@@ -22,8 +22,8 @@ CONTRAST = 0.4
 
 
 def value_range(ds: Dataset) -> tuple[float, float]:
-    ref = ds.x_train if ds.x_train is not None else ds.x
-    lo, hi = float(min(ref.min(), ds.x.min())), float(max(ref.max(), ds.x.max()))
+    """``ds.value_range``, refused when the inputs are constant."""
+    lo, hi = ds.value_range
     if not hi > lo:
         raise DataError(f"{ds.source}: inputs are constant ({lo}); cannot build OOD families")
     return lo, hi

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hardening.errors import InputError
+from runtime_guard.config import OUTPUT_POLICIES
 
 
 class PolicyError(InputError):
@@ -191,7 +192,7 @@ def _parse_section(name: str, cls: type, raw: Any) -> Any:
             kwargs[k] = v
         else:
             kwargs[k] = _number(key, v)
-    victims = ("bare", "full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation", "guarded")
+    victims = ("bare", *OUTPUT_POLICIES, "guarded")
     if name == "extraction" and kwargs.get("victim", "bare") not in victims:
         raise PolicyError(f"policy: [extraction] victim must be one of {', '.join(victims)}, got {kwargs['victim']!r}")
     if name == "robustness" and kwargs.get("norm", "inf") not in ("inf", "2"):
