@@ -36,9 +36,9 @@ lock: $(STAMP)
 	  --no-header --quiet -o $(LOCK)
 	sed -i '1i # Pinned versions for make, CI and the docs tests; regenerate with `make lock`.\n# torch is installed first, separately: pip install $(TORCH) (CPU build).' $(LOCK)
 
-# OIP gRPC stubs from api/oip/proto/open_inference.proto (committed; rerun after editing it).
+# OIP gRPC messages from api/oip/proto/open_inference.proto (committed; rerun after editing it).
 grpc-stubs: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. api/oip/proto/open_inference.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. api/oip/proto/open_inference.proto
 
 system-deps:
 	bash scripts/install-system-deps.sh

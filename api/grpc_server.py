@@ -2,9 +2,10 @@
 
 Optional: needs the ``edgeward[grpc]`` extra (grpcio + protobuf); nothing
 else in ``api`` imports this module, so the HTTP server runs without it.
-The stubs in ``api.oip.proto`` are generated from our copy of the
-protocol's service definition (``make grpc-stubs``), not taken from
-tritonclient, so serving never depends on a client library.
+The message classes in ``api.oip.proto`` are generated from our copy of
+the protocol's message definitions (``make grpc-stubs``), not taken from
+tritonclient, so serving never depends on a client library, and a process
+may import both.
 
 It serves the same app as HTTP: the same ``ApiState`` (guard, hot-swapped
 deployment, API keys via the ``authorization`` metadata, rate limits keyed
@@ -29,7 +30,6 @@ from .access import AccessLog, request_id
 from .oip import infer as oip
 from .oip.grpc_codes import grpc_code_name
 from .oip.proto import open_inference_pb2 as pb
-from .oip.proto import open_inference_pb2_grpc as pb_grpc
 from .oip.stats import InferenceStats
 from .oip.tensors import OIP_DTYPES, check_header, from_raw, to_model_input, to_raw, typed_array
 from .problems import ApiProblem
@@ -61,7 +61,9 @@ def _peer_host(peer: str) -> str:
     return host.strip("[]") or "unknown"
 
 
-class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+class Servicer:
+    """The six RPCs; ``handler()`` registers them under the protocol's service name."""
+
     def __init__(self, st: ApiState, stats: InferenceStats, access_log: AccessLog) -> None:
         self.st, self.stats, self.access_log = st, stats, access_log
 
@@ -208,6 +210,26 @@ def _infer_response(res: oip.InferResponse) -> Any:
     return out
 
 
+MESSAGES: dict[str, tuple[Any, Any]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
+
+
+def handler(servicer: Servicer) -> Any:
+    """``/inference.GRPCInferenceService/<Method>`` -> the servicer, with our message classes
+    (the protocol's wire format; see api/oip/proto/open_inference.proto for why the
+    protobuf package is our own)."""
+    methods = {name: grpc.unary_unary_rpc_method_handler(
+        getattr(servicer, name), request_deserializer=req.FromString,
+        response_serializer=resp.SerializeToString) for name, (req, resp) in MESSAGES.items()}
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
 class GrpcServer:
     """A grpc.server bound to ``host:port`` serving ``Servicer`` on a thread pool."""
 
@@ -218,7 +240,7 @@ class GrpcServer:
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_message_bytes + 65536),
                      ("grpc.so_reuseport", 1)])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(st, stats, access_log), self.server)  # type: ignore[no-untyped-call]
+        self.server.add_generic_rpc_handlers((handler(Servicer(st, stats, access_log)),))
         shown = f"[{host}]" if ":" in host else host
         self.port = self.server.add_insecure_port(f"{shown}:{port}")
         if self.port == 0:

@@ -176,3 +176,33 @@ def test_grpc_access_log(client, live, api_env):
     assert line["transport"] == "grpc" and line["route"] == "/inference.GRPCInferenceService/ModelInfer"
     assert line["status"] == 200 and line["decision"] == "accepted" and line["client"]
     assert live[1] not in live[0].log_path.read_text()
+
+
+def test_typed_contents_and_errors_without_tritonclient(live, guard, api_env):
+    """``contents`` instead of ``raw_input_contents`` (tritonclient always sends raw), over a
+    bare grpc channel with our message classes: one process may import both stubs."""
+    import grpc
+
+    from api.oip.proto import open_inference_pb2 as pb
+
+    srv, key, port = live[:3]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               request_serializer=pb.ModelInferRequest.SerializeToString,
+                               response_deserializer=pb.ModelInferResponse.FromString)
+        md = (("authorization", f"Bearer {key}"), ("x-request-id", "typed-1"))
+        x = api_env.x[:2]
+        req = pb.ModelInferRequest(model_name="digits", model_version="1")
+        t = req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        t.contents.fp32_contents.extend(x.ravel().tolist())
+        resp, call = infer.with_call(req, metadata=md)
+        assert dict(call.initial_metadata())["x-request-id"] == "typed-1"
+        labels, scores = _expected(guard, x)
+        assert [o.name for o in resp.outputs] == ["label", "scores"]
+        np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], "<i8"), labels)
+        np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[1], "<f4").reshape(2, -1), scores,
+                                   rtol=1e-6)
+        del t.contents.fp32_contents[-1]  # one element short
+        with pytest.raises(grpc.RpcError) as e:
+            infer(req, metadata=md)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "elements" in e.value.details()
