@@ -184,3 +184,21 @@ def test_statistics(client, api_env):
     with pytest.raises(InferenceServerException) as e:
         c.get_inference_statistics("digits", "3")
     assert e.value.status() == "404"
+
+
+def test_scores_follow_the_output_policy(api_env, tmp_path):
+    """Under ``label_only`` the ``scores`` output is the policy's one-hot, never the model's
+    probabilities (in-process app; the policy is applied before any transport)."""
+    from api import create_app
+
+    bundle = api_env.make_bundle(tmp_path / "lo.ewb", 1, runtime=api_env.runtime(policy="label_only"))
+    client = create_app(api_env.app_config(bundle)).test_client()
+    x = api_env.x[:3]
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+            "outputs": [{"name": "scores"}, {"name": "label"}]}
+    r = client.post("/v2/models/digits/infer", json=body)
+    assert r.status_code == 200, r.json
+    assert [o["name"] for o in r.json["outputs"]] == ["scores", "label"]  # in the order asked
+    scores = np.array(r.json["outputs"][0]["data"]).reshape(r.json["outputs"][0]["shape"])
+    assert set(np.unique(scores)) <= {0.0, 1.0} and (scores.sum(axis=1) == 1).all()
+    np.testing.assert_array_equal(scores.argmax(axis=1), r.json["outputs"][1]["data"])
