@@ -23,7 +23,15 @@ def test_usage_errors_are_one_line(args, needle):
 
 
 def test_shell_completion_is_offered():
+    """typer detects the calling shell from the process tree, so ask from under bash."""
+    import shlex
+    import subprocess
+    import sys
+
+    from servers import REPO, _env
+
     out = run_cli(["--help"])
-    assert out.returncode == 0 and "--install-completion" in out.stdout
-    script = run_cli(["--show-completion", "bash"])
-    assert script.returncode == 0 and "complete" in script.stdout
+    assert out.returncode == 0 and "--install-completion" in out.stdout and "--show-completion" in out.stdout
+    cmd = f"{shlex.quote(sys.executable)} -m hardening --show-completion; exit $?"
+    script = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and "complete" in script.stdout, script.stderr
