@@ -8,14 +8,14 @@ TORCH := torch==2.13.0
 LOCK := requirements.lock
 # Where this machine keeps torch's CPU wheel (pip's find-links); the lock is resolved against it.
 TORCH_WHEELS ?= /opt/wheels
-EXTRAS := audit,test,redis,dev,fleet,provenance
+EXTRAS := audit,test,redis,dev,fleet,provenance,grpc
 PYTEST_ARGS ?=
 # Tests run in a random order (pytest-randomly); the seed is printed, `make test SEED=N` repeats one.
 ifeq ($(origin SEED), undefined)
 SEED := $(shell python3 -c 'import random; print(random.randrange(1, 10**6))')
 endif
 
-.PHONY: install system-deps lock lint test test-slow demo clean
+.PHONY: install system-deps lock lint test test-slow demo clean grpc-stubs
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,11 +30,15 @@ install: $(STAMP)
 # Deliberate bumps only: regenerate, review the diff, commit it.
 lock: $(STAMP)
 	echo '$(TORCH)+cpu' > $(VENV)/torch-cpu.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra audit --extra test --extra redis --extra dev --extra fleet --extra provenance \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra audit --extra test --extra redis --extra dev --extra fleet --extra provenance --extra grpc \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --find-links $(TORCH_WHEELS) -c $(VENV)/torch-cpu.txt --no-emit-package torch \
 	  --no-header --quiet -o $(LOCK)
 	sed -i '1i # Pinned versions for make, CI and the docs tests; regenerate with `make lock`.\n# torch is installed first, separately: pip install $(TORCH) (CPU build).' $(LOCK)
+
+# OIP gRPC messages from api/oip/proto/open_inference.proto (committed; rerun after editing it).
+grpc-stubs: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. api/oip/proto/open_inference.proto
 
 system-deps:
 	bash scripts/install-system-deps.sh

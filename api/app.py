@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Flask
 
+from .access import ENV_ID, ENV_NOTES, AccessLog, request_id
 from .auth import AdminToken, KeyStore
 from .config import ApiConfig
 from .metrics import ApiMetrics
@@ -80,9 +81,13 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     app.register_blueprint(predict.bp)
     app.register_blueprint(admin_routes.bp)
     app.register_blueprint(v2.bp)
+    from .oip.stats import InferenceStats
+
+    app.extensions[v2.STATS_EXT] = InferenceStats()
     register_error_handlers(app)
     metrics.allow_endpoints({rule.rule for rule in app.url_map.iter_rules()})
-    app.wsgi_app = RequestObserver(app.wsgi_app, metrics)  # type: ignore[method-assign]
+    app.extensions[ACCESS_EXT] = access_log = AccessLog(cfg.access_log)
+    app.wsgi_app = RequestObserver(app.wsgi_app, metrics, access_log)  # type: ignore[method-assign]
 
     if cfg.watch_dir is not None:
         st.watcher = DirectoryWatcher(holder, cfg.watch_dir, cfg.watch_interval_s, cfg.watch_pattern)
@@ -90,6 +95,9 @@ def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     if poller is not None:
         poller.start()
     return app
+
+
+ACCESS_EXT = "edgeward.access"
 
 
 def _update_poller(cfg: ApiConfig, holder: ModelHolder, metrics: ApiMetrics) -> Any:
@@ -120,19 +128,26 @@ class RequestObserver:
     up to ``start_response`` (when the status is known), as the hooks did.
     """
 
-    def __init__(self, wsgi_app: Any, metrics: ApiMetrics) -> None:
+    def __init__(self, wsgi_app: Any, metrics: ApiMetrics, access_log: AccessLog) -> None:
         self.wsgi_app = wsgi_app
         self.observe = metrics.observe_request
+        self.access_log = access_log
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         t0 = time.perf_counter()
+        rid = environ[ENV_ID] = request_id(environ.get("HTTP_X_REQUEST_ID"))
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             req = environ.get("werkzeug.request")  # set by Flask's request object
             rule = req.url_rule if req is not None else None
-            self.observe("unmatched" if rule is None else rule.rule, environ.get("REQUEST_METHOD", "?"),
-                         int(status[:3]), time.perf_counter() - t0)
+            route, method, code = ("unmatched" if rule is None else rule.rule,
+                                   environ.get("REQUEST_METHOD", "?"), int(status[:3]))
+            latency = time.perf_counter() - t0
+            self.observe(route, method, code, latency)
+            self.access_log.write(rid=rid, transport="http", route=route, method=method[:16], status=code,
+                                  latency_s=latency, notes=environ.get(ENV_NOTES))
             headers += SECURITY_HEADERS
+            headers.append(("X-Request-ID", rid))
             return start_response(status, headers, exc_info)
 
         return self.wsgi_app(environ, start)

@@ -57,6 +57,8 @@ class ApiConfig:
     update_interval_s: float = 60.0
     require_attestation: bool = True
     probation_rules: Any = None  # runtime_guard.update.triggers.ProbationRules; on with update_from
+    # One JSON line per request on the edgeward.access logger (stderr); see api.access.
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if self.bundle is None and self.watch_dir is None and self.update_from is None:

@@ -17,9 +17,17 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from runtime_guard.verdict import Verdict
@@ -106,8 +114,18 @@ class ApiMetrics:
                                      ["outcome"], registry=reg)
         self.rollbacks = Counter("edgeward_rollbacks", "Hot updates rolled back, by trigger",
                                  ["trigger"], registry=reg)
+        # Time inside the guarded predict (sanitizer, session run, policy, rate-limit storage);
+        # edgeward_request_latency_seconds minus this is time queued for a server thread,
+        # reading and parsing the body and writing the answer.
+        self.compute = Histogram("edgeward_inference_compute_seconds",
+                                 "Time inside the guarded predict, per transport",
+                                 ["transport"], buckets=LATENCY_BUCKETS, registry=reg)
         if snapshot is not None:
             reg.register(TelemetryCollector(snapshot))
+        # the process_* / python_* families every Prometheus client exports (per process)
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
         # Label children cached per label tuple: ``labels()`` validates and locks on every call,
         # which is measurable per request. Label values are bounded (routes, statuses, reason codes).
         self._children: dict[tuple[int | str, ...], Any] = {}
@@ -143,11 +161,15 @@ class ApiMetrics:
         for r in reasons:
             self._child(self.reasons, bounded(r, self.reasons_allowed)).inc()
 
-    def render(self) -> tuple[bytes, str]:
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition format the ``Accept`` header asks for: OpenMetrics for
+        ``application/openmetrics-text``, else Prometheus text 0.0.4."""
+        encoder, content_type = choose_encoder(accept)
         if self.multiprocess:
             from prometheus_client import multiprocess
 
             reg = CollectorRegistry()
             multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
-            return generate_latest(reg), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            ProcessCollector(registry=reg)  # this worker's process figures
+            return encoder(reg), content_type
+        return encoder(self.registry), content_type

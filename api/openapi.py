@@ -174,6 +174,22 @@ SCHEMAS: dict[str, Any] = {
                        "inputs": {"type": "array", "items": _ref("V2TensorMetadata")},
                        "outputs": {"type": "array", "items": _ref("V2TensorMetadata")}},
     },
+    "V2ModelConfig": {"type": "object", "required": ["name", "platform", "max_batch_size", "input", "output"],
+                      "properties": {"name": {"type": "string"}, "platform": {"type": "string"},
+                                     "max_batch_size": {"type": "integer"},
+                                     "input": {"type": "array", "items": {"type": "object"}},
+                                     "output": {"type": "array", "items": {"type": "object"}}}},
+    "V2Stats": {"type": "object", "required": ["model_stats"],
+                "properties": {"model_stats": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "version", "inference_count", "inference_stats"],
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                   "inference_count": {"type": "integer"},
+                                   "execution_count": {"type": "integer"},
+                                   "last_inference": {"type": "integer"},
+                                   "inference_stats": {"type": "object"}}}}}},
+    "V2IndexEntry": {"type": "object", "required": ["name", "version", "state"],
+                     "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                    "state": {"type": "string", "enum": ["READY"]}}},
     "V2Tensor": {
         "type": "object", "required": ["name", "shape", "datatype", "data"],
         "properties": {
@@ -294,22 +310,51 @@ def openapi_document(*, api_keys: bool = False, admin: bool = False) -> dict[str
                                                    "503": _json("not ready", _ref("V2Ready"))}}},
     }
     name_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-    paths["/v2/models/{name}"] = {"get": {
-        "operationId": "v2ModelMetadata", "summary": "KServe v2 model metadata",
-        "parameters": name_param,
-        "responses": {"200": _json("model metadata", _ref("V2ModelMetadata")),
-                      "404": _problem("unknown model name"), "503": not_ready}}}
-    paths["/v2/models/{name}/ready"] = {"get": {
-        "operationId": "v2ModelReady", "summary": "KServe v2 model readiness",
-        "parameters": name_param,
-        "responses": {"200": _json("model ready", _ref("V2ModelReady")),
-                      "404": _problem("unknown model name"), "503": not_ready}}}
-    paths["/v2/models/{name}/infer"] = {"post": sec({
-        "operationId": "v2Infer", "summary": "KServe v2 inference",
-        "parameters": name_param,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("V2InferRequest")}}},
-        "responses": {"200": _json("inference result", _ref("V2InferResponse"), RATE_HEADERS),
-                      "404": _problem("unknown model name"), **predict_errors}}, key_sec)}
+    version_param = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+                      "description": "the served bundle version; any other is a 404"}]
+    unknown = _problem("unknown model name or version")
+    infer_ok = _json("inference result", _ref("V2InferResponse"), RATE_HEADERS)
+    infer_ok["content"]["application/octet-stream"] = {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "binary tensor data extension: JSON header of Inference-Header-Content-Length "
+                       "bytes, then the binary outputs"}
+    infer_ok["headers"] = {**RATE_HEADERS, "Inference-Header-Content-Length": {
+        **_INT_HEADER, "description": "bytes of JSON before the binary outputs (binary answers only)"}}
+    for prefix, params, suffix in (("/v2/models/{name}", name_param, ""),
+                                   ("/v2/models/{name}/versions/{version}", name_param + version_param,
+                                    "Version")):
+        paths[prefix] = {"get": {
+            "operationId": "v2ModelMetadata" + suffix, "summary": "KServe v2 model metadata",
+            "parameters": params,
+            "responses": {"200": _json("model metadata", _ref("V2ModelMetadata")),
+                          "404": unknown, "503": not_ready}}}
+        paths[prefix + "/ready"] = {"get": {
+            "operationId": "v2ModelReady" + suffix, "summary": "KServe v2 model readiness",
+            "parameters": params,
+            "responses": {"200": _json("model ready", _ref("V2ModelReady")),
+                          "404": unknown, "503": not_ready}}}
+        paths[prefix + "/config"] = {"get": {
+            "operationId": "v2ModelConfig" + suffix, "summary": "model configuration extension",
+            "parameters": params,
+            "responses": {"200": _json("model configuration", _ref("V2ModelConfig")),
+                          "404": unknown, "503": not_ready}}}
+        paths[prefix + "/stats"] = {"get": {
+            "operationId": "v2ModelStats" + suffix, "summary": "statistics extension, one model",
+            "parameters": params,
+            "responses": {"200": _json("statistics", _ref("V2Stats")), "404": unknown, "503": not_ready}}}
+        paths[prefix + "/infer"] = {"post": sec({
+            "operationId": "v2Infer" + suffix, "summary": "KServe v2 inference (JSON or binary tensor data)",
+            "parameters": params,
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": _ref("V2InferRequest")}}},
+            "responses": {"200": infer_ok, "404": unknown, **predict_errors}}, key_sec)}
+    paths["/v2/models/stats"] = {"get": {
+        "operationId": "v2Stats", "summary": "statistics extension, every model",
+        "responses": {"200": _json("statistics", _ref("V2Stats"))}}}
+    paths["/v2/repository/index"] = {"post": {
+        "operationId": "v2RepositoryIndex", "summary": "model repository index",
+        "responses": {"200": _json("the served model", {"type": "array", "items": _ref("V2IndexEntry")}),
+                      "400": _problem("body is not JSON")}}}
 
     schemes: dict[str, Any] = {"adminToken": {"type": "http", "scheme": "bearer",
                                               "description": "the separate admin token"}}

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, json
+from flask import Flask, Response, has_request_context, json, request
 from werkzeug.exceptions import HTTPException
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ def problem_response(status: int, slug: str, title: str, detail: str | None = No
     if detail:
         body["detail"] = detail
     body.update(extra or {})
+    if has_request_context() and request.path.startswith("/v2"):
+        body.setdefault("error", detail or title)  # the member OIP clients decode
     resp = Response(json.dumps(body), status=status, mimetype=PROBLEM_MIME)
     for k, v in (headers or {}).items():
         resp.headers[k] = v

@@ -56,6 +56,7 @@ class ServerSettings:
     max_connections_per_peer: int = 64  # per client address, per worker
     connection_reserve: int = 50  # slots only addresses holding no connection may take
     drain_timeout_s: float = 10.0  # SIGTERM: longest wait for in-flight requests
+    grpc_port: int | None = None  # OIP v2 over gRPC on host:grpc_port (needs edgeward[grpc])
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -64,6 +65,13 @@ class ServerSettings:
             raise ServerConfigError("threads must be between 1 and 256")
         if not 0 <= self.port <= 65535:
             raise ServerConfigError("port must be between 0 and 65535")
+        if self.grpc_port is not None:
+            if not 0 <= self.grpc_port <= 65535:
+                raise ServerConfigError("grpc port must be between 0 and 65535")
+            if self.grpc_port == 0 and self.workers > 1:
+                raise ServerConfigError("--grpc-port 0 cannot be shared by several workers; give a port")
+            if self.grpc_port != 0 and self.grpc_port == self.port:
+                raise ServerConfigError("the gRPC and HTTP ports must differ")
         if not 0 <= self.drain_timeout_s <= 3600:
             raise ServerConfigError("drain timeout must be between 0 and 3600 seconds")
         try:
@@ -189,16 +197,41 @@ class _Drain:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def start_grpc(app: Flask, settings: ServerSettings, config: ApiConfig) -> Any:
+    """The OIP gRPC server on the same app (``api.grpc_server``), or None without --grpc-port."""
+    if settings.grpc_port is None:
+        return None
+    try:
+        from .grpc_server import GrpcServer
+    except ImportError:
+        raise ServerConfigError("--grpc-port needs the grpc extra: pip install 'edgeward[grpc]'") from None
+    from .app import ACCESS_EXT
+    from .routes.v2 import STATS_EXT
+    from .state import EXT
+
+    srv = GrpcServer(app.extensions[EXT], app.extensions[STATS_EXT], app.extensions[ACCESS_EXT], settings.host,
+                     settings.grpc_port, settings.threads, config.max_body_bytes).start()
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    sys.stderr.write(f"edgeward: serving OIP gRPC on {shown}:{srv.port} (pid={os.getpid()})\n")
+    sys.stderr.flush()
+    return srv
+
+
 def _waitress(app: Flask, sock: socket.socket, settings: ServerSettings, config: ApiConfig) -> None:
     from .state import EXT
 
     st = app.extensions[EXT]
+    grpc_server = start_grpc(app, settings, config)
 
     def on_drain() -> None:
         st.draining = True
 
-    run_waitress(app, sock, settings.threads, config.max_body_bytes, settings.connection_limits(),
-                 on_drain=on_drain, drain_timeout_s=settings.drain_timeout_s)
+    try:
+        run_waitress(app, sock, settings.threads, config.max_body_bytes, settings.connection_limits(),
+                     on_drain=on_drain, drain_timeout_s=settings.drain_timeout_s)
+    finally:
+        if grpc_server is not None:  # HTTP has drained; let in-flight RPCs finish too
+            grpc_server.stop(min(settings.drain_timeout_s, 5.0))
 
 
 def _announce(host: str, port: int, workers: int) -> None:

@@ -174,7 +174,10 @@ def variants(rate: str) -> dict[str, tuple[dict, list[str], str]]:
     return {
         "guarded": ({**base, **off, "rate_limit": mw}, [],
                     "API keys, JSON validation, sanitizer, moving-window rate limit (the default), "
-                    "output policy, telemetry, metrics; RateLimit-* on 429s only (the default)"),
+                    "output policy, telemetry, metrics, X-Request-ID and the JSON access log; "
+                    "RateLimit-* on 429s only (the default)"),
+        "guarded, no access log": ({**base, **off, "rate_limit": mw}, ["--no-access-log"],
+                                   "same without the JSON access log (on by default)"),
         "guarded, sliding-window-counter": (
             {**base, **off, "rate_limit": {**mw, "strategy": "sliding-window-counter"}}, [],
             "same with the sliding-window-counter strategy"),
@@ -213,7 +216,13 @@ def in_process_cpu(model: Path, bundles: dict[str, Path], work: Path, body: byte
         always = "always" if "--rate-limit-headers" in flags else "refusals"
         apps[name] = create_app(ApiConfig(bundle=str(bundles[name]), public_key=str(work / "pub.pem"),
                                           kek_file=str(work / "kek.key"), api_keys_file=str(work / "keys.json"),
-                                          rate_limit_headers=always))
+                                          rate_limit_headers=always,
+                                          access_log="--no-access-log" not in flags))
+    import logging
+
+    for handler in logging.getLogger("edgeward.access").handlers:  # written, as served, but not shown
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
 
     def start_response(status: str, headers: list, exc_info: object = None) -> None:
         if not status.startswith("200"):

@@ -72,10 +72,14 @@ class ServerProcess:
         raise RuntimeError(f"server did not become ready in {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
+        """The last 4000 characters of the server's output without its access-log lines
+        (one JSON object per request; read ``log_path`` for those)."""
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        return "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith('{"time":'))[-4000:]
 
     @property
     def pid(self) -> int:

@@ -195,7 +195,8 @@ def test_health_ready_metrics_openapi(client, api_env):
 
 def test_routes_and_openapi_paths_agree(app):
     doc = app.test_client().get("/openapi.json").get_json()
-    documented = {(p.replace("{name}", "<name>"), m.upper()) for p, ops in doc["paths"].items() for m in ops}
+    documented = {(p.replace("{name}", "<name>").replace("{version}", "<version>"), m.upper())
+                  for p, ops in doc["paths"].items() for m in ops}
     served = {(r.rule, m) for r in app.url_map.iter_rules() if r.endpoint != "static"
               for m in r.methods - {"HEAD", "OPTIONS"}}
     assert documented == served

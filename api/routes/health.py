@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from ..openapi import openapi_document
 from ..state import state
@@ -28,7 +28,7 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    body, ctype = state().metrics.render()
+    body, ctype = state().metrics.render(request.headers.get("Accept", ""))
     return Response(body, mimetype=None, content_type=ctype)
 
 

@@ -1,49 +1,62 @@
-"""KServe Open Inference Protocol v2 paths, so existing OIP clients work.
+"""KServe Open Inference Protocol v2 over HTTP, as OIP clients (``tritonclient.http``) use it.
 
-One model is served; its name is the bundle's ``model.name``. Tensors use
-the OIP JSON form (``name``, ``shape``, ``datatype``, flat row-major
-``data``). Errors are problem+json documents that also carry the OIP
-``error`` member.
+One model is served; its name is the bundle's ``model.name`` and its only
+version the bundle's version, so ``/v2/models/<name>/...`` and
+``/v2/models/<name>/versions/<version>/...`` answer alike (another version
+is a 404). Inference takes JSON with or without a Content-Type and the
+binary tensor data extension both ways (``Inference-Header-Content-Length``,
+``binary_data_size``, ``binary_data``, ``binary_data_output``). Errors are
+problem+json documents that also carry the OIP ``error`` member.
 """
 
 from __future__ import annotations
 
-import math
+import json
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..body import MAX_ELEMENTS, bad_body, media_type, parse_json_document, read_body, unsupported_type
+from ..access import ENV_NOTES
+from ..body import bad_body, media_type, parse_json_document, read_body, unsupported_type
+from ..oip import infer as oip
+from ..oip.stats import InferenceStats
+from ..oip.tensors import check_header, from_raw, leaves, to_model_input, to_raw, typed_array
 from ..problems import ApiProblem
 from ..reload import Deployment
 from ..service import describe
 from ..state import state
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
-OIP_DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
-              "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
-              "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64}
+STATS_EXT = "edgeward.oip_stats"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# JSON, or the binary extension's JSON header + tensor bytes; tritonclient sends none.
+INFER_TYPES = frozenset({"", "application/json", "application/octet-stream",
+                         "application/vnd.sagemaker-triton.binary+json"})
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 
 
-def _oip_error(exc: ApiProblem) -> ApiProblem:
-    exc.extra.setdefault("error", exc.detail or exc.title)
-    return exc
+def stats() -> InferenceStats:
+    s: InferenceStats = current_app.extensions[STATS_EXT]
+    return s
 
 
-def _model_or_404(name: str) -> Deployment:
-    dep = state().holder.current()
-    if dep is None:
-        raise _oip_error(ApiProblem(503, "not-ready", "Service Unavailable", "no model is loaded yet",
-                                    headers={"Retry-After": "5"}))
-    if name != dep.name:
-        raise _oip_error(ApiProblem(404, "unknown-model", "Not Found", f"no model named {name!r}"))
-    return dep
+def _versioned(rule: str, methods: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a view under ``/models/<name>{rule}`` and ``/models/<name>/versions/<version>{rule}``."""
+    def deco(view: Callable[..., Any]) -> Callable[..., Any]:
+        bp.add_url_rule(f"/models/<name>{rule}", view_func=view, methods=methods, defaults={"version": None})
+        bp.add_url_rule(f"/models/<name>/versions/<version>{rule}", view_func=view, methods=methods)
+        return view
+    return deco
+
+
+def _model(name: str, version: str | None) -> Deployment:
+    return oip.resolve(state(), name, version)
 
 
 @bp.get("")
 def server_metadata() -> Response:
-    return jsonify(name="edgeward", version="1", extensions=[])
+    return jsonify(name="edgeward", version="1", extensions=EXTENSIONS)
 
 
 @bp.get("/health/live")
@@ -60,149 +73,177 @@ def ready() -> tuple[Response, int]:
     return jsonify(ready=True), 200
 
 
-@bp.get("/models/<name>")
-def model_metadata(name: str) -> Response:
-    dep = _model_or_404(name)
+def model_metadata_doc(dep: Deployment) -> dict[str, Any]:
     d = describe(dep)
-    return jsonify(
-        name=dep.name, versions=[str(dep.version)], platform="onnxruntime",
-        inputs=[{"name": d["input"]["name"], "datatype": "FP32",
-                 "shape": [-1] + [-1 if s is None else s for s in d["input"]["sample_shape"]]}],
-        outputs=[{"name": "label", "datatype": "INT64", "shape": [-1]},
-                 {"name": "scores", "datatype": "FP32", "shape": [-1, d["output"]["num_classes"]]}],
-    )
+    return {
+        "name": dep.name, "versions": [str(dep.version)], "platform": "onnxruntime",
+        "inputs": [{"name": d["input"]["name"], "datatype": "FP32",
+                    "shape": [-1] + [-1 if s is None else s for s in d["input"]["sample_shape"]]}],
+        "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]},
+                    {"name": "scores", "datatype": "FP32", "shape": [-1, d["output"]["num_classes"]]}],
+    }
 
 
-@bp.get("/models/<name>/ready")
-def model_ready(name: str) -> Response:
-    _model_or_404(name)
+@_versioned("", ["GET"])
+def model_metadata(name: str, version: str | None) -> Response:
+    return jsonify(model_metadata_doc(_model(name, version)))
+
+
+@_versioned("/ready", ["GET"])
+def model_ready(name: str, version: str | None) -> Response:
+    _model(name, version)
     return jsonify(name=name, ready=True)
 
 
-MAX_RANK = 8
+@_versioned("/config", ["GET"])
+def model_config(name: str, version: str | None) -> Response:
+    """The model configuration extension's document for the one model (Triton field names)."""
+    dep = _model(name, version)
+    meta = model_metadata_doc(dep)
+
+    def dims(shape: list[int]) -> list[int]:
+        return shape[1:]  # the batch dimension is max_batch_size's
+    return jsonify(
+        name=dep.name, platform="onnxruntime_onnx", backend="onnxruntime",
+        max_batch_size=int(dep.model.config.input.max_batch),
+        input=[{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": dims(t["shape"])}
+               for t in meta["inputs"]],
+        output=[{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": dims(t["shape"])}
+                for t in meta["outputs"]],
+        version_policy={"specific": {"versions": [dep.version]}},
+        parameters={"output_policy": {"string_value": str(dep.model.config.output.policy)}},
+    )
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+@bp.get("/models/stats")
+def all_stats() -> Response:
+    # unauthenticated, like /metrics, which already exposes the same counts
+    dep = state().holder.current()
+    models = [] if dep is None else [stats().model_stats(dep.name, str(dep.version))]
+    return jsonify(model_stats=models)
 
 
-def _leaves(data: list[Any], shape: list[int]) -> list[Any]:
-    """The row-major elements of ``data``: flat (exactly prod(shape) items) or nested
-    exactly as ``shape`` (every level a list of the right length, leaves at the last
-    level). Anything in between is refused, not silently flattened."""
-    total = math.prod(shape)
-    if not data or not isinstance(data[0], list):
-        if len(data) != total:
-            raise bad_body(f"data has {len(data)} elements, shape {shape} needs {total}", "oip-shape")
-        if any(isinstance(v, list) for v in data):
-            raise bad_body("data mixes lists and scalars", "oip-shape")
-        return data
-    out: list[Any] = []
-    stack: list[tuple[object, int]] = [(data, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth == len(shape):
-            if isinstance(node, list):
-                raise bad_body(f"data nests deeper than shape {shape}", "oip-shape")
-            out.append(node)
-            continue
-        if not isinstance(node, list) or len(node) != shape[depth]:
-            raise bad_body(f"nested data does not match shape {shape} at depth {depth}", "oip-shape")
-        stack.extend((child, depth + 1) for child in reversed(node))
-    return out
+@_versioned("/stats", ["GET"])
+def model_stats(name: str, version: str | None) -> Response:
+    dep = _model(name, version)
+    return jsonify(model_stats=[stats().model_stats(dep.name, str(dep.version))])
 
 
-def _typed_array(flat: list[Any], dtype: str) -> np.ndarray:
-    """Exact element checks for ``dtype``: integer types take JSON integers only, range
-    checked on Python ints (no float64 round trip: 2**64-1 stays 2**64-1, and 2**64 is
-    refused); float types take finite numbers within the type's range."""
-    target: np.dtype[Any] = np.dtype(OIP_DTYPES[dtype])
-    if target.kind in "iu":
-        info = np.iinfo(target)
-        lo, hi = int(info.min), int(info.max)
-        for v in flat:
-            if not _is_int(v):
-                raise bad_body(f"{dtype} data must be JSON integers", "oip-datatype")
-            if not lo <= v <= hi:
-                raise bad_body(f"value {v} is outside the {dtype} range [{lo}, {hi}]", "oip-datatype")
-        return np.array(flat, dtype=target)
-    for v in flat:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise bad_body(f"{dtype} data must be JSON numbers", "json-type")
+@bp.post("/repository/index")
+def repository_index() -> Response:
+    """The model repository extension's index: the one model, ready or not."""
+    if request.content_length:
+        parse_json_document(read_body(request, 4096))  # tritonclient sends {} or nothing
+    dep = state().holder.current()
+    if dep is None:
+        return jsonify([])
+    return jsonify([{"name": dep.name, "version": str(dep.version), "state": "READY"}])
+
+
+def _split_body(data: bytes) -> tuple[bytes, memoryview]:
+    """JSON header and binary tail of an infer body (the binary extension's framing)."""
+    raw = request.environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
+    if raw is None:
+        return data, memoryview(b"")
     try:
-        wide = np.array(flat, dtype=np.float64)
-    except OverflowError:  # an integer past float64
-        raise bad_body(f"data is outside the {dtype} range", "oip-datatype") from None
-    with np.errstate(over="ignore", invalid="ignore"):
-        arr = wide.astype(target)
-    if not np.all(np.isfinite(arr)):
-        raise bad_body(f"data must be finite numbers within the {dtype} range", "oip-datatype")
-    return arr
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if not 0 < n <= len(data):
+        raise bad_body(f"{HEADER_LENGTH} must be an integer between 1 and the body size", "oip-binary")
+    return data[:n], memoryview(data)[n:]
 
 
-def _tensor(doc: object, input_name: str) -> np.ndarray:
-    """The single input tensor of an OIP infer request, checked exactly; the guard's
-    schema is float32, so the typed values are converted last."""
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    p = obj.get("parameters", {})
+    if not isinstance(p, dict):
+        raise bad_body(f"{where} parameters must be an object", "oip")
+    return p
+
+
+def parse_infer(doc: object, tail: memoryview, input_name: str) -> oip.InferRequest:
+    """The OIP JSON infer request (plus binary tail) -> a typed request."""
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
         raise bad_body("body must be {\"inputs\": [one tensor]}", "oip")
-    if "id" in doc and not isinstance(doc["id"], str):
-        raise bad_body("id must be a string", "oip")
-    for key in ("parameters",):
-        if key in doc and not isinstance(doc[key], dict):
-            raise bad_body(f"{key} must be an object", "oip")
-    if "outputs" in doc and not isinstance(doc["outputs"], list):
-        raise bad_body("outputs must be a list", "oip")
+    request_id = oip.check_request_id(doc.get("id"))
+    params = _params(doc, "request")
+    default_binary = params.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise bad_body("binary_data_output must be a boolean", "oip")
     t = doc["inputs"][0]
     if not isinstance(t, dict):
         raise bad_body("input tensor must be an object", "oip")
-    name, shape, dtype, data = t.get("name"), t.get("shape"), t.get("datatype"), t.get("data")
-    if not isinstance(name, str):
-        raise bad_body("input tensor needs a string name", "oip-name")
-    if name != input_name:
-        raise bad_body(f"unknown input tensor {name[:64]!r}; the model's input is {input_name!r}", "oip-name")
-    if "parameters" in t and not isinstance(t["parameters"], dict):
-        raise bad_body("tensor parameters must be an object", "oip")
-    if (not isinstance(shape, list) or not shape or len(shape) > MAX_RANK
-            or not all(_is_int(s) and 0 < s <= 1 << 24 for s in shape)):
-        raise bad_body("shape must be a list of 1 to 8 positive integers", "oip-shape")
-    if not isinstance(dtype, str) or dtype not in OIP_DTYPES:
-        raise bad_body(f"datatype must be one of {sorted(OIP_DTYPES)}", "oip-datatype")
-    if not isinstance(data, list):
-        raise bad_body("data must be a list of numbers", "oip")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise bad_body("tensor has too many elements", "oip-shape")
-    arr = _typed_array(_leaves(data, shape), dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(np.float32)
-    if not np.all(np.isfinite(out)):
-        raise bad_body("data is outside the float32 range the model takes", "oip-datatype")
-    return out.reshape(shape)
+    shape, dtype = check_header(t.get("name"), t.get("shape"), t.get("datatype"), input_name)
+    size = _params(t, "tensor").get("binary_data_size")
+    if size is None:
+        if len(tail):
+            raise bad_body("binary data sent but no input declares binary_data_size", "oip-binary")
+        data = t.get("data")
+        if not isinstance(data, list):
+            raise bad_body("data must be a list of numbers", "oip")
+        arr = typed_array(leaves(data, shape), dtype)
+    else:
+        if not isinstance(size, int) or isinstance(size, bool) or size != len(tail):
+            raise bad_body(f"binary_data_size must equal the {len(tail)} bytes after the JSON header",
+                           "oip-binary")
+        if "data" in t:
+            raise bad_body("a tensor has either data or binary_data_size, not both", "oip-binary")
+        arr = from_raw(tail, shape, dtype)
+    outs = doc.get("outputs", [])
+    if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
+        raise bad_body("outputs must be a list of objects", "oip")
+    wanted: list[tuple[object, bool]] = []
+    for o in outs:
+        p = _params(o, "output")
+        if "classification" in p:
+            raise bad_body("the classification extension is not supported; ask for 'label'", "oip-output")
+        binary = p.get("binary_data", default_binary)
+        if not isinstance(binary, bool):
+            raise bad_body("binary_data must be a boolean", "oip")
+        wanted.append((o.get("name"), binary))
+    return oip.InferRequest(to_model_input(arr).reshape(shape), oip.requested_outputs(wanted, default_binary),
+                            request_id)
 
 
-@bp.post("/models/<name>/infer")
-def infer(name: str) -> Response:
+def infer_response(res: oip.InferResponse) -> Response:
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for o in res.outputs:
+        t: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.array.shape)}
+        if o.binary:
+            blob = to_raw(o.array, o.datatype)
+            blobs.append(blob)
+            t["parameters"] = {"binary_data_size": len(blob)}
+        else:
+            t["data"] = o.array.reshape(-1).tolist()
+        outputs.append(t)
+    body: dict[str, Any] = {"model_name": res.model_name, "model_version": res.model_version,
+                            "outputs": outputs,
+                            "parameters": {"decision": res.decision, "reasons": ",".join(res.reasons)}}
+    if res.request_id:
+        body["id"] = res.request_id
+    header = json.dumps(body).encode()
+    if blobs:
+        resp = Response(b"".join([header, *blobs]), 200, content_type="application/octet-stream")
+        resp.headers[HEADER_LENGTH] = str(len(header))
+    else:
+        resp = Response(header, 200, content_type="application/json")
+    resp.headers.extend(res.headers)
+    return resp
+
+
+@_versioned("/infer", ["POST"])
+def infer(name: str, version: str | None) -> Response:
     st = state()
     try:
         client_id = st.client_id(request)
-        dep = _model_or_404(name)
-        if media_type(request) != "application/json":
-            raise unsupported_type(media_type(request))
-        doc = parse_json_document(read_body(request, st.config.max_body_bytes))
-        x = _tensor(doc, dep.model.input_name)
-        ans = st.predict(dep, x, client_id)
+        dep = _model(name, version)
+        mt = media_type(request)
+        if mt not in INFER_TYPES:
+            raise unsupported_type(mt)
+        head, tail = _split_body(read_body(request, st.config.max_body_bytes))
+        req = parse_infer(parse_json_document(head), tail, dep.model.input_name)
     except ApiProblem as exc:
-        raise _oip_error(exc) from None
-    n = len(ans.labels)
-    outputs = [{"name": "label", "datatype": "INT64", "shape": [n], "data": ans.labels}]
-    if ans.scores is not None:
-        c = len(ans.scores[0]) if n else 0
-        outputs.append({"name": "scores", "datatype": "FP32", "shape": [n, c],
-                        "data": [v for row in ans.scores for v in row]})
-    body = {"model_name": dep.name, "model_version": str(dep.version), "outputs": outputs,
-            "parameters": {"decision": ans.decision, "reasons": ",".join(ans.reasons)}}
-    if isinstance(doc.get("id"), str):
-        body["id"] = doc["id"][:256]
-    resp = jsonify(body)
-    resp.headers.extend(ans.headers)
-    return resp
-
+        raise oip.oip_problem(exc) from None
+    notes = request.environ.setdefault(ENV_NOTES, {})
+    return infer_response(oip.run(st, stats(), dep, req, client_id, notes, "http"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 from typer.core import TyperGroup
@@ -15,7 +16,7 @@ app = typer.Typer(
     name="edgeward",
     help="Edge security and robustness hardening for on-device ML models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (typer's, for bash/zsh/fish)
     pretty_exceptions_enable=False,
 )
 
@@ -68,7 +69,19 @@ app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:
+    """Click's own handling, except that a usage error (unknown option, bad value,
+    missing argument) is one ``error:`` line on stderr and exit 2, as grep and
+    curl do, instead of a boxed panel: scripts and logs read it in one line."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's (vendored) click: ClickException, UsageError, ...
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        raise SystemExit(1) from None
     except Exception as exc:  # escaped every command's handler (e.g. raised while parsing)
         raise SystemExit(report_internal_error(exc)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -63,6 +63,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         max_rejection_increase: float = typer.Option(0.25, "--rollback-rejection-increase", help="Roll back when the rejected/flagged share rises by more than this."),
         max_latency_ratio: float = typer.Option(3.0, "--rollback-latency-ratio", help="Roll back when mean latency exceeds this multiple of the previous bundle's."),
         max_psi: float = typer.Option(0.5, "--rollback-psi", help="Roll back when class-drift PSI exceeds this."),
+        access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per request on stderr (request id, route, status, decision, latency, client hash)."),
+        grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="Also serve OIP v2 over gRPC on this port (same host; needs edgeward[grpc])."),
     ) -> None:
         """Serve a signed bundle over HTTP (waitress): /v1/predict, /v1/model, /healthz,
         /readyz, /metrics, /openapi.json, /v1/admin/*, KServe /v2/*."""
@@ -105,7 +107,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 storage_uri=storage_uri, api_keys_file=str(api_keys) if api_keys else None,
                 admin_token_file=str(admin_token_file) if admin_token_file else None,
                 watch_dir=str(watch) if watch else None, watch_interval_s=watch_interval,
-                max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers,
+                max_body_bytes=max_body_bytes, rate_limit_headers=rate_limit_headers, access_log=access_log,
                 rollback_trigger=RollbackTrigger(rollback_error_rate, rollback_min_requests, probation_seconds),
                 update_from=update_from, state_dir=str(state_dir) if state_dir else None, device_id=device_id,
                 trusted_root=str(trusted_root) if trusted_root else None, update_channel=update_channel,
@@ -115,7 +117,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             settings = ServerSettings(host, port, workers, threads, require_shared_storage,
                                       header_timeout_s=header_timeout, max_connections=max_connections,
                                       max_connections_per_peer=max_connections_per_peer,
-                                      connection_reserve=connection_reserve)
+                                      connection_reserve=connection_reserve, grpc_port=grpc_port)
             code = run(cfg, settings)
         except (LoadError, ValueError, OSError, LookupError) as exc:  # the bundle could not be
             raise _input_error(exc) from None  # served (LoadError), or ServerConfigError, AuthConfigError

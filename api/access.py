@@ -1,0 +1,102 @@
+"""Request IDs and the structured access log.
+
+Every HTTP request gets an ``X-Request-ID``: the client's if it is a plain
+token (``[A-Za-z0-9._:-]``, 1 to 128 characters; anything else is replaced,
+never echoed), else a fresh UUID4. It is returned on the answer and written
+to the access log, one JSON object per line on the ``edgeward.access``
+logger (stderr): time, request id, transport, route template (never the raw
+path), method, status, guard decision, latency and a keyed hash of the
+client id. Inputs, bodies, keys and raw client addresses are never logged;
+the hash key is random per process, so the hash links one client's requests
+within a process without being reversible by hashing candidate addresses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from .problems import ApiProblem
+
+if TYPE_CHECKING:
+    from .reload import Deployment
+    from .service import Answer
+    from .state import ApiState
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ENV_ID, ENV_NOTES = "edgeward.request_id", "edgeward.access"
+log = logging.getLogger("edgeward.access")
+
+
+def request_id(presented: str | None) -> str:
+    if presented and REQUEST_ID_RE.fullmatch(presented):
+        return presented
+    return uuid.uuid4().hex
+
+
+def decision_of(exc: ApiProblem) -> str:
+    """The guard's decision behind a refusal (its verdict, ``api.decisions``); a
+    rate-limit storage outage is ``unavailable``, anything else ``error``."""
+    if exc.verdict is not None:
+        return exc.verdict.decision.value
+    return "unavailable" if exc.slug == "rate-limit-storage-unavailable" else "error"
+
+
+class AccessLog:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._key = secrets.token_bytes(16)
+        if enabled and not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False  # a bare JSON line, not the root logger's prefix
+
+    def client_hash(self, client_id: str | None) -> str | None:
+        if client_id is None:
+            return None
+        return hmac.new(self._key, client_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def write(self, *, rid: str, transport: str, route: str, method: str, status: int | str,
+              latency_s: float, notes: dict[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        notes = notes or {}
+        now = time.time()
+        log.info(json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+            "request_id": rid, "transport": transport, "route": route, "method": method,
+            "status": status, "decision": notes.get("decision"),
+            "latency_ms": round(latency_s * 1000, 3), "client": self.client_hash(notes.get("client")),
+        }, separators=(",", ":")))
+
+
+def note(environ: dict[str, Any], **fields: Any) -> None:
+    """Record ``decision`` / ``client`` for this request's access-log line."""
+    environ.setdefault(ENV_NOTES, {}).update(fields)
+
+
+def timed_predict(st: "ApiState", dep: "Deployment", x: Any, client_id: str, notes: dict[str, Any],
+                  transport: str) -> "Answer":
+    """The shared guarded predict (``ApiState.predict``), timed into
+    ``edgeward_inference_compute_seconds`` and noted for the access log."""
+    notes["client"] = client_id
+    t0 = time.perf_counter()
+    try:
+        ans = st.predict(dep, x, client_id)
+    except ApiProblem as exc:
+        notes["decision"] = decision_of(exc)
+        raise
+    finally:
+        st.metrics.compute.labels(transport).observe(time.perf_counter() - t0)
+    notes["decision"] = ans.decision
+    return ans
