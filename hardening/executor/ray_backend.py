@@ -23,6 +23,9 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray then takes 127.0.0.1 as this node's address
     "RAY_DEDUP_LOGS": "0",
+    # Ray 2.5x clusters require a token (~/.ray/auth_token); the client sends it only in token
+    # mode, read when ray is imported, so this is set before the import.
+    "RAY_AUTH_MODE": "token",
 }
 
 
@@ -51,9 +54,9 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
-        ray = import_ray()
         for k, v in QUIET_ENV.items():
             os.environ.setdefault(k, v)
+        ray = import_ray()
         self.ray = ray
         self.address = address
         self._owned = False
