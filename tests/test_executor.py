@@ -196,3 +196,28 @@ def test_checkpoint_folder_layout_is_plain_files(tmp_path):
     store.save(s.id, {"b": 2}, {}, {})
     assert sorted(p.suffix for p in Path(store.dir).iterdir()) == [".json", ".npz"]
     assert json.loads((store.dir / f"{s.id}.json").read_text())["meta"] == {"b": 2}
+
+
+def extraction(demo, **kw):
+    from hardening.extraction_audit import run_extraction_audit
+
+    return run_extraction_audit(demo.model_path, demo.data_path, torch_source=demo.torch_path, budgets=[50, 150],
+                                scenarios=["in_dist", "noise"], policies=["bare", "label_only", "rounded"],
+                                attacks=["copycat"], train_steps=60, seed=2, **kw)
+
+
+def runs_of(report) -> list[dict]:
+    return [{k: v for k, v in r.__dict__.items() if k != "seconds"} for r in report.runs]
+
+
+def test_extraction_cells_merge_to_the_unsharded_grid_and_resume(digits_demo, tmp_path):
+    plain = extraction(digits_demo)
+    sharded = extraction(digits_demo, executor=InProcessExecutor(), checkpoint_dir=tmp_path)
+    assert runs_of(sharded) == runs_of(plain)
+    assert [c.fidelity for c in sharded.curves] == [c.fidelity for c in plain.curves]
+    assert any(r.reused_from for r in plain.runs)  # identical answers still share one thief inside a cell
+    store = ShardStore(tmp_path)
+    assert len(store.finished()) == 4  # 2 scenarios x 1 attack x 2 budgets
+    (store.dir / f"{store.finished()[0]}.json").unlink()
+    again = extraction(digits_demo, checkpoint_dir=tmp_path, resume=True)
+    assert runs_of(again) == runs_of(plain) and len(store.finished()) == 4

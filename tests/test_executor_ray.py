@@ -132,3 +132,12 @@ def test_killed_worker_shard_is_retried_and_counted_once(executor, digits_demo):
     assert len(remote.execution["shards"]) == 5
     assert comparable(remote) == comparable(local)  # no lost and no double-counted point
     assert len(remote.variants[0].examples) == 40
+
+
+def test_ray_merged_extraction_equals_in_process(executor, digits_demo):
+    from test_executor import extraction, runs_of
+
+    local = extraction(digits_demo)
+    remote = extraction(digits_demo, executor=executor)
+    assert runs_of(remote) == runs_of(local)
+    assert [c.queries_to_90 for c in remote.curves] == [c.queries_to_90 for c in local.curves]

@@ -12,12 +12,14 @@ retried shard is counted once.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from hardening.errors import EdgewardError
 
 MAX_RETRIES = 3
+JOIN_ATTEMPTS = 3
 # Local clusters stay on loopback and quiet: no dashboard, no usage report, loopback IP.
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -67,7 +69,7 @@ class RayExecutor:
                              configure_logging=False)
                     self._owned = True
                 else:
-                    ray.init(address=address, log_to_driver=False)
+                    self._join(address)
                     self._owned = True
             except (ConnectionError, RuntimeError, ValueError) as e:
                 from hardening.executor.base import ExecutorError
@@ -75,6 +77,32 @@ class RayExecutor:
                 raise ExecutorError(f"cannot reach the Ray cluster {address or '(local)'}: "
                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self._run = _remote_run(ray)
+
+    def _join(self, address: str) -> None:
+        """Ray Client; its server starts a per-client process, which can time out on a busy
+        machine ("Initialization failure from server"): try a few times before giving up."""
+        for attempt in range(JOIN_ATTEMPTS):
+            try:
+                self.ray.init(address=address, log_to_driver=False)
+                return
+            except ConnectionError:
+                if attempt + 1 == JOIN_ATTEMPTS:
+                    raise
+                time.sleep(2.0 * (attempt + 1))
+
+    def warm(self) -> None:
+        """Import the audit stack once in every worker process (torch, ART: seconds each), so
+        timings measure the work and not the first import."""
+        ray = self.ray
+
+        @ray.remote(num_cpus=1)
+        def _warm() -> int:
+            import hardening.robustness.audit  # noqa: F401
+
+            time.sleep(0.5)  # hold the CPU so each task lands in its own worker
+            return os.getpid()
+
+        ray.get([_warm.remote() for _ in range(self.workers())])
 
     def workers(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 1))
