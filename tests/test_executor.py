@@ -150,11 +150,18 @@ def test_executor_ray_without_ray_is_one_line_exit_2(digits_demo, tmp_path):
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "edgeward[ray]" in lines[0], res.stderr
-    res = _cli("audit", "robustness", str(digits_demo.model_path), "--data", str(digits_demo.data_path), "--resume")
-    assert res.returncode == 2 and "--resume needs --out" in res.stderr
-    res = _cli("audit", "robustness", str(digits_demo.model_path), "--data", str(digits_demo.data_path),
-               "--executor", "dask")
-    assert res.returncode == 2 and "unknown --executor" in res.stderr
+    from typer.testing import CliRunner
+
+    from hardening.cli import app
+
+    base = ["audit", "robustness", str(digits_demo.model_path), "--data", str(digits_demo.data_path)]
+    res = CliRunner().invoke(app, [*base, "--resume"])
+    assert res.exit_code == 2 and "--resume needs --out" in res.output
+    res = CliRunner().invoke(app, [*base, "--executor", "dask"])
+    assert res.exit_code == 2 and "unknown --executor" in res.output
+    res = CliRunner().invoke(app, ["audit", "extraction", str(digits_demo.model_path), "--data",
+                                   str(digits_demo.data_path), "--resume"])
+    assert res.exit_code == 2 and "--resume needs --out" in res.output
 
 
 @pytest.mark.slow
