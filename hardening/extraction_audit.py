@@ -444,46 +444,18 @@ def _check_names(kind: str, got: Sequence[str], known: Sequence[str]) -> list[st
     return got
 
 
-def run_extraction_audit(
-    model_path: str | Path,
-    dataset: str | Path | Dataset,
-    torch_source: str | Path | None = None,
-    budgets: Sequence[int] = DEFAULT_BUDGETS,
-    scenarios: Sequence[str] = SCENARIOS,
-    policies: Sequence[str] = VICTIMS,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
-    rate_limit: str | None = "60/minute",
-    global_limit: str | None = None,
-    sybil_keys: int = 10,
-    guard: Any = None,
-    thief_arch: str | None = None,
-    train_steps: int = 300,
-    gate_alpha: float = GATE_ALPHA,
-    seed: int = 0,
-    plot_dir: str | Path | None = None,
-    progress: Progress | None = None,
-) -> ExtractionReport:
-    """Run the extraction grid (see module doc); ``policies`` are victim names from ``VICTIMS``."""
-    import torch
-
-    t_start = time.perf_counter()
-    budgets = sorted({int(b) for b in budgets})
-    if not budgets or budgets[0] <= 0:
-        raise InputError(f"budgets must be positive integers, got {budgets}")
-    scenarios = _check_names("scenario", scenarios, SCENARIOS)
-    victims_wanted = _check_names("victim/policy", policies, VICTIMS)
-    attacks = _check_names("attack", attacks, ATTACKS)
-    if sybil_keys < 1:
-        raise InputError(f"--sybil-keys must be at least 1, got {sybil_keys}")
-    rate = RateModel(rate_limit, global_limit, sybil_keys)
-    _ = (rate.per_client_qps, rate.global_qps)  # parse now: a bad rate is an input error before any work
-
+def build_context(model_path, dataset, torch_source, scenarios, victims_wanted, budgets, guard, thief_arch,
+                  train_steps, gate_alpha, seed) -> tuple[CellContext, dict]:
+    """Victims (with the fitted OOD gate where needed), thief pools and the raw test labels.
+    Seeded: a worker that builds it from the same files gets the same context."""
     info = load_model(model_path)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     check_fits(info, ds)
     if info.num_classes is None:
         raise InputError(f"{model_path}: logits need a fixed number of classes")
     thief_x, thief_from = _thief_data(ds, scenarios)
+    import torch
+
     torch.set_num_threads(1)
     session = make_session(model_path)
     spec = thief_spec_for(ds.sample_shape, info.num_classes, torch_source, thief_arch, train_steps=train_steps)
@@ -503,42 +475,71 @@ def run_extraction_audit(
         for sc in scenarios
     }
 
+    return CellContext(victims, pools, spec, ds, raw_test, seed), {
+        "info": info, "bare": bare, "thief_from": thief_from, "gate_info": gate_info}
+
+
+def run_extraction_audit(
+    model_path: str | Path,
+    dataset: str | Path | Dataset,
+    torch_source: str | Path | None = None,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    scenarios: Sequence[str] = SCENARIOS,
+    policies: Sequence[str] = VICTIMS,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    rate_limit: str | None = "60/minute",
+    global_limit: str | None = None,
+    sybil_keys: int = 10,
+    guard: Any = None,
+    thief_arch: str | None = None,
+    train_steps: int = 300,
+    gate_alpha: float = GATE_ALPHA,
+    seed: int = 0,
+    plot_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    executor: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+) -> ExtractionReport:
+    """Run the extraction grid (see module doc); ``policies`` are victim names from ``VICTIMS``.
+
+    ``executor`` / ``checkpoint_dir`` / ``resume``: run the grid as shards, one per scenario x
+    attack x budget (``hardening.extraction_shards``); the result is the same."""
+
+    t_start = time.perf_counter()
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets or budgets[0] <= 0:
+        raise InputError(f"budgets must be positive integers, got {budgets}")
+    scenarios = _check_names("scenario", scenarios, SCENARIOS)
+    victims_wanted = _check_names("victim/policy", policies, VICTIMS)
+    attacks = _check_names("attack", attacks, ATTACKS)
+    if sybil_keys < 1:
+        raise InputError(f"--sybil-keys must be at least 1, got {sybil_keys}")
+    rate = RateModel(rate_limit, global_limit, sybil_keys)
+    _ = (rate.per_client_qps, rate.global_qps)  # parse now: a bad rate is an input error before any work
+
+    ctx, setup = build_context(model_path, dataset, torch_source, scenarios, victims_wanted, budgets, guard,
+                               thief_arch, train_steps, gate_alpha, seed)
+    info, ds, victims, pools, spec, raw_test = setup["info"], ctx.ds, ctx.victims, ctx.pools, ctx.spec, ctx.raw_test
+    bare, thief_from, gate_info = setup["bare"], setup["thief_from"], setup["gate_info"]
     total = len(scenarios) * len(victims) * len(attacks) * len(budgets)
-    done = 0
-    runs: list[RunResult] = []
-    trained: dict[tuple, RunResult] = {}  # identical training data -> identical thief (seeded, 1 thread)
-    for sc in scenarios:
-        pool = pools[sc]
-        for vname, victim in victims.items():
+    if executor is None and checkpoint_dir is None:
+        runs = []
+        done = 0
+        for sc in scenarios:
             for attack in attacks:
                 for b in budgets:
-                    if progress:
-                        progress(done, total, f"{sc} / {vname} / {attack} / {b}")
-                    victim.new_attacker(f"thief-{sc}-{attack}-{b}-{seed}")
-                    key = _training_key(victim, pool.x[:b], attack, sc, b)
-                    if key is not None and key in trained:
-                        led = victim.ledger
-                        runs.append(dataclasses.replace(
-                            trained[key], victim=vname, queries_sent=led.sent, answered=led.answered,
-                            rejected=led.rejected, rate_limited=led.rate_limited, flagged=led.flagged,
-                            first_flagged_at=led.first_flagged_at, reused_from=trained[key].victim))
-                        done += 1
-                        continue
-                    victim.new_attacker(f"thief-{sc}-{attack}-{b}-{seed}")
-                    stolen = steal(victim, pool.x[:b], attack, spec, pool.actions[:b], seed=seed)
-                    pred = stolen.predict_labels(ds.x)
-                    led = victim.ledger
-                    run = RunResult(
-                        scenario=sc, victim=vname, attack=attack, budget=b, queries_sent=led.sent,
-                        answered=led.answered, rejected=led.rejected, rate_limited=led.rate_limited,
-                        flagged=led.flagged, first_flagged_at=led.first_flagged_at, trained_on=stolen.trained_on,
-                        labels_seen=stolen.labels_seen, fidelity=float((pred == raw_test).mean()),
-                        accuracy=float((pred == ds.y).mean()), seconds=round(stolen.seconds, 3),
-                    )
-                    runs.append(run)
-                    if key is not None:
-                        trained[key] = run
-                    done += 1
+                    runs += _run_cell(ctx, sc, attack, b, progress, done, total)
+                    done += len(victims)
+        runs = _grid_order(runs, scenarios, list(victims), attacks, budgets)
+    else:
+        from hardening.extraction_shards import run_cells
+
+        runs = run_cells(ctx, executor, checkpoint_dir, resume, progress, model_path=str(model_path),
+                         dataset=dataset, torch_source=torch_source, scenarios=scenarios, attacks=attacks,
+                         budgets=budgets, victims=list(victims), thief_arch=thief_arch, train_steps=train_steps,
+                         gate_alpha=gate_alpha, guard=guard)
+        done = total
     if progress:
         progress(done, total, "honest-user costs")
 
@@ -572,6 +573,62 @@ def run_extraction_audit(
         report.plots = plot_curves(report, plot_dir)
     report.seconds = round(time.perf_counter() - t_start, 2)
     return report
+
+
+@dataclass
+class CellContext:
+    """What every grid cell's runs need: the victims, the thief pools and the test split."""
+
+    victims: dict[str, Victim]
+    pools: dict[str, ThiefPool]
+    spec: Any
+    ds: Dataset
+    raw_test: np.ndarray
+    seed: int
+
+
+def _run_cell(ctx: CellContext, sc: str, attack: str, b: int, progress: Progress | None = None, done: int = 0,
+              total: int = 0) -> list[RunResult]:
+    """One scenario x attack x budget against every victim. Victims whose answers give the thief the
+    same training data share one trained thief (seeded, one thread: the same thief either way)."""
+    pool, seed = ctx.pools[sc], ctx.seed
+    runs: list[RunResult] = []
+    trained: dict[tuple, RunResult] = {}
+    for vname, victim in ctx.victims.items():
+        if progress:
+            progress(done, total, f"{sc} / {vname} / {attack} / {b}")
+        done += 1
+        victim.new_attacker(f"thief-{sc}-{attack}-{b}-{seed}")
+        key = _training_key(victim, pool.x[:b], attack, sc, b)
+        if key is not None and key in trained:
+            led = victim.ledger
+            runs.append(dataclasses.replace(
+                trained[key], victim=vname, queries_sent=led.sent, answered=led.answered,
+                rejected=led.rejected, rate_limited=led.rate_limited, flagged=led.flagged,
+                first_flagged_at=led.first_flagged_at, reused_from=trained[key].victim))
+            continue
+        victim.new_attacker(f"thief-{sc}-{attack}-{b}-{seed}")
+        stolen = steal(victim, pool.x[:b], attack, ctx.spec, pool.actions[:b], seed=seed)
+        pred = stolen.predict_labels(ctx.ds.x)
+        led = victim.ledger
+        run = RunResult(
+            scenario=sc, victim=vname, attack=attack, budget=b, queries_sent=led.sent,
+            answered=led.answered, rejected=led.rejected, rate_limited=led.rate_limited,
+            flagged=led.flagged, first_flagged_at=led.first_flagged_at, trained_on=stolen.trained_on,
+            labels_seen=stolen.labels_seen, fidelity=float((pred == ctx.raw_test).mean()),
+            accuracy=float((pred == ctx.ds.y).mean()), seconds=round(stolen.seconds, 3),
+        )
+        runs.append(run)
+        if key is not None:
+            trained[key] = run
+    return runs
+
+
+def _grid_order(runs: list[RunResult], scenarios, victims, attacks, budgets) -> list[RunResult]:
+    """Runs in the report's order: scenario, victim, attack, budget."""
+    rank = {(sc, v, a, b): i for i, (sc, v, a, b) in enumerate(
+        (sc, v, a, b) for sc in scenarios for v in victims for a in attacks for b in budgets)}
+    return sorted(runs, key=lambda r: rank[(r.scenario, r.victim, r.attack, r.budget)])
 
 
 def self_check(runs: Sequence[RunResult], budgets: Sequence[int]) -> SelfCheck:

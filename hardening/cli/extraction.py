@@ -64,6 +64,10 @@ def audit_extraction_cmd(
     train_steps: int = typer.Option(300, "--train-steps", min=1, help="Thief gradient steps per run."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(None, "--out", help="Folder for extraction.json and fidelity-vs-queries PNGs."),
+    executor: str = typer.Option("in-process", "--executor", help="Where grid cells run: in-process, ray (local "
+                                 "cluster on 127.0.0.1) or ray://HOST:PORT; see docs/executor.md."),
+    workers: int = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster (default: all)."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the grid cells checkpointed in --out."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Steal the model with ART extraction attacks per scenario x defence x budget; report fidelity,
@@ -72,7 +76,12 @@ def audit_extraction_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from attacks.thief_data import SCENARIOS
+    from hardening.executor import make_executor, parse_executor
     from hardening.extraction_audit import QUICK_BUDGETS, VICTIMS, run_extraction_audit
+
+    if resume and out is None:
+        raise InputError("--resume needs --out (the folder the interrupted run checkpointed its cells to)")
+    parse_executor(executor)
 
     kw = dict(
         torch_source=torch_source,
@@ -95,7 +104,14 @@ def audit_extraction_cmd(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
 
-        report = run_extraction_audit(model, data, progress=progress, **kw)  # type: ignore[arg-type]
+        sharded = executor != "in-process" or resume or out is not None
+        runner = make_executor(executor, workers) if sharded else None
+        try:
+            report = run_extraction_audit(model, data, progress=progress, executor=runner,  # type: ignore[arg-type]
+                                          checkpoint_dir=out, resume=resume, **kw)
+        finally:
+            if runner is not None:
+                runner.close()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "extraction.json").write_text(dumps(report.to_dict()))

@@ -45,6 +45,18 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         self_checks: bool = typer.Option(
             True, "--self-checks/--no-self-checks", help="Sanity-epsilon and iteration checks (gradient checks always run)."
         ),
+        executor: str = typer.Option(
+            "in-process", "--executor", help="Where shards run: in-process, ray (local cluster on 127.0.0.1) or "
+            "ray://HOST:PORT (join a cluster; workers must see the same file paths)."
+        ),
+        workers: int | None = typer.Option(None, "--workers", help="CPUs of the local Ray cluster (default: all)."),
+        shard_points: int | None = typer.Option(
+            None, "--shard-points", help="Evaluation points per shard (default 64); the same value gives the same "
+            "result on every executor."
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Reuse the finished shards checkpointed in --out (from an interrupted run)."
+        ),
         json_out: bool = JSON_OPT,
     ) -> None:
         """Robust accuracy under the strongest attacks we can run, judged on each deployed ONNX model.
@@ -54,9 +66,18 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from hardening.executor import make_executor, parse_executor
         from hardening.robustness import run_robustness_audit
 
         eps_list = _floats(eps, "--eps")
+        if resume and out_dir is None:
+            raise InputError("--resume needs --out (the folder the interrupted run checkpointed its shards to)")
+        if shard_points is not None and shard_points < 1:
+            raise InputError(f"--shard-points must be a positive integer, got {shard_points}")
+        if workers is not None and workers < 1:
+            raise InputError(f"--workers must be a positive integer, got {workers}")
+        parse_executor(executor)  # a bad spelling is a usage error before Ray starts
+        runner = make_executor(executor, workers)
         names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -70,10 +91,14 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                     tasks[key] = bar.add_task(desc, total=total)
                 bar.update(tasks[key], description=desc, completed=done, total=total)
 
-            report = run_robustness_audit(
-                models, data, torch_source=torch_source, profile=profile, eps=eps_list, norm=norm, n=n,
-                seed=seed, attacks=names, progress=progress, self_checks=self_checks,
-            )
+            try:
+                report = run_robustness_audit(
+                    models, data, torch_source=torch_source, profile=profile, eps=eps_list, norm=norm, n=n,
+                    seed=seed, attacks=names, progress=progress, self_checks=self_checks, executor=runner,
+                    checkpoint_dir=out_dir, resume=resume, shard_points=shard_points,
+                )
+            finally:
+                runner.close()
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "robustness.json").write_text(dumps(report) + "\n")
@@ -108,6 +133,10 @@ def _print(report) -> None:
         out.print(f"{v.name}: output {v.output_convention}; gradient routes: {routes}")
         if v.upper_bound:
             out.print(f"{v.name}: [bold red]UPPER BOUND[/bold red] robust accuracy is not reliable: {v.upper_bound_reason}")
+    ex = report.execution
+    if ex:
+        out.print(f"executor: {ex['executor']} ({ex['workers']} workers), {len(ex['shards'])} shards "
+                  f"({ex['resumed']} from checkpoints), {ex['shards_wall_s']:.1f} s")
     if report.findings:
         table("Self-check findings", ["severity", "variant", "code", "message"],
               [[f.severity, f.variant, f.code, f.message] for f in report.findings])

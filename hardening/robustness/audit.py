@@ -42,7 +42,7 @@ from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import check_fits, load_model, make_session
 from hardening.robustness import checks
-from hardening.robustness.engine import Progress, Stage, Target, run_cascade
+from hardening.robustness.engine import Progress, Stage, Target
 from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
 from hardening.robustness.routes import (
     batch_dependent,
@@ -154,12 +154,20 @@ def run_robustness_audit(
     attacks: list[str] | None = None,
     progress: Progress | None = None,
     self_checks: bool = True,
+    executor: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    shard_points: int | None = None,
 ) -> RobustnessReport:
     """Audit each model; robust accuracy = accuracy left after the whole attack cascade.
 
     ``models``: ONNX paths, a ``variants.json`` or ``compression.Variant`` objects;
     ``torch_source``: the float model's PyTorch source (path or module). ``eps`` is in
     input units (default: 5/10/20% of the data range for L-inf).
+
+    The work runs as shards (``hardening.robustness.shards``: variant x ``shard_points``
+    points) on ``executor`` (default in-process); with ``checkpoint_dir`` each finished
+    shard is saved there and ``resume`` reads finished ones back instead of rerunning them.
     """
     from threadpoolctl import threadpool_limits
 
@@ -169,12 +177,14 @@ def run_robustness_audit(
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
-            return _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, progress, self_checks)
+            return _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, progress, self_checks,
+                        executor, checkpoint_dir, resume, shard_points)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, progress, self_checks):
+def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, progress, self_checks,
+         executor=None, checkpoint_dir=None, resume=False, shard_points=None):
     t_start = time.perf_counter()
     settings = check_profile(profile)
     norm_v = parse_norm(norm)
@@ -196,16 +206,49 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
     pick = np.sort(rng.choice(len(ds.x), size=min(n, len(ds.x)), replace=False))
     x, y = ds.x[pick], ds.y[pick]
 
+    from hardening.executor import InProcessExecutor, ShardStore, run_shards
+    from hardening.robustness import shards as sh
+
+    executor = executor or InProcessExecutor()
+    in_process = executor.name == "in-process"
+    for s in specs:
+        if not in_process and isinstance(s.torch_source, nn.Module):
+            raise InputError(f"--executor {executor.name}: the PyTorch source of '{s.name}' must be a file path "
+                             "(workers load it), not an in-memory module")
+        if not in_process and s.torch_source is not None:
+            s.torch_source = str(Path(s.torch_source).resolve())
+        if not in_process:
+            s.path = str(Path(s.path).resolve())
     findings: list[Finding] = []
     results: list[VariantResult] = []
     torch_cache: dict = {}
+    prepared = {s.name: _prepare(s, infos[s.name], x, y, settings, names, clip, torch_cache) for s in specs}
+    local = {"prepared": prepared, "progress": _no_done(progress)} if in_process else None
+    size = sh.DEFAULT_SHARD_POINTS if shard_points is None else shard_points
+    plan = sh.plan(specs, x, y, eps_grid, norm_key, profile, names, clip, seed, self_checks, size, local)
+    store = ShardStore(checkpoint_dir) if checkpoint_dir is not None else None
+    t_shards = time.perf_counter()
+
+    def shard_progress(done: int, total: int, what: str) -> None:
+        if progress and not in_process:  # in-process shards report each attack themselves
+            progress(f"shards {what}", done, total)
+
+    done = run_shards(executor, plan, store, resume, shard_progress)
+    wall = time.perf_counter() - t_shards
     for s in specs:
-        v, f = _audit_one(
-            s, infos[s.name], pick, x, y, eps_grid, norm_v, settings, names, clip, seed, progress, torch_cache,
-            self_checks,
-        )
+        mine = [done[p.id] for p in plan if p.meta["variant"]["name"] == s.name]
+        points = [(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-points"]
+        sc = next((sh.self_check_from(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-selfcheck"), None)
+        out = sh.merge_points(points, len(x))
+        v, f = _finish(s, prepared[s.name], pick, x, y, out, eps_grid, norm_v, clip, sc, time.perf_counter())
+        v.seconds = round(sum(float(r.where.get("seconds") or 0) for r in mine), 3)
+        if progress:
+            progress(f"{s.name} done", 1, 1)
         results.append(v)
         findings.extend(f)
+    execution = {"executor": executor.name, "workers": executor.workers(), "shard_points": size,
+                 "shards_wall_s": round(wall, 3), "resumed": sum(r.resumed for r in done.values()),
+                 "shards": [done[p.id].provenance() for p in plan]}
     by_name = {v.name: v for v in results}
     for s, v in zip(specs, results):
         if v.role != "compressed":
@@ -225,7 +268,15 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
         variants=results,
         findings=findings,
         seconds=round(time.perf_counter() - t_start, 3),
+        execution=execution,
     )
+
+
+def _no_done(progress: Progress | None) -> Progress | None:
+    """A shard's cascade ends with "<variant> done"; the variant is done only once merged."""
+    if progress is None:
+        return None
+    return lambda msg, done, total: progress(msg[:-5] + " shard finished" if msg.endswith(" done") else msg, done, total)
 
 
 @dataclass
@@ -272,10 +323,27 @@ def _source_scores(module: nn.Module, x: np.ndarray, nb: int, name: str, convent
     return module, tl
 
 
-def _audit_one(
-    s, info, pick, x, y, eps_grid, norm_v, settings, names, clip, seed, progress, torch_cache, self_checks
-):
-    t0 = time.perf_counter()
+@dataclass
+class Prepared:
+    """A variant ready to attack: its routes, estimators and the findings made on the way.
+    Deterministic given the variant and the evaluation points, so every shard of the
+    variant (in this process or on a worker) rebuilds the same one."""
+
+    role: str
+    agreement: float | None
+    routes: Routes
+    graph: Any
+    convention: OutputConvention
+    source_probs: bool
+    grad_info: dict
+    grad_findings: list[Finding]
+    restored: str | None
+    settings: dict
+    target: Target
+    findings: list[Finding]
+
+
+def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
     findings: list[Finding] = []
     nb = int(info.num_classes)
     shape = tuple(x.shape[1:])
@@ -346,7 +414,16 @@ def _audit_one(
             f"(no gradient route: {why}; only square and hsj apply)"
         )
     target = Target(ort_fn, surrogate, stages, clip)
-    out = run_cascade(target, x, y, eps_grid, norm_v, settings, seed, progress, label=s.name)
+    return Prepared(role, agreement, routes, graph, convention, src is not None and src is not module, grad_info,
+                    grad_findings, restored, settings, target, findings)
+
+
+def _finish(s, p: Prepared, pick, x, y, out, eps_grid, norm_v, clip, self_check, t0) -> tuple[VariantResult, list]:
+    """The variant's result from its (merged) cascade and its self-check shard."""
+    findings = list(p.findings)
+    role, agreement, routes, graph, convention = p.role, p.agreement, p.routes, p.graph, p.convention
+    grad_info, grad_findings, restored, target = dict(p.grad_info), p.grad_findings, p.restored, p.target
+    stages, first = target.stages, routes.first
     top = max(eps_grid)
     examples = [
         ExampleResult(
@@ -372,9 +449,9 @@ def _audit_one(
         gradient_check=grad_info, output_convention=convention.value, gradient_routes=routes.describe(),
     )
     findings.extend(grad_findings)
-    findings.extend(_route_findings(v, routes, graph, convention, src is not None and src is not module))
-    if self_checks:
-        findings.extend(_self_checks(v, target, x, y, out.correct, eps_grid, norm_v, settings, clip, seed))
+    findings.extend(_route_findings(v, routes, graph, convention, p.source_probs))
+    if self_check is not None:
+        findings.extend(_apply_self_checks(v, self_check, x, norm_v))
     findings.extend(checks.check_family_gaps(v))
     masked = (first[0],) if grad_findings and first is not None else ()
     findings.extend(checks.check_losses(v, masked))
@@ -483,21 +560,30 @@ def _stages(routes: Routes, ort_fn, names, shape, nb, clip, surrogate) -> list[S
     return sorted(stages, key=lambda st: FAMILY_ORDER.index(st.family))
 
 
-def _self_checks(v, target, x, y, correct, eps_grid, norm_v, settings, clip, seed) -> list[Finding]:
-    found: list[Finding] = []
+def run_self_checks(name, target, x, y, eps_grid, norm_v, settings, clip, seed) -> dict:
+    """Sanity-epsilon and iteration checks of one variant (a shard of their own): plain data
+    back, the 4x run's adversarials under ``iterations["_adversarial"]``."""
+    correct = target.ort_fn.labels(x) == y
     ok = np.flatnonzero(correct)
     if len(ok) == 0:
-        found.append(Finding("warning", "NO_CORRECT_POINTS", "the model gets no evaluation point right", v.name))
-        return found
+        return {"findings": [Finding("warning", "NO_CORRECT_POINTS", "the model gets no evaluation point right",
+                                     name)]}
     width = clip[1] - clip[0]
     sanity_eps = 0.5 * width if norm_v == np.inf else 0.5 * width * math.sqrt(x[0].size)
     sub = ok[:SANITY_SUBSET]
-    info, f = checks.check_sanity(target, x[sub], y[sub], sanity_eps, norm_v, settings, seed, v.name)
-    v.gradient_check["sanity"] = info
-    found += f
+    sanity, f = checks.check_sanity(target, x[sub], y[sub], sanity_eps, norm_v, settings, seed, name)
     mid = eps_grid[len(eps_grid) // 2]
     sub = ok[:ITER_SUBSET]
-    info, f = checks.check_iterations(target, x[sub], y[sub], mid, norm_v, settings, seed, v.name)
-    found += f + checks.check_convergence(v, sub, info, x[sub], norm_v)
+    iters, f2 = checks.check_iterations(target, x[sub], y[sub], mid, norm_v, settings, seed, name)
+    return {"findings": f + f2, "sanity": sanity, "iterations": iters, "rows": sub}
+
+
+def _apply_self_checks(v, sc: dict, x, norm_v) -> list[Finding]:
+    found = list(sc["findings"])
+    if "sanity" not in sc:
+        return found
+    v.gradient_check["sanity"] = sc["sanity"]
+    info, sub = dict(sc["iterations"]), sc["rows"]
+    found += checks.check_convergence(v, sub, info, x[sub], norm_v)
     v.gradient_check["iterations"] = info
     return found

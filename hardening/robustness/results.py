@@ -125,6 +125,7 @@ class RobustnessReport:
     variants: list[VariantResult]
     findings: list[Finding]
     seconds: float
+    execution: dict = field(default_factory=dict)  # executor, workers, per-shard timing and where it ran
 
     @property
     def worst_severity(self) -> str | None:
