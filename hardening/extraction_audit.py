@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from attacks.extraction import ATTACKS, steal, thief_spec_for
-from attacks.thief_data import SCENARIOS, ThiefPool, make_pool
+from attacks.thief_data import DEFAULT_SCENARIOS, SCENARIOS, SEED_MIXUP, ThiefPool, make_pool
 from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim
 from hardening.data import Dataset, load_dataset, save_dataset
 from hardening.errors import InputError
@@ -208,7 +208,7 @@ class SelfCheck:
 def _thief_data(ds: Dataset, scenarios) -> tuple[np.ndarray | None, str | None]:
     """In-distribution data the thief holds: ``x_thief``, else the training split (the
     strongest plausible thief: data from the distribution the model was trained on)."""
-    if "in_dist" not in scenarios:
+    if "in_dist" not in scenarios and SEED_MIXUP not in scenarios:
         return None, None
     if ds.x_thief is not None:
         return ds.x_thief, "x_thief"
@@ -449,7 +449,7 @@ def run_extraction_audit(
     dataset: str | Path | Dataset,
     torch_source: str | Path | None = None,
     budgets: Sequence[int] = DEFAULT_BUDGETS,
-    scenarios: Sequence[str] = SCENARIOS,
+    scenarios: Sequence[str] = DEFAULT_SCENARIOS,
     policies: Sequence[str] = VICTIMS,
     attacks: Sequence[str] = DEFAULT_ATTACKS,
     rate_limit: str | None = "60/minute",

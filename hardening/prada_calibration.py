@@ -47,9 +47,9 @@ class PradaCalibration:
     n_calibration_clients: int
     config: dict  # the ExtractionMonitorConfig fields to ship (delta, min_queries, center, scale, ...)
     false_flag_rate: dict[str, float]  # per benign stream kind, all signals together
-    false_flag_by_signal: dict[str, dict[str, float]]
+    false_flag_by_signal: dict[str, dict[str, float]]  # each signal on its own
     detection_rate: dict[str, float]  # per thief, all signals together
-    detection_by_signal: dict[str, dict[str, float]]
+    detection_by_signal: dict[str, dict[str, float]]  # each signal on its own
     median_queries_to_flag: dict[str, float | None]
     clients_per_kind: int
     notes: list[str] = field(default_factory=list)
@@ -197,19 +197,26 @@ def calibrate_prada(
                                   scale=scale, max_rejection_rate=max_rr if max_rr < 1.0 else None,
                                   min_label_entropy=min_ent if min_ent and min_ent > 0 else None)
 
-    def rates(states: list) -> tuple[float, dict[str, float], float | None]:
-        by = {sig: float(np.mean([s.flag_reason == sig for s in states])) for sig in SIGNALS}
-        after = [s.flagged_after for s in states if s.flagged]
-        return float(np.mean([s.flagged for s in states])), by, (float(np.median(after)) if after else None)
+    prada_only = ExtractionMonitorConfig(**{**cfg.to_dict(), "max_rejection_rate": None, "min_label_entropy": None})
+
+    def measure(streams: list[np.ndarray]) -> tuple[float, dict[str, float], float | None]:
+        """All signals together, and each signal on its own (flags are sticky, so the first
+        signal to fire would otherwise hide the others)."""
+        st = _run_clients(cfg, streams, label)
+        alone = _run_clients(prada_only, streams, label)
+        rr, ent = _signal_extremes(streams, label, mq, cfg.test_every)
+        by = {"prada": float(np.mean([s.flagged for s in alone])),
+              "rejections": float(np.mean(rr > cfg.max_rejection_rate)) if cfg.max_rejection_rate is not None else 0.0,
+              "label_entropy": float(np.mean(ent < cfg.min_label_entropy)) if cfg.min_label_entropy is not None else 0.0}
+        after = [s.flagged_after for s in st if s.flagged]
+        return float(np.mean([s.flagged for s in st])), by, (float(np.median(after)) if after else None)
 
     ffr, ffr_by, det, det_by, med = {}, {}, {}, {}, {}
     lo, hi = value_range
     for k in BENIGN:
-        st = _run_clients(cfg, [_benign(k, pool, pool_labels, stream_length, rng) for _ in range(clients_per_kind)], label)
-        ffr[k], ffr_by[k], _ = rates(st)
+        ffr[k], ffr_by[k], _ = measure([_benign(k, pool, pool_labels, stream_length, rng) for _ in range(clients_per_kind)])
     for k in THIEVES:
-        st = _run_clients(cfg, [_thief(k, pool, stream_length, lo, hi, rng) for _ in range(clients_per_kind)], label)
-        det[k], det_by[k], med[k] = rates(st)
+        det[k], det_by[k], med[k] = measure([_thief(k, pool, stream_length, lo, hi, rng) for _ in range(clients_per_kind)])
         if det[k] == 0:
             notes.append(f"{k}: detected by no signal within {stream_length} queries")
         for sig in SIGNALS:

@@ -293,7 +293,7 @@ class GuardedModel:
                 decision = "flagged"
 
         # The monitor sees every query that reached the model, including ones the gate refuses.
-        if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels):
+        if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels, ood):
             reasons.append("extraction")
             decision = "flagged"
 

@@ -46,7 +46,7 @@ def _check(r, target: float) -> None:
 def test_quick_calibration_reports_every_stream_and_signal(deployed):
     ds, label = deployed
     pool = np.concatenate([ds.x_cal, ds.x])
-    r = calibrate_prada(pool, ds.x_train, label, target=0.05, clients_per_kind=20, calibration_clients_per_kind=60, stream_length=100,
+    r = calibrate_prada(pool, ds.x_train, label, target=0.05, clients_per_kind=10, calibration_clients_per_kind=60, stream_length=100,
                         min_queries_grid=(50,), seed=1)
     _check(r, 0.05)
     assert r.min_queries == 50 and r.n_calibration_clients == 180

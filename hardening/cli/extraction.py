@@ -52,7 +52,7 @@ def audit_extraction_cmd(
                                       "architecture (fresh weights)."),
     budgets: str = typer.Option("50,200,1000,5000", "--budgets", help="Query budgets, comma-separated."),
     quick: bool = typer.Option(False, "--quick", help="Quick profile: budgets 50,200,500."),
-    scenarios: str = typer.Option(None, "--scenarios", help="Thief data: in_dist,natural_ood,noise (default all)."),
+    scenarios: str = typer.Option(None, "--scenarios", help="Thief data: in_dist,natural_ood,noise (default), seed30_mixup (30 real seeds + mixup)."),
     policies: str = typer.Option(None, "--policies", help="Victims: bare,full,top_k,rounded,label_only,"
                                  "reverse_sigmoid,adaptive_misinformation,guarded (default all)."),
     attacks: str = typer.Option("copycat,knockoff_random", "--attacks",
@@ -71,13 +71,13 @@ def audit_extraction_cmd(
     Exits 1 if the self-check (undefended model must be stealable) fails: then the harness is broken."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from attacks.thief_data import SCENARIOS
+    from attacks.thief_data import DEFAULT_SCENARIOS
     from hardening.extraction_audit import QUICK_BUDGETS, VICTIMS, run_extraction_audit
 
     kw = dict(
         torch_source=torch_source,
         budgets=list(QUICK_BUDGETS) if quick else _budgets(budgets),
-        scenarios=_csv(scenarios, "scenarios") or list(SCENARIOS),
+        scenarios=_csv(scenarios, "scenarios") or list(DEFAULT_SCENARIOS),
         policies=_csv(policies, "policies") or list(VICTIMS),
         attacks=_csv(attacks, "attacks"),
         rate_limit=rate_limit,
