@@ -238,6 +238,7 @@ class ExtractionReport:
     self_check: SelfCheck
     plots: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    monitor: dict | None = None  # the guarded victim's extraction monitor (delta, thresholds; calibrated or not)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,8 +275,9 @@ def _gate_fn(bare: ModelVictim, scorer: Any) -> Callable[[np.ndarray], np.ndarra
     return gate
 
 
-def default_guard_config(policy: str = "full") -> Any:
-    """The guarded-runtime victim: OOD gate rejecting, chosen output policy, PRADA monitor flagging."""
+def default_guard_config(policy: str = "full", monitor: dict | None = None) -> Any:
+    """The guarded-runtime victim: OOD gate rejecting, chosen output policy, PRADA monitor flagging
+    (with ``monitor``, the calibrated monitor section that ships, e.g. from ``calibrate-monitor``)."""
     from runtime_guard.config import (
         AnomalyGateConfig,
         ExtractionMonitorConfig,
@@ -288,7 +290,8 @@ def default_guard_config(policy: str = "full") -> Any:
         rate_limit=RateLimitConfig(per_client=None),
         anomaly=AnomalyGateConfig(action="reject"),
         output=OutputPolicyConfig(policy=policy),
-        extraction=ExtractionMonitorConfig(enabled=True, action="flag"),
+        extraction=ExtractionMonitorConfig.from_dict({**(monitor or {}), "enabled": True, "action": "flag"},
+                                                     "extraction"),
     )
 
 
@@ -456,6 +459,7 @@ def run_extraction_audit(
     global_limit: str | None = None,
     sybil_keys: int = 10,
     guard: Any = None,
+    monitor: dict | None = None,
     thief_arch: str | None = None,
     train_steps: int = 300,
     gate_alpha: float = GATE_ALPHA,
@@ -493,6 +497,10 @@ def run_extraction_audit(
         if ds.x_train is None or ds.x_cal is None:
             raise InputError(f"{ds.source}: the OOD gate needs 'x_train' and 'x_cal' (drop adaptive_misinformation/guarded)")
         scorer, gate_info = _fit_gate(str(model_path), ds, gate_alpha, seed)
+    if guard is None and monitor is not None:
+        from hardening.prada_calibration import monitor_section
+
+        guard = default_guard_config(monitor=monitor_section(monitor, info.sha256))
     victims = build_victims(victims_wanted, session, info, ds.sample_shape, scorer, guard)
     bare = victims.get("bare") or build_victims(["bare"], session, info, ds.sample_shape)["bare"]
     raw_test = bare.labels(ds.x)  # type: ignore[attr-defined]
@@ -568,6 +576,10 @@ def run_extraction_audit(
         pools=[p.to_dict() for p in pools.values()], rate=rate.to_dict(), gate=gate_info, runs=runs,
         curves=curves, verdicts=verdicts(curves), benign=benign, postprocessors=shares, self_check=self_check(runs, budgets),
     )
+    if "guarded" in victims:
+        mon = (guard or default_guard_config()).extraction
+        report.monitor = {"calibrated": mon.center is not None, "delta": mon.delta, "min_queries": mon.min_queries,
+                          "max_rejection_rate": mon.max_rejection_rate, "min_label_entropy": mon.min_label_entropy}
     if plot_dir is not None:
         report.plots = plot_curves(report, plot_dir)
     report.seconds = round(time.perf_counter() - t_start, 2)

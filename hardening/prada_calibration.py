@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class PradaCalibration:
     median_queries_to_flag: dict[str, float | None]
     clients_per_kind: int
     notes: list[str] = field(default_factory=list)
+    model_sha256: str | None = None  # the model it was calibrated for (package checks it)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -228,3 +230,63 @@ def calibrate_prada(
         false_flag_by_signal=ffr_by, detection_rate=det, detection_by_signal=det_by,
         median_queries_to_flag=med, clients_per_kind=clients_per_kind, notes=notes,
     )
+
+
+# -- a deployed model's calibration (``edgeward calibrate-monitor``, ``edgeward package``) -------------
+
+
+def model_labeller(session: Any, info: Any, scorer: Any = None) -> Labeller:
+    """Top-1 labels of the deployed model and, with the shipped gate's ``scorer``, which inputs
+    it refuses (the same scorer the runtime loads)."""
+    names = [info.logits_output]
+    if scorer is not None and "features" in scorer.needs:
+        if info.features_output is None:
+            raise InputError("the OOD detectors need a 'features' output the model does not have")
+        names.append(info.features_output)
+
+    def label(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, np.float32)
+        labs, rej = [], []
+        for i in range(0, len(x), 256):
+            outs = session.run(names, {info.input_name: x[i:i + 256]})
+            labs.append(outs[0].argmax(1))
+            if scorer is None:
+                rej.append(np.zeros(len(outs[0]), dtype=bool))
+            else:
+                feats = outs[1] if len(outs) > 1 else None
+                rej.append(scorer.is_anomalous(scorer.score(x[i:i + 256], outs[0], feats)))
+        return np.concatenate(labs), np.concatenate(rej)
+
+    return label
+
+
+def calibrate_model_monitor(session: Any, info: Any, ds: Any, scorer: Any = None, **kw: Any) -> PradaCalibration:
+    """Calibrate the monitor for one model + gate on a dataset: benign streams from its held-out
+    inputs (calibration split and test split), standardisation from its training split. Without
+    a gate the rejection signal is switched off (the runtime is then never told of rejections)."""
+    pool = np.concatenate([a for a in (ds.x_cal, ds.x) if a is not None]).astype(np.float32)
+    train = ds.x_train if ds.x_train is not None else pool
+    kw.setdefault("value_range", ds.value_range)
+    r = calibrate_prada(pool, train, model_labeller(session, info, scorer), **kw)
+    if scorer is None:
+        r.config["max_rejection_rate"] = None
+        r.notes.append("no OOD gate given: the gate-rejection signal is off")
+    r.model_sha256 = info.sha256
+    return r
+
+
+def monitor_section(doc: Any, model_sha256: str | None = None) -> dict:
+    """The ``extraction`` section to ship, from ``calibrate-monitor --json`` output (its ``config``)
+    or a bare ExtractionMonitorConfig object; refused if calibrated for another model."""
+    from runtime_guard.config import GuardConfigError
+
+    if not isinstance(doc, dict):
+        raise InputError("monitor config must be a JSON object")
+    got = doc.get("model_sha256")
+    if model_sha256 is not None and got is not None and got != model_sha256:
+        raise InputError(f"monitor config was calibrated for another model (sha256 {str(got)[:12]}...)")
+    section = doc.get("config", doc) if "config" in doc else doc
+    try:
+        return ExtractionMonitorConfig.from_dict(section, "extraction").to_dict()
+    except GuardConfigError as e:
+        raise InputError(str(e)) from None

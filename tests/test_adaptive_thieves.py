@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from attacks.thief_data import N_SEEDS, SEED_MIXUP, make_pool
+from hardening.errors import InputError
 from hardening.extraction_audit import run_extraction_audit
 
 
@@ -18,6 +20,7 @@ def test_seed_mixup_pool_has_30_real_rows_and_mixes_only_them():
     assert pool.x.min() >= 0 and pool.x.max() <= 1
 
 
+@pytest.mark.slow
 def test_mixup_thief_fidelity_through_the_guard_is_its_own_curve(digits_demo):
     rep = run_extraction_audit(
         digits_demo.model_path, digits_demo.data_path, torch_source=digits_demo.torch_path,
@@ -32,3 +35,25 @@ def test_mixup_thief_fidelity_through_the_guard_is_its_own_curve(digits_demo):
     assert guarded.fidelity[-1] >= 0.7  # the gate answers mixups of real digits: the copy works
     d = rep.to_dict()
     assert any(c["scenario"] == SEED_MIXUP and c["victim"] == "guarded" for c in d["curves"])
+
+
+MONITOR = {"delta": 0.5, "min_queries": 50, "center": [0.5] * 64, "scale": [0.3] * 64, "max_rejection_rate": 0.3,
+           "min_label_entropy": None}
+
+
+def test_guarded_victim_uses_the_given_monitor_config(digits_demo):
+    """Small: the noise thief through the guard with a shipped (standardised, rejection-signal) monitor is
+    flagged; the fixed-delta PRADA default flags no noise thief (docs/extraction.md)."""
+    rep = run_extraction_audit(
+        digits_demo.model_path, digits_demo.data_path, torch_source=digits_demo.torch_path,
+        budgets=[100], scenarios=["noise"], policies=["guarded"], attacks=["copycat"], train_steps=20,
+        monitor=MONITOR,
+    )
+    assert rep.monitor == {"calibrated": True, "delta": 0.5, "min_queries": 50, "max_rejection_rate": 0.3,
+                           "min_label_entropy": None}
+    run = rep.runs[0]
+    assert run.rejected == 100 and run.first_flagged_at == 50  # rejections signal, judged from min_queries on
+    with pytest.raises(InputError, match="another model"):
+        run_extraction_audit(digits_demo.model_path, digits_demo.data_path, budgets=[50], scenarios=["noise"],
+                             policies=["guarded"], attacks=["copycat"], train_steps=5,
+                             monitor={"model_sha256": "0" * 64, "config": MONITOR})
