@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from attacks.extraction import ATTACKS, steal, thief_spec_for
+from attacks.adaptive_thieves import ADAPTIVE_ATTACKS, steal_adaptive
+from attacks.extraction import ATTACKS as ART_ATTACKS
+from attacks.extraction import steal, thief_spec_for
 from attacks.thief_data import DEFAULT_SCENARIOS, SCENARIOS, SEED_MIXUP, ThiefPool, make_pool
 from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim
 from hardening.data import Dataset, load_dataset, save_dataset
@@ -45,6 +47,8 @@ QUICK_BUDGETS = (50, 200, 500)
 RUNTIME_POLICIES = ("full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation")
 VICTIMS = ("bare", *RUNTIME_POLICIES, "guarded")
 DEFAULT_ATTACKS = ("copycat", "knockoff_random")
+ATTACKS = (*ART_ATTACKS, *ADAPTIVE_ATTACKS)  # adaptive ones choose their queries in rounds (not default)
+ADAPTIVE_POOL_FACTOR = 4  # unlabelled pool of an adaptive thief = 4x the largest budget
 SELF_CHECK_FIDELITY = 0.85
 DEGRADE_MARGIN = 0.10
 GATE_ALPHA = 0.05
@@ -510,6 +514,12 @@ def run_extraction_audit(
         sc: make_pool(sc, budgets[-1], ds.sample_shape, (lo, hi), thief_x, seed=seed, n_actions=info.num_classes)
         for sc in scenarios
     }
+    # an active learner needs more unlabelled points than it may query: its own, larger pool (same scenario)
+    adaptive_pools: dict[str, ThiefPool] = {
+        sc: make_pool(sc, ADAPTIVE_POOL_FACTOR * budgets[-1], ds.sample_shape, (lo, hi), thief_x, seed=seed,
+                      n_actions=info.num_classes)
+        for sc in scenarios
+    } if any(a in ADAPTIVE_ATTACKS for a in attacks) else {}
 
     total = len(scenarios) * len(victims) * len(attacks) * len(budgets)
     done = 0
@@ -533,7 +543,10 @@ def run_extraction_audit(
                         done += 1
                         continue
                     victim.new_attacker(f"thief-{sc}-{attack}-{b}-{seed}")
-                    stolen = steal(victim, pool.x[:b], attack, spec, pool.actions[:b], seed=seed)
+                    if attack in ADAPTIVE_ATTACKS:  # picks its b queries from the scenario's whole pool
+                        stolen = steal_adaptive(victim, adaptive_pools[sc].x, attack, spec, b, seed=seed)
+                    else:
+                        stolen = steal(victim, pool.x[:b], attack, spec, pool.actions[:b], seed=seed)
                     pred = stolen.predict_labels(ds.x)
                     led = victim.ledger
                     run = RunResult(
