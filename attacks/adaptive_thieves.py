@@ -7,8 +7,11 @@
   Attacks against Machine Learning", AsiaCCS 2017): start from 30 real seeds; each round
   adds ``x + lambda * sign(d F_y(x) / dx)`` for every point so far, with the gradient taken
   on the *substitute* (the student being trained) for the class the victim assigned to x
-  (the substitute's own prediction where the victim refused to answer). Papernot's
-  periodic sign flip of lambda (reservoir variant) is not used: the budget here is small.
+  (the substitute's own prediction where the victim refused to answer), with Papernot's
+  periodic step size ``lambda_r = lambda * (-1) ** (r // flip_every)``. Without the flip
+  (``flip_every=0``) the steps only climb the assigned class, the victim mostly agrees
+  with the substitute there, the loss is ~0 and the student stops learning after its
+  seeds (measured on the digits demo: identical predictions from 31 to 200 queries).
 
 Both train the same ART ``PyTorchClassifier`` thief as ``attacks.extraction.steal``
 (answered queries only, hard labels, step budget per round) and return its ``StolenModel``.
@@ -50,6 +53,7 @@ def steal_adaptive(
     *,
     rounds: int = 4,
     lam: float = 0.1,
+    flip_every: int = 1,
     seed: int = 0,
 ) -> StolenModel:
     """Spend exactly ``budget`` queries on ``victim`` (fresh attacker assumed) with an adaptive thief whose
@@ -89,6 +93,7 @@ def steal_adaptive(
         ys = _ask(victim, xs)
         _fit(thief, xs, ys, spec)
         step = lam * (hi - lo)
+        r = 0
         while len(xs) < budget:
             k = min(len(xs), budget - len(xs))
             sel = np.arange(len(xs)) if k == len(xs) else rng.choice(len(xs), k, replace=False)
@@ -96,7 +101,9 @@ def steal_adaptive(
             answered = ys[sel].sum(1) > 0  # the victim's label where it answered, else the substitute's
             lab = np.where(answered, ys[sel].argmax(1), np.asarray(thief.predict(src, batch_size=512)).argmax(1))
             grad = np.asarray(thief.class_gradient(src, label=lab)).reshape(src.shape)
-            new = np.clip(src + step * np.sign(grad), lo, hi).astype(np.float32)
+            sign = -1.0 if flip_every and (r // flip_every) % 2 else 1.0
+            new = np.clip(src + sign * step * np.sign(grad), lo, hi).astype(np.float32)
+            r += 1
             xs = np.concatenate([xs, new])
             ys = np.concatenate([ys, _ask(victim, new)])
             _fit(thief, xs, ys, spec)
