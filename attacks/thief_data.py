@@ -21,7 +21,12 @@ import numpy as np
 
 from attacks.errors import DataError, InputError
 
-SCENARIOS = ("in_dist", "natural_ood", "noise")
+DEFAULT_SCENARIOS = ("in_dist", "natural_ood", "noise")
+# Adaptive thief (issue #16): 30 real in-distribution seeds, the rest of the budget mixup
+# pairs of them (lambda ~ U(0, 1)); in-distribution-looking enough to pass the anomaly gate.
+SEED_MIXUP = "seed30_mixup"
+N_SEEDS = 30
+SCENARIOS = (*DEFAULT_SCENARIOS, SEED_MIXUP)
 
 
 @dataclass
@@ -115,6 +120,15 @@ def make_pool(
         n_aug = budget - len(real)
         x = real if n_aug <= 0 else np.concatenate([real, _augment(x_thief, n_aug, rng, lo, hi, noise)])
         n_aug = max(n_aug, 0)
+    elif scenario == SEED_MIXUP:
+        if x_thief is None or len(x_thief) == 0:
+            raise DataError(f"{SEED_MIXUP} scenario needs an 'x_thief' (or 'x_train') array in the data file")
+        seeds = x_thief[rng.permutation(len(x_thief))[:N_SEEDS]].astype(np.float32)
+        n_aug = max(budget - len(seeds), 0)
+        a, b = rng.integers(0, len(seeds), n_aug), rng.integers(0, len(seeds), n_aug)
+        lam = rng.uniform(0.0, 1.0, (n_aug,) + (1,) * (seeds.ndim - 1)).astype(np.float32)
+        x = np.concatenate([seeds, lam * seeds[a] + (1 - lam) * seeds[b]])[:budget].astype(np.float32)
+        n_aug = len(x) - min(len(seeds), budget)
     elif scenario == "natural_ood":
         x = _natural_patches(budget, tuple(sample_shape), rng, lo, hi)
     else:

@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from attacks.extraction import ATTACKS, steal, thief_spec_for
-from attacks.thief_data import SCENARIOS, ThiefPool, make_pool
+from attacks.adaptive_thieves import ADAPTIVE_ATTACKS, steal_adaptive
+from attacks.extraction import ATTACKS as ART_ATTACKS
+from attacks.extraction import steal, thief_spec_for
+from attacks.thief_data import DEFAULT_SCENARIOS, SCENARIOS, SEED_MIXUP, ThiefPool, make_pool
 from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim
 from hardening.data import Dataset, load_dataset, save_dataset
 from hardening.errors import InputError
@@ -45,6 +47,8 @@ QUICK_BUDGETS = (50, 200, 500)
 RUNTIME_POLICIES = ("full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation")
 VICTIMS = ("bare", *RUNTIME_POLICIES, "guarded")
 DEFAULT_ATTACKS = ("copycat", "knockoff_random")
+ATTACKS = (*ART_ATTACKS, *ADAPTIVE_ATTACKS)  # adaptive ones choose their queries in rounds (not default)
+ADAPTIVE_POOL_FACTOR = 4  # unlabelled pool of an adaptive thief = 4x the largest budget
 SELF_CHECK_FIDELITY = 0.85
 DEGRADE_MARGIN = 0.10
 GATE_ALPHA = 0.05
@@ -208,7 +212,7 @@ class SelfCheck:
 def _thief_data(ds: Dataset, scenarios) -> tuple[np.ndarray | None, str | None]:
     """In-distribution data the thief holds: ``x_thief``, else the training split (the
     strongest plausible thief: data from the distribution the model was trained on)."""
-    if "in_dist" not in scenarios:
+    if "in_dist" not in scenarios and SEED_MIXUP not in scenarios:
         return None, None
     if ds.x_thief is not None:
         return ds.x_thief, "x_thief"
@@ -238,6 +242,7 @@ class ExtractionReport:
     self_check: SelfCheck
     plots: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    monitor: dict | None = None  # the guarded victim's extraction monitor (delta, thresholds; calibrated or not)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,8 +279,9 @@ def _gate_fn(bare: ModelVictim, scorer: Any) -> Callable[[np.ndarray], np.ndarra
     return gate
 
 
-def default_guard_config(policy: str = "full") -> Any:
-    """The guarded-runtime victim: OOD gate rejecting, chosen output policy, PRADA monitor flagging."""
+def default_guard_config(policy: str = "full", monitor: dict | None = None) -> Any:
+    """The guarded-runtime victim: OOD gate rejecting, chosen output policy, PRADA monitor flagging
+    (with ``monitor``, the calibrated monitor section that ships, e.g. from ``calibrate-monitor``)."""
     from runtime_guard.config import (
         AnomalyGateConfig,
         ExtractionMonitorConfig,
@@ -288,7 +294,8 @@ def default_guard_config(policy: str = "full") -> Any:
         rate_limit=RateLimitConfig(per_client=None),
         anomaly=AnomalyGateConfig(action="reject"),
         output=OutputPolicyConfig(policy=policy),
-        extraction=ExtractionMonitorConfig(enabled=True, action="flag"),
+        extraction=ExtractionMonitorConfig.from_dict({**(monitor or {}), "enabled": True, "action": "flag"},
+                                                     "extraction"),
     )
 
 
@@ -445,7 +452,7 @@ def _check_names(kind: str, got: Sequence[str], known: Sequence[str]) -> list[st
 
 
 def build_context(model_path, dataset, torch_source, scenarios, victims_wanted, budgets, guard, thief_arch,
-                  train_steps, gate_alpha, seed) -> tuple[CellContext, dict]:
+                  train_steps, gate_alpha, seed, monitor: dict | None = None) -> tuple[CellContext, dict]:
     """Victims (with the fitted OOD gate where needed), thief pools and the raw test labels.
     Seeded: a worker that builds it from the same files gets the same context."""
     info = load_model(model_path)
@@ -465,6 +472,10 @@ def build_context(model_path, dataset, torch_source, scenarios, victims_wanted, 
         if ds.x_train is None or ds.x_cal is None:
             raise InputError(f"{ds.source}: the OOD gate needs 'x_train' and 'x_cal' (drop adaptive_misinformation/guarded)")
         scorer, gate_info = _fit_gate(str(model_path), ds, gate_alpha, seed)
+    if guard is None and monitor is not None:
+        from hardening.prada_calibration import monitor_section
+
+        guard = default_guard_config(monitor=monitor_section(monitor, info.sha256))
     victims = build_victims(victims_wanted, session, info, ds.sample_shape, scorer, guard)
     bare = victims.get("bare") or build_victims(["bare"], session, info, ds.sample_shape)["bare"]
     raw_test = bare.labels(ds.x)  # type: ignore[attr-defined]
@@ -475,8 +486,8 @@ def build_context(model_path, dataset, torch_source, scenarios, victims_wanted, 
         for sc in scenarios
     }
 
-    return CellContext(victims, pools, spec, ds, raw_test, seed), {
-        "info": info, "bare": bare, "thief_from": thief_from, "gate_info": gate_info}
+    return CellContext(victims, pools, spec, ds, raw_test, seed, thief_x, int(info.num_classes), budgets[-1]), {
+        "info": info, "bare": bare, "thief_from": thief_from, "gate_info": gate_info, "guard": guard}
 
 
 def run_extraction_audit(
@@ -484,13 +495,14 @@ def run_extraction_audit(
     dataset: str | Path | Dataset,
     torch_source: str | Path | None = None,
     budgets: Sequence[int] = DEFAULT_BUDGETS,
-    scenarios: Sequence[str] = SCENARIOS,
+    scenarios: Sequence[str] = DEFAULT_SCENARIOS,
     policies: Sequence[str] = VICTIMS,
     attacks: Sequence[str] = DEFAULT_ATTACKS,
     rate_limit: str | None = "60/minute",
     global_limit: str | None = None,
     sybil_keys: int = 10,
     guard: Any = None,
+    monitor: dict | None = None,
     thief_arch: str | None = None,
     train_steps: int = 300,
     gate_alpha: float = GATE_ALPHA,
@@ -519,7 +531,8 @@ def run_extraction_audit(
     _ = (rate.per_client_qps, rate.global_qps)  # parse now: a bad rate is an input error before any work
 
     ctx, setup = build_context(model_path, dataset, torch_source, scenarios, victims_wanted, budgets, guard,
-                               thief_arch, train_steps, gate_alpha, seed)
+                               thief_arch, train_steps, gate_alpha, seed, monitor)
+    guard = setup["guard"]
     info, ds, victims, pools, spec, raw_test = setup["info"], ctx.ds, ctx.victims, ctx.pools, ctx.spec, ctx.raw_test
     bare, thief_from, gate_info = setup["bare"], setup["thief_from"], setup["gate_info"]
     total = len(scenarios) * len(victims) * len(attacks) * len(budgets)
@@ -569,6 +582,10 @@ def run_extraction_audit(
         pools=[p.to_dict() for p in pools.values()], rate=rate.to_dict(), gate=gate_info, runs=runs,
         curves=curves, verdicts=verdicts(curves), benign=benign, postprocessors=shares, self_check=self_check(runs, budgets),
     )
+    if "guarded" in victims:
+        mon = (guard or default_guard_config()).extraction
+        report.monitor = {"calibrated": mon.center is not None, "delta": mon.delta, "min_queries": mon.min_queries,
+                          "max_rejection_rate": mon.max_rejection_rate, "min_label_entropy": mon.min_label_entropy}
     if plot_dir is not None:
         report.plots = plot_curves(report, plot_dir)
     report.seconds = round(time.perf_counter() - t_start, 2)
@@ -585,6 +602,18 @@ class CellContext:
     ds: Dataset
     raw_test: np.ndarray
     seed: int
+    thief_x: np.ndarray | None = None
+    n_classes: int = 0
+    max_budget: int = 0
+    _adaptive: dict[str, ThiefPool] = field(default_factory=dict, repr=False)
+
+    def adaptive_pool(self, sc: str) -> ThiefPool:
+        """An active learner needs more unlabelled points than it may query: its own, larger pool
+        of the same scenario (seeded, built once)."""
+        if sc not in self._adaptive:
+            self._adaptive[sc] = make_pool(sc, ADAPTIVE_POOL_FACTOR * self.max_budget, self.ds.sample_shape,
+                                           self.ds.value_range, self.thief_x, seed=self.seed, n_actions=self.n_classes)
+        return self._adaptive[sc]
 
 
 def _run_cell(ctx: CellContext, sc: str, attack: str, b: int, progress: Progress | None = None, done: int = 0,
@@ -608,7 +637,10 @@ def _run_cell(ctx: CellContext, sc: str, attack: str, b: int, progress: Progress
                 first_flagged_at=led.first_flagged_at, reused_from=trained[key].victim))
             continue
         victim.new_attacker(f"thief-{sc}-{attack}-{b}-{seed}")
-        stolen = steal(victim, pool.x[:b], attack, ctx.spec, pool.actions[:b], seed=seed)
+        if attack in ADAPTIVE_ATTACKS:  # picks its b queries from the scenario's whole pool
+            stolen = steal_adaptive(victim, ctx.adaptive_pool(sc).x, attack, ctx.spec, b, seed=seed)
+        else:
+            stolen = steal(victim, pool.x[:b], attack, ctx.spec, pool.actions[:b], seed=seed)
         pred = stolen.predict_labels(ctx.ds.x)
         led = victim.ledger
         run = RunResult(

@@ -25,6 +25,7 @@ from hardening.data import Dataset, load_dataset
 from hardening.errors import CheckFailed, InputError, ModelError
 from hardening.intake import ModelInfo, load_model, make_session, predict_logits, sha256_file
 from hardening.paths import resolve
+from hardening.prada_calibration import calibrate_model_monitor, monitor_section
 from hardening.report.schema import load_report
 from runtime_guard.golden import GoldenSet, golden_fields
 
@@ -136,6 +137,16 @@ def _ood_reference(sess: Any, info: ModelInfo, x_cal: np.ndarray, logits: np.nda
     return {"ood_edges": [float(e) for e in edges], "reference_ood_counts": ref.tolist()}
 
 
+def _calibrated_monitor(model: Path, info: ModelInfo, ds: Dataset, meta: dict | None, npz: bytes | None,
+                        target: float) -> dict:
+    """PRADA + gate-rejection + label-entropy thresholds calibrated for the model and gate that ship."""
+    from runtime_guard.anomaly import AnomalyScorer
+
+    scorer = AnomalyScorer.from_bytes(npz, meta) if meta is not None and npz is not None else None
+    cal = calibrate_model_monitor(make_session(model), info, ds, scorer, target=target)
+    return monitor_section(cal.config)
+
+
 def _pick_variant(report: dict, variant: str | None) -> dict:
     names = [v["name"] for v in report["variants"]]
     if variant is None:
@@ -191,8 +202,15 @@ def package_variant(
     runtime_overrides: dict | None = None,
     model_signature: str | Path | None = None,
     model_signing_key: str | Path | None = None,
+    monitor_config: dict | None = None,
+    calibrate_monitor: float | None = None,
 ) -> PackageResult:
     """Write a signed, encrypted bundle for one reviewed variant; see the module doc for the rules.
+
+    The extraction monitor ships calibrated when asked: ``monitor_config`` is the output of
+    ``edgeward calibrate-monitor`` for this model (or a bare monitor section);
+    ``calibrate_monitor`` = a false-flag target calibrates it here, on the data and the
+    shipped gate. Either replaces the fixed PRADA defaults in the signed ``runtime.extraction``.
 
     Raises ``CheckFailed`` (exit 1) for a variant that failed the policy without ``force``,
     ``InputError``/``ModelError`` (exit 2) for anything that does not match the report.
@@ -258,6 +276,17 @@ def package_variant(
             info = load_model(model)
             _admit(model, name)
             payloads["model"] = model.read_bytes()
+        if monitor_config is not None and calibrate_monitor is not None:
+            raise InputError("give either a monitor config or a calibration target, not both")
+        section = None
+        if monitor_config is not None:
+            section = monitor_section(monitor_config, v["sha256"])
+        elif calibrate_monitor is not None:
+            section = _calibrated_monitor(model, info, ds, meta, payloads.get("detectors.npz"), calibrate_monitor)
+        if section is not None:
+            extra = dict(runtime_overrides or {})
+            extra["extraction"] = {**(extra.get("extraction") or {}), **section}
+            runtime_overrides = extra
         runtime = runtime_config(info, ds, meta, output_policy=output_policy, gate_action=gate_action,
                                  rate_limit=rate_limit, overrides=runtime_overrides,
                                  detector_npz=payloads.get("detectors.npz"))

@@ -86,6 +86,12 @@ def _edges(path: str, v: Any, min_len: int = 1) -> tuple[float, ...]:
     return out
 
 
+def _seq(path: str, v: Any) -> list[Any]:
+    if not isinstance(v, (list, tuple)) or not v:
+        raise GuardConfigError(path, "must be a non-empty list of numbers")
+    return list(v)
+
+
 def _counts(path: str, v: Any) -> tuple[float, ...]:
     if not isinstance(v, (list, tuple)) or not v:
         raise GuardConfigError(path, "must be a non-empty list of counts")
@@ -253,10 +259,30 @@ class ExtractionMonitorConfig(_Section):
     test_every: int = 10
     action: str = "flag"
     throttle_seconds: float = 600.0
+    # Distances are taken on (x - center) / scale when both are given (per input value,
+    # from the release-time calibration: ``edgeward`` PRADA calibration writes them).
+    center: tuple[float, ...] | None = None
+    scale: tuple[float, ...] | None = None
+    # Complementary per-client signals (None = off), judged from min_queries queries on:
+    max_rejection_rate: float | None = None  # share of the client's queries the gate refused
+    min_label_entropy: float | None = None  # entropy (bits) of the client's top-1 label histogram
 
     def __post_init__(self) -> None:
         _bool("enabled", self.enabled)
         _num("delta", self.delta, 0.0, 1.0, open_lo=True)
+        if (self.center is None) != (self.scale is None):
+            raise GuardConfigError("center", "center and scale go together")
+        if self.center is not None and self.scale is not None:
+            c = tuple(_num(f"center[{i}]", v) for i, v in enumerate(_seq("center", self.center)))
+            sc = tuple(_num(f"scale[{i}]", v, 0.0, open_lo=True) for i, v in enumerate(_seq("scale", self.scale)))
+            if len(c) != len(sc):
+                raise GuardConfigError("scale", f"has {len(sc)} values, center has {len(c)}")
+            object.__setattr__(self, "center", c)
+            object.__setattr__(self, "scale", sc)
+        if self.max_rejection_rate is not None:
+            _num("max_rejection_rate", self.max_rejection_rate, 0.0, 1.0)
+        if self.min_label_entropy is not None:
+            _num("min_label_entropy", self.min_label_entropy, 0.0, 64.0)
         _int("min_queries", self.min_queries, 3, 5000)
         _int("max_distances", self.max_distances, 3, 5000)
         if self.min_queries > self.max_distances:

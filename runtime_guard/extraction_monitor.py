@@ -159,6 +159,9 @@ class MonitorState:
     flagged: bool
     flagged_after: int | None
     throttled_for: float
+    rejection_rate: float | None = None  # share of queries the gate refused (None: not told)
+    label_entropy: float | None = None  # bits, of the client's top-1 label histogram
+    flag_reason: str | None = None  # "prada", "rejections" or "label_entropy"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,7 +195,7 @@ class _ClassSet:
 
 class _Client:
     __slots__ = ("classes", "dist", "nd", "dpos", "queries", "last_w", "min_w", "flagged_after", "throttled_until",
-                 "flagged")
+                 "flagged", "label_counts", "rejected", "told_rejected", "flag_reason")
 
     def __init__(self, max_distances: int) -> None:
         self.classes: dict[int, _ClassSet] = {}
@@ -205,6 +208,16 @@ class _Client:
         self.flagged_after: int | None = None
         self.flagged = False
         self.throttled_until = 0.0
+        self.label_counts: dict[int, int] = {}
+        self.rejected = 0
+        self.told_rejected = 0  # queries for which the caller said whether the gate refused them
+        self.flag_reason: str | None = None
+
+    def entropy(self) -> float:
+        total = sum(self.label_counts.values())
+        if total == 0:
+            return 0.0
+        return -sum(c / total * math.log2(c / total) for c in self.label_counts.values() if c)
 
 
 class ExtractionMonitor:
@@ -221,11 +234,16 @@ class ExtractionMonitor:
         self._clock = clock
         self.evictions = 0
         self.flags_total = 0
+        self._center = None if config.center is None else np.asarray(config.center, dtype=np.float32)
+        self._scale = None if config.scale is None else np.asarray(config.scale, dtype=np.float32)
 
-    def observe(self, client_id: str, x: np.ndarray, labels: np.ndarray) -> bool:
-        """Record a batch of sanitized queries ``x`` [N, ...] with the model's raw top-1 ``labels``."""
+    def observe(self, client_id: str, x: np.ndarray, labels: np.ndarray, rejected: np.ndarray | None = None) -> bool:
+        """Record a batch of sanitized queries ``x`` [N, ...] with the model's raw top-1 ``labels``
+        (and, when given, which of them the anomaly gate refused)."""
         cfg = self.config
         flat = x.reshape(len(x), -1)
+        if self._center is not None and self._scale is not None and flat.shape[1] == self._center.shape[0]:
+            flat = (flat - self._center) / self._scale
         with self._lock:
             st = self._clients.get(client_id)
             if st is None:
@@ -235,8 +253,14 @@ class ExtractionMonitor:
                     self.evictions += 1
             else:
                 self._clients.move_to_end(client_id)
+            if rejected is not None:
+                st.rejected += int(np.count_nonzero(rejected))
+                st.told_rejected += len(rejected)
             for row, c in zip(flat, labels.tolist()):
                 st.queries += 1
+                st.label_counts[c] = st.label_counts.get(c, 0) + 1
+                if st.queries >= cfg.min_queries and st.queries % cfg.test_every == 0:
+                    self._signals(st)
                 cs = st.classes.get(c)
                 if cs is None:
                     cs = st.classes[c] = _ClassSet(cfg.per_class_history, flat.shape[1])
@@ -263,12 +287,25 @@ class ExtractionMonitor:
             w = 0.0
         st.last_w = w
         st.min_w = w if st.min_w is None else min(st.min_w, w)
-        if w < self.config.delta and not st.flagged:  # sticky until reset / throttle expiry
-            st.flagged = True
-            st.flagged_after = st.queries
-            self.flags_total += 1
-            if self.config.action == "throttle":
-                st.throttled_until = self._clock() + self.config.throttle_seconds
+        if w < self.config.delta:
+            self._flag(st, "prada")
+
+    def _signals(self, st: _Client) -> None:
+        cfg = self.config
+        if cfg.max_rejection_rate is not None and st.told_rejected and st.rejected / st.told_rejected > cfg.max_rejection_rate:
+            self._flag(st, "rejections")
+        if cfg.min_label_entropy is not None and st.entropy() < cfg.min_label_entropy:
+            self._flag(st, "label_entropy")
+
+    def _flag(self, st: _Client, reason: str) -> None:
+        if st.flagged:  # sticky until reset / throttle expiry
+            return
+        st.flagged = True
+        st.flag_reason = reason
+        st.flagged_after = st.queries
+        self.flags_total += 1
+        if self.config.action == "throttle":
+            st.throttled_until = self._clock() + self.config.throttle_seconds
 
     def throttled_for(self, client_id: str) -> float:
         """Seconds this client is still throttled (0 if not). Expiry resets its history."""
@@ -296,6 +333,9 @@ class ExtractionMonitor:
                 flagged=st.flagged,
                 flagged_after=st.flagged_after,
                 throttled_for=max(0.0, st.throttled_until - self._clock()) if st.throttled_until else 0.0,
+                rejection_rate=st.rejected / st.told_rejected if st.told_rejected else None,
+                label_entropy=st.entropy() if st.queries else None,
+                flag_reason=st.flag_reason,
             )
 
     def reset(self, client_id: str | None = None) -> None:

@@ -292,7 +292,7 @@ class GuardedModel:
                 reasons.append(Reason.OOD)
 
         # The monitor sees every query that reached the model, including ones the gate refuses.
-        if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels):
+        if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels, ood):
             reasons.append(Reason.EXTRACTION)
 
         if any_ood and self._gate_reject:

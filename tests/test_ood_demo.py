@@ -20,7 +20,7 @@ from hardening.data import load_dataset, save_dataset
 from hardening.ood import fit_ood
 
 runner = CliRunner()
-FAMILIES = {"heldout", "uniform", "gaussian", "patches", "inverted", "contrast", "fgsm_eps0.3"}
+FAMILIES = {"heldout", "uniform", "gaussian", "patches", "inverted", "contrast", "nonadaptive_fgsm_eps0.3"}
 
 
 def _run(*args):

@@ -221,3 +221,65 @@ def test_package_verifies_an_openssf_model_signature_offline(reviewed, tmp_path,
         assert not (tmp_path / "bad.ewb").exists()
     r = _package(report, keys, tmp_path / "bad.ewb", "--model-signature", str(sig))
     assert r.exit_code == 2 and "go together" in r.output
+
+
+def test_calibrated_monitor_ships_in_the_bundle_and_the_served_guard_uses_it(reviewed, tmp_path, digits_demo):
+    """calibrate-monitor -> package --monitor-config -> runtime: the signed config is the calibrated
+    one, an honest client is not flagged, a uniform-noise thief is."""
+    import numpy as np
+
+    from hardening.data import load_dataset
+    from hardening.paths import resolve
+    from runtime_guard.bundle import load_kek
+    from runtime_guard.guard import GuardedModel
+
+    report, _, keys = reviewed
+    rep = load_report(report)
+    det = resolve(rep["artifacts"]["detectors"]["float"], report.parent)
+    cal = tmp_path / "monitor.json"
+    r = runner.invoke(app, ["calibrate-monitor", str(digits_demo.model_path), "--data", str(digits_demo.data_path),
+                            "--detectors", str(det), "--target", "0.05", "--clients", "10",
+                            "--calibration-clients", "60", "--stream-length", "100", "--out", str(cal), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    want = doc["config"]
+    assert doc["model_sha256"] == hashlib.sha256(open(digits_demo.model_path, "rb").read()).hexdigest()
+    assert len(want["center"]) == 64 and want["max_rejection_rate"] is not None and want["delta"] != 0.90
+
+    both = _package(report, keys, tmp_path / "x.ewb", "--monitor-config", str(cal), "--calibrate-monitor", "0.05")
+    assert both.exit_code == 2, both.output
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**doc, "model_sha256": "0" * 64}))
+    assert _package(report, keys, tmp_path / "y.ewb", "--monitor-config", str(other)).exit_code == 2
+
+    bundle = tmp_path / "m.ewb"
+    r = _package(report, keys, bundle, "--monitor-config", str(cal), "--gate-action", "reject")
+    assert r.exit_code == 0, r.output
+    g = GuardedModel.load(bundle, keys / "signing.pub.pem", load_kek(file=keys / "kek.key"), accept=False)
+    got = g.config.extraction
+    assert got.delta == want["delta"] and got.min_queries == want["min_queries"]
+    assert got.max_rejection_rate == want["max_rejection_rate"] and got.min_label_entropy == want["min_label_entropy"]
+    assert list(got.center) == want["center"] and list(got.scale) == want["scale"]
+
+    ds = load_dataset(digits_demo.data_path)
+    rng = np.random.default_rng(3)
+    honest = ds.x[rng.choice(len(ds.x), 100)].astype(np.float32)
+    noise = rng.uniform(0.0, 1.0, honest.shape).astype(np.float32)
+    for i in range(0, 100, 10):
+        g.predict(honest[i:i + 10], "honest")
+        g.predict(noise[i:i + 10], "thief")
+    assert g.monitor_state("honest").flagged is False, g.monitor_state("honest")
+    thief = g.monitor_state("thief")
+    assert thief.flagged and thief.flag_reason == "rejections", thief
+
+
+@pytest.mark.slow
+def test_package_can_calibrate_the_monitor_itself(reviewed, tmp_path):
+    """--calibrate-monitor: calibrated on the report's data with the shipped gate, signed into the bundle."""
+    report, _, keys = reviewed
+    bundle = tmp_path / "c.ewb"
+    r = _package(report, keys, bundle, "--calibrate-monitor", "0.05")
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", str(bundle), "--json"])
+    ext = json.loads(r.stdout)["manifest"]["runtime"]["extraction"]
+    assert len(ext["center"]) == 64 and ext["delta"] != 0.90 and ext["max_rejection_rate"] is not None

@@ -204,3 +204,26 @@ def test_queries_to_steal_is_judged_on_what_the_budgets_prove():
     c = status(early)
     assert c.status == "fail" and "within <= 50 queries" in c.message, c.message
     assert status(mid).status == "pass" and status(never).status == "pass"
+
+
+def test_full_audit_attacks_through_the_gate_and_labels_the_adaptive_family(audit):
+    res, _ = audit
+    rep = res.report
+    ref = rep["summary"]["reference"]
+    g = rep["summary"]["variants"][ref]["guarded_robust_accuracy"]
+    assert [e["eps"] for e in g] == [0.1]
+    assert g[0]["bare_robust_accuracy"] <= g[0]["guarded_robust_accuracy"] <= g[0]["non_adaptive_guarded_accuracy"]
+    ood = rep["summary"]["variants"][ref]["ood"]
+    assert not any(f.startswith("adaptive_eps") for f in ood["auroc"])  # accepted by construction: not in min_auroc
+    assert rep["results"]["ood"]["variants"][ref]["adaptive_evasion"]["gate_copy"]["ok"]
+
+
+def test_defence_table_pairs_each_defence_with_attackers_and_says_what_was_not_measured(audit):
+    res, _ = audit
+    rows = res.report["defences"]
+    gate = [r for r in rows if r["defence"] == "anomaly gate" and r["threat"] == "evasion"]
+    assert {r["adaptive"] for r in gate} == {True, False} and all(r["measured"] for r in gate)
+    assert all(r["benign_cost"]["metric"] == "false-rejection rate" for r in gate)
+    assert any(not r["measured"] and r["threat"] == "extraction" and r["adaptive"] for r in rows)
+    html = Path(res.html_path).read_text()
+    assert 'id="defences"' in html and "not measured" in html

@@ -92,6 +92,11 @@ def package(
     gate_action: str = typer.Option("flag", "--gate-action", help="OOD gate: off|flag|reject."),
     rate_limit: str = typer.Option("600/minute", "--rate-limit", help="Per-client rate ('none' to disable)."),
     runtime: Optional[Path] = typer.Option(None, "--runtime", help="JSON file with GuardConfig sections to override."),
+    monitor_config: Optional[Path] = typer.Option(None, "--monitor-config", help="Calibrated extraction monitor "
+                                                  "from `edgeward calibrate-monitor --out` (shipped in the bundle)."),
+    calibrate_monitor: Optional[float] = typer.Option(None, "--calibrate-monitor", help="Calibrate the extraction "
+                                                      "monitor here on --data and the shipped gate, for this honest "
+                                                      "false-flag target (e.g. 0.01)."),
     force: bool = typer.Option(False, "--force", help="Package a variant that failed the policy (manifest records forced=true)."),
     model_signature: Optional[Path] = typer.Option(None, "--model-signature", help="OpenSSF model-signing signature of the model (key-based, offline); refused unless it verifies."),
     model_signing_key: Optional[Path] = typer.Option(None, "--model-signing-key", help="Model publisher's EC public key (PEM) for --model-signature."),
@@ -102,6 +107,7 @@ def package(
 
     Refuses (exit 1) a variant whose report failed the policy unless --force.
     """
+    from hardening.cli.extraction import read_monitor_config
     from hardening.packaging import package_variant
     from runtime_guard.bundle import load_private_key
     from runtime_guard.errors import BundleError
@@ -124,6 +130,7 @@ def package(
         data_path=data, expires_in_s=expires_in, force=force, output_policy=output_policy, gate_action=gate_action,
         rate_limit=None if rate_limit.lower() == "none" else rate_limit, runtime_overrides=overrides,
         model_signature=model_signature, model_signing_key=model_signing_key,
+        monitor_config=read_monitor_config(monitor_config), calibrate_monitor=calibrate_monitor,
     )
     if json_out:
         print_json({k: v for k, v in res.to_dict().items() if k != "manifest"} | {"version": version})

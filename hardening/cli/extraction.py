@@ -14,6 +14,76 @@ from hardening.errors import CheckFailed, InputError
 def register(app: typer.Typer, audit: typer.Typer) -> None:
     """Add this area's commands to the main app and the audit group."""
     audit.command("extraction")(audit_extraction_cmd)
+    app.command("calibrate-monitor")(calibrate_monitor_cmd)
+
+
+def read_monitor_config(path: Path | None) -> dict | None:
+    """A ``calibrate-monitor --out``/``--json`` file (or a bare monitor section), as JSON."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: must hold a JSON object")
+    return doc
+
+
+@handle_errors
+def calibrate_monitor_cmd(
+    model: Path = typer.Argument(..., help="ONNX classifier that will be deployed."),
+    data: Path = typer.Option(..., "--data", help=".npz with x (and x_cal) for honest client streams, x_train for "
+                              "the standardisation."),
+    detectors: Path = typer.Option(None, "--detectors", help="OOD detector folder from `edgeward fit-ood` (the gate "
+                                   "that ships); without it the gate-rejection signal is off."),
+    target: float = typer.Option(0.01, "--target", help="False-flag rate allowed per honest client (all signals)."),
+    clients: int = typer.Option(100, "--clients", min=1, help="Fresh honest and thief clients per stream kind "
+                                "for the measured rates."),
+    calibration_clients: int = typer.Option(None, "--calibration-clients", min=1,
+                                            help="Honest calibration clients per stream kind (default 3x --clients)."),
+    stream_length: int = typer.Option(200, "--stream-length", min=3, help="Queries per client stream."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(None, "--out", help="Write the calibration JSON here (for `edgeward package "
+                             "--monitor-config`)."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Calibrate the PRADA extraction monitor (plus gate-rejection and label-entropy signals) on honest
+    streams so at most --target of honest clients are flagged; measure it on fresh honest and thief streams."""
+    from hardening.data import load_dataset
+    from hardening.intake import load_model, make_session
+    from hardening.prada_calibration import calibrate_model_monitor
+
+    info = load_model(model)
+    ds = load_dataset(data)
+    scorer = None
+    if detectors is not None:
+        from runtime_guard.anomaly import AnomalyFormatError, AnomalyScorer
+
+        try:
+            scorer = AnomalyScorer.load(detectors)
+        except (OSError, AnomalyFormatError) as e:
+            raise InputError(f"{detectors}: detectors unreadable ({e})") from None
+    r = calibrate_model_monitor(make_session(model), info, ds, scorer, target=target, clients_per_kind=clients,
+                                calibration_clients_per_kind=calibration_clients, stream_length=stream_length,
+                                seed=seed, min_queries_grid=(min(50, stream_length),))
+    doc = r.to_dict()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dumps(doc))
+    if json_out:
+        print_json(doc)
+        return
+    c = r.config
+    table("calibrated extraction monitor", ["field", "value"],
+          [("delta (Shapiro-Wilk W)", c["delta"]), ("min_queries", c["min_queries"]),
+           ("max_rejection_rate", c["max_rejection_rate"]), ("min_label_entropy (bits)", c["min_label_entropy"]),
+           ("standardised", c["center"] is not None)])
+    table(f"measured on {r.clients_per_kind} fresh clients per kind (target {r.target:g})", ["stream", "flagged"],
+          [*[(f"honest: {k}", v) for k, v in r.false_flag_rate.items()],
+           *[(f"thief: {k}", v) for k, v in r.detection_rate.items()]])
+    for n in r.notes:
+        console.print(f"note: {n}", highlight=False)
 
 
 def _csv(value: str | None, what: str) -> list[str] | None:
@@ -52,16 +122,19 @@ def audit_extraction_cmd(
                                       "architecture (fresh weights)."),
     budgets: str = typer.Option("50,200,1000,5000", "--budgets", help="Query budgets, comma-separated."),
     quick: bool = typer.Option(False, "--quick", help="Quick profile: budgets 50,200,500."),
-    scenarios: str = typer.Option(None, "--scenarios", help="Thief data: in_dist,natural_ood,noise (default all)."),
+    scenarios: str = typer.Option(None, "--scenarios", help="Thief data: in_dist,natural_ood,noise (default), seed30_mixup (30 real seeds + mixup)."),
     policies: str = typer.Option(None, "--policies", help="Victims: bare,full,top_k,rounded,label_only,"
                                  "reverse_sigmoid,adaptive_misinformation,guarded (default all)."),
     attacks: str = typer.Option("copycat,knockoff_random", "--attacks",
-                                help="copycat,knockoff_random,knockoff_adaptive."),
+                                help="copycat,knockoff_random,knockoff_adaptive; adaptive thieves (own pool, rounds): "
+                                "active_uncertainty,jbda."),
     rate_limit: str = typer.Option("60/minute", "--rate-limit", help="Per-key rate used for time-to-steal."),
     global_limit: str = typer.Option(None, "--global-limit", help="Global rate shared by all keys (Sybil bound)."),
     sybil_keys: int = typer.Option(10, "--sybil-keys", help="Keys a Sybil attacker spreads queries over."),
     thief_arch: str = typer.Option(None, "--thief-arch", help="Thief architecture from the zoo (default: victim's)."),
     train_steps: int = typer.Option(300, "--train-steps", min=1, help="Thief gradient steps per run."),
+    monitor_config: Path = typer.Option(None, "--monitor-config", help="Calibrated extraction monitor for the "
+                                        "guarded victim (`edgeward calibrate-monitor --out`; default: fixed PRADA)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(None, "--out", help="Folder for extraction.json and fidelity-vs-queries PNGs."),
     executor: str = typer.Option("in-process", "--executor", help="Where grid cells run: in-process, ray (local "
@@ -75,7 +148,7 @@ def audit_extraction_cmd(
     Exits 1 if the self-check (undefended model must be stealable) fails: then the harness is broken."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from attacks.thief_data import SCENARIOS
+    from attacks.thief_data import DEFAULT_SCENARIOS
     from hardening.executor import make_executor, parse_executor
     from hardening.extraction_audit import QUICK_BUDGETS, VICTIMS, run_extraction_audit
 
@@ -86,7 +159,7 @@ def audit_extraction_cmd(
     kw = dict(
         torch_source=torch_source,
         budgets=list(QUICK_BUDGETS) if quick else _budgets(budgets),
-        scenarios=_csv(scenarios, "scenarios") or list(SCENARIOS),
+        scenarios=_csv(scenarios, "scenarios") or list(DEFAULT_SCENARIOS),
         policies=_csv(policies, "policies") or list(VICTIMS),
         attacks=_csv(attacks, "attacks"),
         rate_limit=rate_limit,
@@ -96,6 +169,7 @@ def audit_extraction_cmd(
         train_steps=train_steps,
         seed=seed,
         plot_dir=out,
+        monitor=read_monitor_config(monitor_config),
     )
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:

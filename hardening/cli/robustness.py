@@ -26,7 +26,7 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
     @handle_errors
     def robustness(
         models: list[str] = typer.Argument(..., help="ONNX model files, or a variants.json from 'edgeward compress'."),
-        data: Path = typer.Option(..., "--data", help=".npz with x (inputs) and y (labels)."),
+        data_path: Path = typer.Option(..., "--data", help=".npz with x (inputs) and y (labels)."),
         profile: str = typer.Option("quick", "--profile", help="quick (CI: few iterations) or thorough."),
         torch_source: Path | None = typer.Option(
             None, "--torch-source", help="PyTorch source of the float model (enables white-box, BPDA and transfer)."
@@ -57,6 +57,11 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         resume: bool = typer.Option(
             False, "--resume", help="Reuse the finished shards checkpointed in --out (from an interrupted run)."
         ),
+        detectors: Path | None = typer.Option(
+            None, "--detectors", help="Detectors dir from 'edgeward fit-ood': also attack through the anomaly gate "
+            "with attackers who know it (guarded robust accuracy; the model must be the one the detectors were fitted for).",
+        ),
+        guarded_n: int = typer.Option(64, "--guarded-n", help="Evaluation points for the adaptive (gate-aware) attacks."),
         json_out: bool = JSON_OPT,
     ) -> None:
         """Robust accuracy under the strongest attacks we can run, judged on each deployed ONNX model.
@@ -78,6 +83,12 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             raise InputError(f"--workers must be a positive integer, got {workers}")
         parse_executor(executor)  # a bad spelling is a usage error before Ray starts
         runner = make_executor(executor, workers)
+        if detectors is not None:
+            from hardening.robustness.audit import resolve_models
+
+            specs = resolve_models(models, torch_source)
+            if len(specs) != 1:
+                raise InputError(f"--detectors fit one model; give exactly one model, not {len(specs)}")
         names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -93,19 +104,32 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 
             try:
                 report = run_robustness_audit(
-                    models, data, torch_source=torch_source, profile=profile, eps=eps_list, norm=norm, n=n,
+                    models, data_path, torch_source=torch_source, profile=profile, eps=eps_list, norm=norm, n=n,
                     seed=seed, attacks=names, progress=progress, self_checks=self_checks, executor=runner,
                     checkpoint_dir=out_dir, resume=resume, shard_points=shard_points,
                 )
             finally:
                 runner.close()
+        data: dict | object = report
+        guarded = []
+        if detectors is not None:
+            from hardening.guarded_audit import run_guarded_audit
+
+            guarded.append(run_guarded_audit(
+                specs[0].path, data_path, detectors, torch_source=specs[0].torch_source, eps=eps_list,
+                n=guarded_n, profile=profile, seed=seed,
+                progress=None if json_out else (lambda m: console.print(f"[dim]guarded: {m}[/dim]")),
+            ).to_dict())
+            data = {**report.to_dict(), "guarded": guarded}
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "robustness.json").write_text(dumps(report) + "\n")
+            (out_dir / "robustness.json").write_text(dumps(data) + "\n")
         if json_out:
-            print_json(report)
+            print_json(data)
         else:
             _print(report)
+            for g in guarded:
+                _print_guarded(g)
         if strict and report.worst_severity == "high":
             raise CheckFailed("self-checks raised high-severity findings (see above)")
 
@@ -142,3 +166,16 @@ def _print(report) -> None:
               [[f.severity, f.variant, f.code, f.message] for f in report.findings])
     else:
         out.print("self-checks: no findings")
+
+
+def _print_guarded(g: dict) -> None:
+    r = g["result"]
+    table(
+        f"Through the anomaly gate (L-inf, n={g['n']}, attackers who know the gate: {', '.join(g['attackers'])}; "
+        f"clean accepted {r['clean_accepted']:.1%})",
+        ["eps", "bare robust", "plain PGD then gate (non-adaptive)", "guarded robust (adaptive)", "found by"],
+        [[e["eps"], e["bare_robust_accuracy"], e["non_adaptive_guarded_accuracy"], e["guarded_robust_accuracy"],
+          ", ".join(f"{k} {v}" for k, v in e["found_by"].items())] for e in r["eps"]],
+    )
+    if g["white_box_skipped"]:
+        out.print(f"[bold red]UPPER BOUND[/bold red] white-box adaptive attack not run: {g['white_box_skipped']}")

@@ -4,7 +4,8 @@
 - ``patches``: grayscale patches of scikit-learn's sample photos, resized to the
   input (flat inputs get flattened patches of the right length)
 - ``inverted`` (lo + hi - x) and ``contrast`` (x squeezed to 40% contrast around mid-range)
-- ``fgsm_eps<e>``: FGSM examples from ART on the float torch source (optional) and
+- ``nonadaptive_fgsm_eps<e>``: FGSM examples from ART on the float torch source (optional;
+  an attacker who does not know the gate, labelled so) and
   ``adversarial``: a user-supplied array (e.g. from the robustness audit)
 - every ``ood_<family>`` array in the user's ``.npz`` (e.g. ``heldout`` in the digits demo)
 """
@@ -99,6 +100,7 @@ def build_families(
     num_classes: int,
     torch_source: str | None = None,
     adversarial: np.ndarray | None = None,
+    adversarial_name: str = "adversarial",
     adv_eps: float = 0.3,
     n: int = 500,
     seed: int = 0,
@@ -110,9 +112,9 @@ def build_families(
     if adversarial is not None:
         if tuple(adversarial.shape[1:]) != ds.sample_shape:
             raise DataError(f"adversarial array has sample shape {adversarial.shape[1:]}, data has {ds.sample_shape}")
-        fams["adversarial"] = adversarial.astype(np.float32)
+        fams[adversarial_name] = adversarial.astype(np.float32)
     if torch_source is not None:
         if not 0 < adv_eps <= 1:
             raise DataError(f"--adv-eps must be in (0, 1] (fraction of the value range), got {adv_eps}")
-        fams[f"fgsm_eps{adv_eps:g}"] = fgsm_family(torch_source, ds, adv_eps, num_classes)
+        fams[f"nonadaptive_fgsm_eps{adv_eps:g}"] = fgsm_family(torch_source, ds, adv_eps, num_classes)
     return fams

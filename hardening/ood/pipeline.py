@@ -170,6 +170,7 @@ def audit_ood(
     *,
     torch_source: str | None = None,
     adversarial: np.ndarray | None = None,
+    adversarial_name: str = "adversarial",
     adv_eps: float = 0.3,
     n_synthetic: int = 500,
     seed: int = 0,
@@ -189,7 +190,7 @@ def audit_ood(
         raise ModelError(f"{model_path}: detectors in {detectors_dir} were fitted for a different model (sha256 {mm['sha256'][:12]}...)")
     say("building OOD families")
     fams = build_families(ds, num_classes=pm.info.num_classes or int(ds.y.max()) + 1, torch_source=torch_source,
-                          adversarial=adversarial, adv_eps=adv_eps, n=n_synthetic, seed=seed)
+                          adversarial=adversarial, adversarial_name=adversarial_name, adv_eps=adv_eps, n=n_synthetic, seed=seed)
 
     def scores(x: np.ndarray) -> dict[str, np.ndarray]:
         v = pm.views(x)

@@ -129,6 +129,21 @@ def _roc_images(report: dict, base_dir: Path | None) -> str:
     return f"<h3>ROC curves ({_e(ref)} variant, every detector)</h3><div class='grid'>{''.join(figs)}</div>"
 
 
+def _defences(report: dict) -> str:
+    rows = []
+    for r in report.get("defences") or []:
+        cost = r.get("benign_cost") or {}
+        rows.append([_td(_e(r["defence"])), _td(_e(r["attacker"])), _td(_e(r["threat"])),
+                     _td("adaptive" if r["adaptive"] else "non-adaptive"), _td(_e(r["metric"])),
+                     _td(_f(r.get("without_defence")), True), _td(_f(r.get("with_defence")), True),
+                     _td(_e(f"{cost.get('metric')} {_f(cost.get('value'))}") if cost else "-"),
+                     _td(_e(r["note"]) if r["measured"] else f"<b>not measured</b>: {_e(r['note'])}")])
+    if not rows:
+        return "<p>No defence figures in this report.</p>"
+    return _table(["defence", "attacker", "threat", "attacker kind", "metric", "without", "with", "benign cost", "note"],
+                  rows)
+
+
 def render_html(report: dict, base_dir: str | Path | None = None) -> str:
     """The page as a string; ``base_dir`` is where the report's artifact paths are relative to."""
     from hardening.report.pareto_section import render_section
@@ -165,6 +180,7 @@ seed {_e(report['settings']['seed'])} · generated {_e(report['created_at'])} ·
 <div class="verdict {'pass' if v['passed'] else 'fail'}" id="verdict">{_e(v['headline'])}</div>
 <h2 id="findings">Findings by severity</h2>{_findings(report)}
 <h2 id="variants">Variants at a glance</h2>{_overview(report)}
+<h2 id="defences">Defences against attackers who know them</h2>{_defences(report)}
 <h2 id="robustness">Adversarial robustness</h2>{sec_rob}
 <h2 id="extraction">Model extraction</h2>{sec_ext}
 <h2 id="ood">Out-of-distribution detection</h2>{sec_ood}

@@ -25,6 +25,7 @@ from hardening.jsonio import dumps
 from hardening.paths import portable
 from hardening.report import summary as S
 from hardening.report.checks import FAIL, SKIP, Check, evaluate_policy
+from hardening.report.defences import defence_table
 from hardening.report.policy import Policy
 from hardening.report.schema import SCHEMA_NAME, SCHEMA_VERSION, validate_report
 
@@ -228,10 +229,15 @@ def run_full_audit(
             det_dir = out / "detectors" / v.name
             fit = fit_ood(v.path, data, det_dir, alpha=policy.ood.alpha, seed=seed,
                           slack=policy.ood.frr_slack, delta=policy.ood.frr_delta)
+            adaptive = _adaptive_evasion(v, variants, ds, det_dir, policy, profile, seed, steps)
+            adv = max(adaptive.adversarial_examples.items()) if adaptive is not None else None
             audit = audit_ood(v.path, data, det_dir, out / "ood" / v.name, n_synthetic=ps["ood_synthetic"], seed=seed,
+                              adversarial=adv[1] if adv is not None and len(adv[1]) else None,
+                              adversarial_name=f"{S.ADAPTIVE_FAMILY}{adv[0]:g}" if adv is not None else "adversarial",
                               progress=lambda m, v=v: steps.say("ood", f"{v.name}: {m}"))
             d = audit.to_dict()
             d["fit"] = fit.to_dict()
+            d["adaptive_evasion"] = adaptive.to_dict() if adaptive is not None else None
             d["plots"] = [os.path.relpath(p, out) for p in d["plots"]]
             results["ood"]["variants"][v.name] = d
             artifacts["detectors"][v.name] = os.path.relpath(det_dir, out)
@@ -272,6 +278,7 @@ def run_full_audit(
             for v in variants
         ],
         "summary": summ,
+        "defences": defence_table(summ, policy.to_dict()),
         "results": results,
         "checks": [c.to_dict() for c in checks],
         "findings": findings,
@@ -394,6 +401,24 @@ def _verdict(checks: list[Check], names: list[str], allow_skipped: bool = False)
         "variants": per,
         "headline": headline,
     }
+
+
+ADAPTIVE_N = {"quick": 32, "thorough": None}  # cap on evaluation points (None: the policy's robustness.n)
+
+
+def _adaptive_evasion(v, variants, ds, det_dir, policy: Policy, profile: str, seed: int, steps: _Steps):
+    """Gate-aware evasion of one variant through its fitted gate (the float reference only in
+    quick profiles, every variant in thorough ones); None when skipped."""
+    ref = next((x.name for x in variants if x.kind == "float"), variants[0].name)
+    if profile == "quick" and v.name != ref:
+        return None
+    from hardening.guarded_audit import run_guarded_audit
+
+    cap = ADAPTIVE_N.get(profile)
+    n = policy.robustness.n if cap is None else min(policy.robustness.n, cap)
+    steps.say("ood", f"{v.name}: attacks that know the gate")
+    return run_guarded_audit(v.path, ds, det_dir, torch_source=v.torch_source, eps=policy.eps, n=n,
+                             profile=profile, seed=seed, progress=lambda m: steps.say("ood", f"{v.name}: {m}"))
 
 
 def _run_extraction(variants, ds, torch_source, policy: Policy, profile: str, seed: int, steps: _Steps, budgets=None):
