@@ -76,8 +76,8 @@ def _torch_copies(pm, torch_source: str | Path | None) -> list[tuple[str, nn.Mod
 
     try:
         proto = onnx.load_from_string(pm.model_bytes)
-        lg = convert(proto, pm.info.input_name, pm.info.logits_output, logits_from_softmax=False).module
-        ft = convert(proto, pm.info.input_name, pm.features_output, logits_from_softmax=False).module
+        lg = convert(proto, pm.info.input_name, pm.info.logits_output, drop_activation=False).module
+        ft = convert(proto, pm.info.input_name, pm.features_output, drop_activation=False).module
         out.append(("onnx graph copy", _TwoOutputs(lg, ft)))
     except ConversionError:
         pass

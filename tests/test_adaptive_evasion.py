@@ -35,9 +35,14 @@ def _outputs(model_path, x):
     return lg, ft
 
 
-def test_torch_gate_reproduces_the_runtime_fused_score(digits_demo, gate):
+@pytest.mark.parametrize("rule", ["fitted", "mean_z", "max_z"])
+def test_torch_gate_reproduces_the_runtime_fused_score(digits_demo, gate, rule):
     ds = load_dataset(digits_demo.data_path)
     scorer = AnomalyScorer.load(gate)
+    if rule != "fitted":  # the same detectors under every fusion rule the runtime reads
+        meta = json.loads(json.dumps(scorer.meta))
+        meta["fusion"]["rule"] = rule
+        scorer = AnomalyScorer.from_bytes(scorer.npz_bytes, meta)
     guarded = GuardedTorch(load_torch_source(digits_demo.torch_path), TorchGate(scorer))
     fams = synthetic_families(ds, n=64, seed=1)
     # in-distribution, held-out digits, noise, natural patches, inverted: both sides of the threshold
@@ -51,12 +56,12 @@ def test_torch_gate_reproduces_the_runtime_fused_score(digits_demo, gate):
 def test_unknown_fusion_rule_is_refused_not_approximated(gate):
     scorer = AnomalyScorer.load(gate)
     meta = json.loads(json.dumps(scorer.meta))
-    meta["fusion"]["rule"] = "max_z"
+    meta["fusion"]["rule"] = "median_z"
 
     class _Fake:  # what TorchGate reads: the shipped arrays and meta
         npz_bytes, threshold = scorer.npz_bytes, scorer.threshold
     _Fake.meta = meta
-    with pytest.raises(GateCopyError, match="max_z"):
+    with pytest.raises(GateCopyError, match="median_z"):
         TorchGate(_Fake())  # type: ignore[arg-type]
 
 
