@@ -51,8 +51,10 @@ class _Detector(nn.Module):
         self.normalize = bool(p.get("normalize", self.kind == "knn"))
         a = {k.split("__", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{self.name}__")}
         if self.kind == "mahalanobis":
-            self.register_buffer("means", _t(a["means"]))
-            self.register_buffer("precision", _t(a["precision"]))
+            means, precision = _t(a["means"]), _t(a["precision"])
+            self.register_buffer("precision", precision)
+            self.register_buffer("means_p", means @ precision)  # (C, D): mu_c P
+            self.register_buffer("mu_p_mu", (means @ precision * means).sum(1))  # (C,)
         elif self.kind in ("knn", "input_knn"):
             self.register_buffer("bank", _t(a["bank"]))
         elif self.kind == "pca":
@@ -68,8 +70,9 @@ class _Detector(nn.Module):
         if self.kind == "msp":
             return 1.0 - torch.softmax(v / t, dim=1).max(dim=1).values
         if self.kind == "mahalanobis":
-            d = v[:, None, :] - self.means[None, :, :]  # (n, C, D)
-            return torch.einsum("ncd,de,nce->nc", d, self.precision, d).min(dim=1).values
+            # (v - mu)^T P (v - mu) as matrix products, as runtime_guard.anomaly.Mahalanobis does
+            vpv = ((v @ self.precision) * v).sum(1, keepdim=True)
+            return (vpv - 2.0 * (v @ self.means_p.T) + self.mu_p_mu[None, :]).min(dim=1).values
         if self.kind in ("knn", "input_knn"):
             if self.normalize:
                 v = v / torch.clamp(v.norm(dim=1, keepdim=True), min=1e-12)
