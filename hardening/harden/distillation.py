@@ -35,20 +35,30 @@ def _student(ctx: Context) -> tuple[nn.Module, dict, int, int]:
     return student, kw, teacher_params, student_params
 
 
+class _Distillation:
+    """What both distillation recipes set up, in this order (seeded): the budget, the half-width
+    student, the batch generator, the teacher's soft targets at T, Adam and the KL loss."""
+
+    def __init__(self, ctx: Context, recipe: str) -> None:
+        self.budget = b = ctx.budget(recipe)
+        self.T, self.alpha = b["temperature"], b["alpha"]
+        self.student, self.kw, self.teacher_params, self.student_params = _student(ctx)
+        self.g = torch.Generator().manual_seed(ctx.seed)
+        self.x, self.y = ctx.x_train, ctx.y_train
+        with torch.no_grad():
+            self.soft = torch.softmax(logits(ctx.teacher, self.x) / self.T, 1)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=b["lr"])
+        self.kl = nn.KLDivLoss(reduction="batchmean")
+
+
 def adv_distill(ctx: Context) -> Result:
     """Adversarially robust distillation (ARD, Goldblum et al. 2020) into the half-width student:
     loss = alpha * T^2 * KL(t(x)/T || s(x_adv)/T) + (1 - alpha) * CE(s(x), y), where x_adv is PGD
     on the student maximising that KL. The teacher is the given source (pass an ``adv_pgd.pt``
     as ``--torch-source`` for a robust teacher)."""
-    b = ctx.budget("adv_distill")
-    T, alpha = b["temperature"], b["alpha"]
-    student, kw, teacher_params, student_params = _student(ctx)
-    g = torch.Generator().manual_seed(ctx.seed)
-    x, y = ctx.x_train, ctx.y_train
-    with torch.no_grad():
-        soft = torch.softmax(logits(ctx.teacher, x) / T, 1)
-    opt = torch.optim.Adam(student.parameters(), lr=b["lr"])
-    kl = nn.KLDivLoss(reduction="batchmean")
+    d = _Distillation(ctx, "adv_distill")
+    b, T, alpha, student, kw, x, y = d.budget, d.T, d.alpha, d.student, d.kw, d.x, d.y
+    teacher_params, student_params, g, soft, opt, kl = d.teacher_params, d.student_params, d.g, d.soft, d.opt, d.kl
     train_eps = ctx.eps * b["train_eps_factor"]
     with Timer() as t:
         for _ in range(b["epochs"]):
@@ -78,15 +88,9 @@ def adv_distill(ctx: Context) -> Result:
 
 def distill(ctx: Context) -> Result:
     """loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
-    b = ctx.budget("distill")
-    T, alpha = b["temperature"], b["alpha"]
-    student, kw, teacher_params, student_params = _student(ctx)
-    g = torch.Generator().manual_seed(ctx.seed)
-    x, y = ctx.x_train, ctx.y_train
-    with torch.no_grad():
-        soft = torch.softmax(logits(ctx.teacher, x) / T, 1)
-    opt = torch.optim.Adam(student.parameters(), lr=b["lr"])
-    kl = nn.KLDivLoss(reduction="batchmean")
+    d = _Distillation(ctx, "distill")
+    b, T, alpha, student, kw, x, y = d.budget, d.T, d.alpha, d.student, d.kw, d.x, d.y
+    teacher_params, student_params, g, soft, opt, kl = d.teacher_params, d.student_params, d.g, d.soft, d.opt, d.kl
     with Timer() as t:
         for _ in range(b["epochs"]):
             for idx in batches(len(x), b["batch"], g):
