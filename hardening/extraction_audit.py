@@ -40,12 +40,11 @@ from attacks.victims import GuardedVictim, ModelVictim, PolicyVictim, Victim
 from hardening.data import Dataset, load_dataset, save_dataset
 from hardening.errors import InputError
 from hardening.intake import check_fits, load_model, make_session
-from runtime_guard.output_policy import softmax
+from runtime_guard.output_policy import OUTPUT_POLICIES, softmax
 
 DEFAULT_BUDGETS = (50, 200, 1000, 5000)
 QUICK_BUDGETS = (50, 200, 500)
-RUNTIME_POLICIES = ("full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation")
-VICTIMS = ("bare", *RUNTIME_POLICIES, "guarded")
+VICTIMS = ("bare", *OUTPUT_POLICIES, "guarded")
 DEFAULT_ATTACKS = ("copycat", "knockoff_random")
 ATTACKS = (*ART_ATTACKS, *ADAPTIVE_ATTACKS)  # adaptive ones choose their queries in rounds (not default)
 ADAPTIVE_POOL_FACTOR = 4  # unlabelled pool of an adaptive thief = 4x the largest budget
@@ -317,7 +316,7 @@ def build_victims(
     for name in names:
         if name == "bare":
             out[name] = bare
-        elif name in RUNTIME_POLICIES:
+        elif name in OUTPUT_POLICIES:
             policy = OutputPolicy(OutputPolicyConfig(policy=name))
             gate = _gate_fn(bare, scorer) if name == "adaptive_misinformation" else None
             out[name] = PolicyVictim(bare, name, policy, gate)
@@ -396,7 +395,7 @@ def postprocessor_shares(logits: np.ndarray, seed: int = 0) -> list[Postprocesso
                        (GaussianNoise(), {"scale": 0.2}), (Rounded(), {"decimals": 3}),
                        (Rounded(decimals=1), {"decimals": 1}), (HighConfidence(), {"cutoff": 0.25})):
         out.append(PostprocessorShare("art", type(pp).__name__, params, _changed(pp(probs.copy()), raw)))
-    for name in ("full", "top_k", "rounded", "label_only", "reverse_sigmoid"):
+    for name in (p for p in OUTPUT_POLICIES if p != "adaptive_misinformation"):  # it needs the gate
         cfg = OutputPolicyConfig(policy=name)
         labels, scores = OutputPolicy(cfg).apply(logits)
         # the runtime returns the label separately; its scores' argmax is what a score-only reader sees

@@ -10,11 +10,13 @@ can go straight into the canonical manifest.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, ClassVar, Self
 
+from . import strict
 from .errors import LoadError
+from .output_policy import OUTPUT_POLICIES
 
 __all__ = [
     "GuardConfigError",
@@ -25,11 +27,9 @@ __all__ = [
     "ExtractionMonitorConfig",
     "TelemetryConfig",
     "GuardConfig",
-    "OUTPUT_POLICIES",
     "RATE_LIMIT_STRATEGIES",
 ]
 
-OUTPUT_POLICIES = ("full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation")
 RATE_LIMIT_STRATEGIES = ("moving-window", "fixed-window", "sliding-window-counter")
 GATE_ACTIONS = ("off", "flag", "reject")
 MONITOR_ACTIONS = ("flag", "throttle")
@@ -49,32 +49,11 @@ class GuardConfigError(LoadError, ValueError):
 # -- small validators (path is used in error messages) --------------------------------
 
 
-def _int(path: str, v: Any, lo: int, hi: int | None = None) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise GuardConfigError(path, f"must be an integer, got {type(v).__name__}")
-    if v < lo or (hi is not None and v > hi):
-        raise GuardConfigError(path, f"must be in {lo}..{hi if hi is not None else 'inf'}, got {v}")
-    return v
-
-
-def _num(path: str, v: Any, lo: float = -math.inf, hi: float = math.inf, *, open_lo: bool = False) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise GuardConfigError(path, f"must be a finite number, got {v!r}")
-    if v < lo or v > hi or (open_lo and v == lo):
-        raise GuardConfigError(path, f"must be in {'(' if open_lo else '['}{lo}, {hi}], got {v}")
-    return float(v)
-
-
-def _choice(path: str, v: Any, options: tuple[str, ...]) -> str:
-    if v not in options:
-        raise GuardConfigError(path, f"must be one of {list(options)}, got {v!r}")
-    return str(v)
-
-
-def _bool(path: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise GuardConfigError(path, f"must be true or false, got {v!r}")
-    return v
+# The shared strict validators (runtime_guard.strict), refusing with GuardConfigError.
+_int = partial(strict.integer, GuardConfigError)
+_num = partial(strict.number, GuardConfigError)
+_choice = partial(strict.choice, GuardConfigError)
+_bool = partial(strict.boolean, GuardConfigError)
 
 
 def _edges(path: str, v: Any, min_len: int = 1) -> tuple[float, ...]:
@@ -123,15 +102,8 @@ class _Section:
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "") -> Self:
-        name = path or cls.__name__
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise GuardConfigError(name, "must be an object")
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise GuardConfigError(name, f"unknown keys {unknown}")
+        d = strict.mapping(GuardConfigError, path or cls.__name__, d,
+                           (f.name for f in fields(cls)))  # type: ignore[arg-type]
         try:
             return cls(**d)
         except GuardConfigError as e:
@@ -330,9 +302,7 @@ class TelemetryConfig(_Section):
                 self, "reference_class_counts", _counts("reference_class_counts", self.reference_class_counts)
             )
         _num("psi_alert", self.psi_alert, 0.0, open_lo=True)
-        if (not isinstance(self.min_samples, int) or isinstance(self.min_samples, bool)
-                or not 1 <= self.min_samples <= 10**9):
-            raise GuardConfigError("min_samples", "must be an integer in 1..1e9")
+        _int("min_samples", self.min_samples, 1, 10**9)
         if self.epsilon is not None:
             _num("epsilon", self.epsilon, 0.0, 1e6, open_lo=True)
 
@@ -370,13 +340,7 @@ class GuardConfig:
     @classmethod
     def from_dict(cls, d: Any) -> GuardConfig:
         """Parse the manifest's ``runtime`` dict (missing sections take defaults)."""
-        if d is None:
-            d = {}
-        if not isinstance(d, dict):
-            raise GuardConfigError("runtime", "must be an object")
-        unknown = sorted(set(d) - set(cls._SECTIONS))
-        if unknown:
-            raise GuardConfigError("runtime", f"unknown keys {unknown}")
+        d = strict.mapping(GuardConfigError, "runtime", d, cls._SECTIONS)
         # each value has its field's type (_SECTIONS pairs them); a dict cannot say so per key
         parts: dict[str, Any] = {name: sec.from_dict(d.get(name), name) for name, sec in cls._SECTIONS.items()}
         return cls(**parts)

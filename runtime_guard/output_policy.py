@@ -14,12 +14,19 @@ argmax for every row except OOD rows under adaptive misinformation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .config import OutputPolicyConfig
 from .errors import PartsMismatch
 
-__all__ = ["softmax", "OutputPolicy"]
+if TYPE_CHECKING:  # config validates policy names against OUTPUT_POLICIES below
+    from .config import OutputPolicyConfig
+
+__all__ = ["OUTPUT_POLICIES", "softmax", "OutputPolicy"]
+
+# Every policy the runtime can apply; the one list (config validation, audits, CLI help).
+OUTPUT_POLICIES = ("full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation")
 
 _EPS = 1e-9  # same clipping as ART's ReverseSigmoid
 

@@ -11,7 +11,6 @@ import pytest
 from hardening.intake import make_session
 from runtime_guard.anomaly import FORMAT, AnomalyScorer
 from runtime_guard.config import (
-    OUTPUT_POLICIES,
     AnomalyGateConfig,
     ExtractionMonitorConfig,
     GuardConfig,
@@ -22,7 +21,7 @@ from runtime_guard.config import (
     TelemetryConfig,
 )
 from runtime_guard.guard import GuardedModel, PredictionResult
-from runtime_guard.output_policy import softmax
+from runtime_guard.output_policy import OUTPUT_POLICIES, softmax
 from runtime_guard.verdict import Stage
 
 NO_MONITOR = ExtractionMonitorConfig(enabled=False)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from art.defences.postprocessor import ReverseSigmoid
 
-from runtime_guard.config import OUTPUT_POLICIES, OutputPolicyConfig
-from runtime_guard.output_policy import OutputPolicy, softmax
+from runtime_guard.config import OutputPolicyConfig
+from runtime_guard.output_policy import OUTPUT_POLICIES, OutputPolicy, softmax
 
 
 def _logits(n: int = 500, c: int = 6, seed: int = 0) -> np.ndarray:

@@ -136,9 +136,9 @@ def test_policy_defaults_and_errors(tmp_path):
     p = load_policy(good)
     assert p.eps == [0.2] and p.budgets.max_size_kb is None and p.accuracy.min_clean == 0.90
     cases = {
-        "[accuracy]\nmin_clen = 0.9\n": "unknown key(s) ['min_clen'] in [accuracy]",
-        "[acuracy]\n": "unknown section(s) ['acuracy']",
-        "[ood]\nmin_auroc = 1.5\n": "[ood] min_auroc is a fraction",
+        "[accuracy]\nmin_clen = 0.9\n": "[accuracy] unknown key(s) ['min_clen']; known: min_clean",
+        "[acuracy]\n": "policy: unknown key(s) ['acuracy']; known: accuracy",
+        "[ood]\nmin_auroc = 1.5\n": "[ood] min_auroc must be a fraction in [0, 1], got 1.5",
         "[robustness]\nmin_robust_accuracy = [{eps = 0.1}]\n": "exactly 'eps' and 'min'",
         "[accuracy\n": "not valid TOML",
         "[extraction]\nbudget = 'lots'\n": "[extraction] budget must be a positive integer",

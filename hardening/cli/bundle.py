@@ -11,6 +11,7 @@ import typer
 
 from hardening.cli.common import JSON_OPT, handle_errors, out, print_json, table
 from hardening.errors import CheckFailed, InputError
+from runtime_guard.output_policy import OUTPUT_POLICIES
 
 KEY_FILES = ("signing.pem", "signing.pub.pem", "kek.key")
 
@@ -88,7 +89,7 @@ def package(
     model: Optional[Path] = typer.Option(None, "--model", help="Model file (default: the path in the report; sha256 must match)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data .npz for sanitizer range and golden inputs (default: the report's)."),
     expires_in: Optional[int] = typer.Option(None, "--expires-in", min=1, help="Seconds until the bundle expires."),
-    output_policy: str = typer.Option("full", "--output-policy", help="full|top_k|rounded|label_only|reverse_sigmoid|adaptive_misinformation."),
+    output_policy: str = typer.Option("full", "--output-policy", help="|".join(OUTPUT_POLICIES) + "."),
     gate_action: str = typer.Option("flag", "--gate-action", help="OOD gate: off|flag|reject."),
     rate_limit: str = typer.Option("600/minute", "--rate-limit", help="Per-client rate ('none' to disable)."),
     runtime: Optional[Path] = typer.Option(None, "--runtime", help="JSON file with GuardConfig sections to override."),

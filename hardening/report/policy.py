@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hardening.errors import InputError
-from runtime_guard.config import OUTPUT_POLICIES
+from runtime_guard import strict
+from runtime_guard.output_policy import OUTPUT_POLICIES
 
 
 class PolicyError(InputError):
@@ -128,43 +129,31 @@ def _where(key: str) -> str:
     return f"[{section}] {rest}" if rest else f"[{section}]"
 
 
-def _number(key: str, v: Any, *, allow_none: bool = False) -> float | None:
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise PolicyError(f"policy: {_where(key)} must be a finite number, got {v!r}")
-    if v < 0:
-        raise PolicyError(f"policy: {_where(key)} must not be negative, got {v}")
-    if key in _FRACTIONS and v > 1:
-        raise PolicyError(f"policy: {_where(key)} is a fraction in [0, 1], got {v}")
-    return float(v)
+def _fail(key: str, message: str) -> PolicyError:
+    return PolicyError(f"policy: {_where(key)} {message}" if key else f"policy: {message}")
+
+
+def _number(key: str, v: Any) -> float:
+    return strict.number(_fail, key, v, 0.0, 1.0 if key in _FRACTIONS else math.inf)
 
 
 def _parse_eps(key: str, v: Any) -> list[EpsThreshold]:
     if not isinstance(v, list):
-        raise PolicyError(f"policy: {_where(key)} must be a list like [{{eps = 0.1, min = 0.3}}]")
+        raise _fail(key, "must be a list like [{eps = 0.1, min = 0.3}]")
     out = []
     for i, row in enumerate(v):
         if not isinstance(row, dict) or set(row) != {"eps", "min"}:
-            raise PolicyError(f"policy: {_where(key)}[{i}] must be a table with exactly 'eps' and 'min'")
-        eps, lo = _number(f"{_where(key)}[{i}].eps", row["eps"]), _number(f"{_where(key)}[{i}].min", row["min"])
-        if not eps or eps <= 0:
-            raise PolicyError(f"policy: {_where(key)}[{i}].eps must be > 0")
-        if lo > 1:  # type: ignore[operator]
-            raise PolicyError(f"policy: {_where(key)}[{i}].min is a fraction in [0, 1], got {lo}")
-        out.append(EpsThreshold(eps, lo))  # type: ignore[arg-type]
+            raise _fail(f"{key}[{i}]", "must be a table with exactly 'eps' and 'min'")
+        eps = strict.number(_fail, f"{key}[{i}].eps", row["eps"], 0.0, open_lo=True)
+        out.append(EpsThreshold(eps, strict.number(_fail, f"{key}[{i}].min", row["min"], 0.0, 1.0)))
     if len({t.eps for t in out}) != len(out):
-        raise PolicyError(f"policy: {_where(key)} lists an epsilon twice")
+        raise _fail(key, "lists an epsilon twice")
     return out
 
 
 def _parse_section(name: str, cls: type, raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise PolicyError(f"policy: [{name}] must be a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise PolicyError(f"policy: unknown key(s) {unknown} in [{name}]; known: {', '.join(known)}")
+    """One ``[section]``: each key is checked against its default's type (runtime_guard.strict)."""
+    raw = strict.mapping(_fail, name, raw, (f.name for f in fields(cls)))
     kwargs: dict[str, Any] = {}
     default = cls()
     for k, v in raw.items():
@@ -175,35 +164,24 @@ def _parse_section(name: str, cls: type, raw: Any) -> Any:
         elif k == "min_robust_accuracy":
             kwargs[k] = _parse_eps(key, v)
         elif isinstance(dv, bool):
-            if not isinstance(v, bool):
-                raise PolicyError(f"policy: {_where(key)} must be true or false, got {v!r}")
-            kwargs[k] = v
+            kwargs[k] = strict.boolean(_fail, key, v)
         elif isinstance(dv, str):
-            if not isinstance(v, str):
-                raise PolicyError(f"policy: {_where(key)} must be a string, got {v!r}")
-            kwargs[k] = v
+            kwargs[k] = strict.string(_fail, key, v)
         elif isinstance(dv, list):
-            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-                raise PolicyError(f"policy: {_where(key)} must be a list of strings")
-            kwargs[k] = v
-        elif isinstance(dv, int) and not isinstance(dv, bool):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PolicyError(f"policy: {_where(key)} must be a positive integer, got {v!r}")
-            kwargs[k] = v
+            kwargs[k] = strict.strings(_fail, key, v)
+        elif isinstance(dv, int):
+            kwargs[k] = strict.integer(_fail, key, v, 1)
         else:
             kwargs[k] = _number(key, v)
-    victims = ("bare", *OUTPUT_POLICIES, "guarded")
-    if name == "extraction" and kwargs.get("victim", "bare") not in victims:
-        raise PolicyError(f"policy: [extraction] victim must be one of {', '.join(victims)}, got {kwargs['victim']!r}")
-    if name == "robustness" and kwargs.get("norm", "inf") not in ("inf", "2"):
-        raise PolicyError(f"policy: [robustness] norm must be 'inf' or '2', got {kwargs['norm']!r}")
+    if name == "extraction" and "victim" in kwargs:
+        strict.choice(_fail, f"{name}.victim", kwargs["victim"], ("bare", *OUTPUT_POLICIES, "guarded"))
+    if name == "robustness" and "norm" in kwargs:
+        strict.choice(_fail, f"{name}.norm", kwargs["norm"], ("inf", "2"))
     return cls(**kwargs)
 
 
 def policy_from_dict(doc: dict, source: str | None = None) -> Policy:
-    unknown = sorted(set(doc) - set(_SECTIONS))
-    if unknown:
-        raise PolicyError(f"policy: unknown section(s) {unknown}; known: {', '.join(_SECTIONS)}")
+    doc = strict.mapping(_fail, "", doc, _SECTIONS)
     parts = {name: _parse_section(name, cls, doc[name]) for name, cls in _SECTIONS.items() if name in doc}
     p = Policy(**parts, source=source)
     if p.ood.alpha >= 1:
