@@ -11,15 +11,16 @@ also use up the global budget that other clients share.
 
 from __future__ import annotations
 
-import bisect
 import logging
+import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from limits.errors import ConfigurationError, StorageError
-from limits.storage import MemoryStorage, Storage, storage_from_string
+from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage, storage_from_string
 from limits.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
@@ -44,77 +45,164 @@ STRATEGIES: dict[str, type[_LimitsStrategy]] = {
 _NS = "edgeward"
 
 
-class _NeverIdle:
-    """Stands in for MemoryStorage's expiry ``Timer``: reports alive so none is started."""
+class SweptMemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
+    """In-process storage for all three strategies, without an expiry thread.
 
-    @staticmethod
-    def is_alive() -> bool:
-        return True
-
-    @staticmethod
-    def cancel() -> None:
-        return None
-
-
-class SweptMemoryStorage(MemoryStorage):
-    """``limits``' in-process storage without its expiry thread.
-
-    ``MemoryStorage`` starts a ``threading.Timer`` every 10 ms while traffic
-    flows; ``Thread.start()`` blocks the request until the new thread has been
-    scheduled (milliseconds on a loaded device), and each expiry pass copies
-    every key's entry list while holding the GIL. Expiry only reclaims memory
-    (every read checks timestamps itself), so here it runs inline, at most
-    once per ``SWEEP_S`` seconds, in whichever request comes first, trimming
-    expired entries in place. Counting semantics are the library's own.
+    Written on ``limits``' documented contract for custom storages (subclass
+    ``Storage`` plus the two strategy-support bases, implement their abstract
+    methods), not on ``MemoryStorage``: that one starts a ``threading.Timer``
+    every 10 ms while traffic flows, and ``Thread.start()`` blocks the request
+    until the new thread has been scheduled (milliseconds of tail latency on a
+    loaded device, benchmarks/results/guard.md). Here each key's own window is
+    trimmed when it is read, and keys nobody reads any more are dropped by a
+    sweep that runs inline at most once per ``SWEEP_S`` seconds, in whichever
+    call comes first. One lock makes check-and-count atomic across threads.
     Not registered as a URI scheme: ``memory://`` in ``RateLimiter`` maps here.
     """
 
-    # Storage declares list[str] | None; None keeps this subclass out of the URI registry,
-    # MemoryStorage's narrower inferred list[str] is what mypy compares against.
-    STORAGE_SCHEME = None  # type: ignore[assignment]
+    STORAGE_SCHEME = None  # keeps limits' own "memory" scheme as it is
     SWEEP_S = 1.0
 
-    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str) -> None:
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
-        self.timer.cancel()  # the one the base class started; no more are started
-        self.timer = _NeverIdle()  # type: ignore[assignment]
-        self._sweep_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._counters: dict[str, list[float]] = {}  # key -> [count, expires_at]
+        self._events: dict[str, tuple[int, deque[float]]] = {}  # key -> (window s, hit times, oldest first)
         self._next_sweep = time.monotonic() + self.SWEEP_S
 
-    def _MemoryStorage__schedule_expiry(self) -> None:  # overrides the base's private hook
-        now = time.monotonic()
-        if now < self._next_sweep or not self._sweep_lock.acquire(False):
-            return
-        try:
-            self._next_sweep = now + self.SWEEP_S
-            self.sweep()
-        finally:
-            self._sweep_lock.release()
+    @property
+    def base_exceptions(self) -> tuple[type[Exception], ...]:
+        return ()  # nothing here is a backend failure to report as StorageError
+
+    # -- Storage (fixed window; the sliding window counter builds on these) --------------
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        with self._lock:
+            return self._incr(key, expiry, amount, self._tick())
+
+    def get(self, key: str) -> int:
+        with self._lock:
+            return self._count(key, self._tick())
+
+    def get_expiry(self, key: str) -> float:
+        now = time.time()
+        entry = self._counters.get(key)
+        return entry[1] if entry is not None and entry[1] > now else now
+
+    def check(self) -> bool:
+        return True
+
+    def reset(self) -> int | None:
+        with self._lock:
+            n = max(len(self._counters), len(self._events))
+            self._counters.clear()
+            self._events.clear()
+        return n
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._counters.pop(key, None)
+            self._events.pop(key, None)
+
+    # -- MovingWindowSupport -------------------------------------------------------------
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        with self._lock:
+            now = self._tick()
+            hits = self._window(key, expiry, now)
+            if len(hits) + amount > limit:
+                return False
+            hits.extend([now] * amount)
+            return True
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        with self._lock:
+            now = self._tick()
+            hits = self._window(key, expiry, now)
+            return (hits[0], len(hits)) if hits else (now, 0)
+
+    # -- SlidingWindowCounterSupport (same weighting as limits' MemoryStorage) ------------
+
+    def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        with self._lock:
+            now = self._tick()
+            previous, previous_ttl, current, _ = self._sliding(key, expiry, now)
+            if math.floor(previous * previous_ttl / expiry + current) + amount > limit:
+                return False
+            self._incr(f"{key}/{int(now / expiry)}", 2 * expiry, amount, now)
+            return True
+
+    def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
+        with self._lock:
+            return self._sliding(key, expiry, self._tick())
+
+    def clear_sliding_window(self, key: str, expiry: int) -> None:
+        now = time.time()
+        with self._lock:
+            for k in (f"{key}/{int((now - expiry) / expiry)}", f"{key}/{int(now / expiry)}"):
+                self._counters.pop(k, None)
+
+    # -- internals (caller holds the lock) -------------------------------------------------
+
+    def _tick(self) -> float:
+        now = time.time()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.SWEEP_S
+            self._sweep(now)
+        return now
+
+    def _incr(self, key: str, expiry: float, amount: int, now: float) -> int:
+        entry = self._counters.get(key)
+        if entry is None or entry[1] <= now:
+            entry = self._counters[key] = [0, now + expiry]
+        entry[0] += amount
+        return int(entry[0])
+
+    def _count(self, key: str, now: float) -> int:
+        entry = self._counters.get(key)
+        if entry is None:
+            return 0
+        if entry[1] <= now:
+            del self._counters[key]
+            return 0
+        return int(entry[0])
+
+    def _window(self, key: str, expiry: int, now: float) -> deque[float]:
+        """The key's hits inside the moving window (older ones dropped)."""
+        held = self._events.get(key)
+        if held is None:
+            held = self._events[key] = (expiry, deque())
+        hits, start = held[1], now - expiry
+        while hits and hits[0] < start:
+            hits.popleft()
+        return hits
+
+    def _sliding(self, key: str, expiry: int, now: float) -> tuple[int, float, int, float]:
+        previous = self._count(f"{key}/{int((now - expiry) / expiry)}", now)
+        current = self._count(f"{key}/{int(now / expiry)}", now)
+        previous_ttl = 0.0 if previous == 0 else (1 - (((now - expiry) / expiry) % 1)) * expiry
+        return previous, previous_ttl, current, (1 - ((now / expiry) % 1)) * expiry + expiry
+
+    def _sweep(self, now: float) -> None:
+        for key, (expiry, hits) in list(self._events.items()):
+            if not hits or hits[-1] < now - expiry:
+                del self._events[key]
+        for key, (_, expires_at) in list(self._counters.items()):
+            if expires_at <= now:
+                del self._counters[key]
 
     def sweep(self) -> None:
-        """Drop expired moving-window entries and expired counters (memory only)."""
-        now = time.time()
-        for key in list(self.events):
-            with self.locks[key]:
-                events = self.events.get(key)
-                if events and events[-1].expiry <= now:  # newest first: expired ones are the tail
-                    del events[bisect.bisect_left(events, -now, key=lambda e: -e.expiry):]
-                if not events:
-                    self.events.pop(key, None)
-                    self.locks.pop(key, None)
-        for key in list(self.expirations):
-            if self.expirations.get(key, now + 1) <= now:
-                self.storage.pop(key, None)
-                self.expirations.pop(key, None)
-                self.locks.pop(key, None)
+        """Drop every expired key now (the inline sweep does this once per ``SWEEP_S``)."""
+        with self._lock:
+            self._sweep(time.time())
 
-
-# ``Storage.__init_subclass__`` wraps these methods in an error-translating layer
-# for every subclass, so subclassing MemoryStorage would wrap them twice (two extra
-# Python frames per storage call, several calls per request). Keep the library's
-# single layer.
-for _name in ("incr", "get", "get_expiry", "check", "reset", "clear"):
-    setattr(SweptMemoryStorage, _name, getattr(MemoryStorage, _name))
+    def keys_held(self) -> int:
+        """Keys in memory (moving-window keys plus counters)."""
+        return len(self._events) + len(self._counters)
 
 
 def _storage(uri: str) -> Storage:

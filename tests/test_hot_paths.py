@@ -4,7 +4,7 @@
   fused path equal the detector-by-detector checked path (all detector kinds,
   orthonormal and non-orthonormal PCA, k > 1), and still refuse bad inputs.
 * ``SweptMemoryStorage``: no expiry thread per hit, expired entries reclaimed,
-  counts exact.
+  counts and window stats equal to limits' own ``MemoryStorage``.
 * ``decrypt_payload``: the threaded multi-batch path round-trips and refuses a
   tampered late chunk or a wrong digest.
 * One-row Python-float paths (``softmax``, the sanitizer's value checks, the
@@ -104,11 +104,17 @@ def test_batch_one_path_refuses_bad_inputs():
     assert sc.score(x.tolist(), lg.tolist(), ft.tolist())[0] == pytest.approx(sc.score(x, lg, ft)[0], abs=1e-12)
 
 
-def test_swept_memory_storage_keeps_one_error_wrapper_layer():
-    from limits.storage import MemoryStorage
+def test_swept_memory_storage_is_on_limits_public_contract_with_one_error_wrapper_layer():
+    from limits.storage import MemoryStorage, MovingWindowSupport, SlidingWindowCounterSupport, Storage
 
-    for name in ("incr", "get", "get_expiry", "check", "reset", "clear"):
-        assert getattr(SweptMemoryStorage, name) is getattr(MemoryStorage, name)
+    assert issubclass(SweptMemoryStorage, (Storage, MovingWindowSupport, SlidingWindowCounterSupport))
+    assert not issubclass(SweptMemoryStorage, MemoryStorage)  # nothing of its internals is used
+    assert not any("_MemoryStorage__" in name for name in vars(SweptMemoryStorage))
+    for name in ("incr", "get", "get_expiry", "check", "reset", "clear", "acquire_entry",
+                 "get_moving_window", "acquire_sliding_window_entry", "get_sliding_window"):
+        method = getattr(SweptMemoryStorage, name)
+        # limits' __init_subclass__ wraps each public method once (functools.wraps): exactly one layer
+        assert hasattr(method, "__wrapped__") and not hasattr(method.__wrapped__, "__wrapped__"), name
 
 
 def test_swept_memory_storage_starts_no_threads_and_reclaims():
@@ -118,11 +124,44 @@ def test_swept_memory_storage_starts_no_threads_and_reclaims():
     allowed = [lim.hit(f"c{i % 2}") is None for i in range(8)]
     assert allowed == [True, True, True, True, True, True, False, False]  # exact per-client count
     assert threading.active_count() <= before  # no expiry Timer per hit
-    assert lim.storage.events  # entries are held...
+    assert lim.storage.keys_held() == 2  # entries are held...
     time.sleep(1.1)
     lim.storage.sweep()
-    assert not lim.storage.events and not lim.storage.locks  # ...and reclaimed once expired
+    assert lim.storage.keys_held() == 0  # ...and reclaimed once expired
     assert lim.hit("c0") is None  # window moved on
+
+
+def test_swept_memory_storage_sweeps_inline_without_being_asked():
+    lim = RateLimiter(RateLimitConfig(per_client="2/second", strategy="fixed-window"), "memory://")
+    for i in range(50):
+        lim.hit(f"gone-{i}")
+    assert lim.storage.keys_held() == 50
+    time.sleep(max(1.05, lim.storage.SWEEP_S + 0.05))
+    lim.hit("new")  # the first call after SWEEP_S sweeps the expired keys in this request
+    assert lim.storage.keys_held() == 1
+
+
+@pytest.mark.parametrize("strategy", ["moving-window", "fixed-window", "sliding-window-counter"])
+def test_swept_memory_storage_counts_like_limits_memory_storage(strategy):
+    """Same decisions and window stats as limits' own MemoryStorage, hit for hit."""
+    from limits import parse
+    from limits.storage import MemoryStorage
+
+    from runtime_guard.ratelimit import STRATEGIES
+
+    ours, theirs = STRATEGIES[strategy](SweptMemoryStorage()), STRATEGIES[strategy](MemoryStorage())
+    item = parse("5/second")
+    got, want = [], []
+    for i in range(24):
+        who = f"k{i % 3}"
+        got.append((ours.hit(item, who), ours.get_window_stats(item, who).remaining))
+        want.append((theirs.hit(item, who), theirs.get_window_stats(item, who).remaining))
+        if i == 15:
+            time.sleep(1.05)  # every window rolls over (the sliding counter keeps a weighted share)
+    assert got == want
+    assert sum(ok for ok, _ in got) < len(got)  # the limit was reached, so the comparison means something
+    ours.clear(item, "k0")
+    assert ours.hit(item, "k0")
 
 
 def test_threaded_decrypt_roundtrip_and_late_tamper():
