@@ -24,6 +24,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from flask import g
+
 from .problems import ApiProblem
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from .state import ApiState
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-ENV_ID, ENV_NOTES = "edgeward.request_id", "edgeward.access"
+NOTES = "access_notes"  # flask.g attribute: this request's fields for its access-log line
 log = logging.getLogger("edgeward.access")
 
 
@@ -80,9 +82,10 @@ class AccessLog:
         }, separators=(",", ":")))
 
 
-def note(environ: dict[str, Any], **fields: Any) -> None:
-    """Record ``decision`` / ``client`` for this request's access-log line."""
-    environ.setdefault(ENV_NOTES, {}).update(fields)
+def request_notes() -> dict[str, Any]:
+    """This HTTP request's ``decision`` / ``client`` for its access-log line (on ``flask.g``)."""
+    notes: dict[str, Any] = g.setdefault(NOTES, {})
+    return notes
 
 
 def timed_predict(st: "ApiState", dep: "Deployment", x: Any, client_id: str, notes: dict[str, Any],

@@ -8,8 +8,8 @@ Two encodings:
   any allocation (numeric dtype, declared size equals the bytes sent) and the
   array is read with ``np.load(allow_pickle=False)`` from memory.
 
-Size is capped by Flask's ``MAX_CONTENT_LENGTH`` (413 from Werkzeug, also for
-chunked bodies) and re-checked here.
+Size is capped per request through Flask's ``request.max_content_length`` (the app's
+``MAX_CONTENT_LENGTH`` unless a route asks for less), declared and chunked bodies alike.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from flask import Request
 from numpy.lib import format as npy_format
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .problems import ApiProblem
 
@@ -46,26 +47,28 @@ def media_type(req: Request) -> str:
     return req.mimetype
 
 
+def _too_large(max_bytes: int) -> ApiProblem:
+    return ApiProblem(413, "payload-too-large", "Payload Too Large", f"body is over the {max_bytes}-byte limit")
+
+
 def read_body(req: Request, max_bytes: int) -> bytes:
-    """Raw body, bounded. Werkzeug raises 413 past MAX_CONTENT_LENGTH."""
+    """Raw body, at most ``max_bytes`` (413 past it, declared or chunked), through
+    Werkzeug's ``request.stream`` under a per-request ``max_content_length``.
+
+    The limit is set one byte past the cap: on a chunked body Werkzeug's stream stops
+    quietly at the limit, so reading that extra byte is what shows the body was longer.
+    With no length and a server that does not terminate input, the stream is empty
+    (Werkzeug's safe fallback)."""
     n = req.content_length
     if n is not None and n > max_bytes:
-        raise ApiProblem(413, "payload-too-large", "Payload Too Large",
-                         f"body is over the {max_bytes}-byte limit")
-    stream = req.environ["wsgi.input"]
-    data: bytes
-    if n is not None:
-        # Declared length within the cap: read exactly that many bytes from the server's
-        # input, as WSGI specifies (werkzeug's stream wrappers cost more than the JSON
-        # parse of a small body).
-        data = stream.read(n)
-    elif req.environ.get("wsgi.input_terminated"):  # chunked: read one byte past the cap to detect it
-        data = stream.read(max_bytes + 1)
-    else:  # no length and a server that does not terminate input: werkzeug's safe fallback
-        data = req.get_data(cache=False)
+        raise _too_large(max_bytes)
+    req.max_content_length = max_bytes + 1
+    try:
+        data = req.stream.read() if n is None else req.stream.read(n)
+    except RequestEntityTooLarge:
+        raise _too_large(max_bytes) from None
     if len(data) > max_bytes:
-        raise ApiProblem(413, "payload-too-large", "Payload Too Large",
-                         f"body is over the {max_bytes}-byte limit")
+        raise _too_large(max_bytes)
     return data
 
 

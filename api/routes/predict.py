@@ -6,7 +6,7 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
-from ..access import ENV_NOTES, timed_predict
+from ..access import request_notes, timed_predict
 from ..body import parse_predict_body
 from ..service import describe
 from ..state import state
@@ -20,7 +20,7 @@ def predict() -> Response:
     client_id = st.client_id(request)
     dep = st.require_model()  # this request stays on this deployment to the end
     x = parse_predict_body(request, st.config.max_body_bytes)
-    ans = timed_predict(st, dep, x, client_id, request.environ.setdefault(ENV_NOTES, {}), "http")
+    ans = timed_predict(st, dep, x, client_id, request_notes(), "http")
     body = json.dumps({"model": {"name": dep.name, "version": dep.version}, "decision": ans.decision,
                        "reasons": ans.reasons, "labels": ans.labels, "scores": ans.scores})
     return Response(body, 200, headers=ans.headers, content_type="application/json")

@@ -17,7 +17,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..access import ENV_NOTES
+from ..access import request_notes
 from ..body import bad_body, media_type, parse_json_document, read_body, unsupported_type
 from ..oip import infer as oip
 from ..oip.stats import InferenceStats
@@ -142,7 +142,7 @@ def repository_index() -> Response:
 
 def _split_body(data: bytes) -> tuple[bytes, memoryview]:
     """JSON header and binary tail of an infer body (the binary extension's framing)."""
-    raw = request.environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
+    raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return data, memoryview(b"")
     try:
@@ -245,5 +245,5 @@ def infer(name: str, version: str | None) -> Response:
         req = parse_infer(parse_json_document(head), tail, dep.model.input_name)
     except ApiProblem as exc:
         raise oip.oip_problem(exc) from None
-    notes = request.environ.setdefault(ENV_NOTES, {})
+    notes = request_notes()
     return infer_response(oip.run(st, stats(), dep, req, client_id, notes, "http"))
