@@ -17,15 +17,12 @@ here (5 classes). Both robust accuracies are judged on the same onnxruntime sess
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def _standard_autoattack(model, x, y, eps: float, n_classes: int, seed: int = 0):
@@ -98,10 +95,9 @@ def main() -> None:
     ap.add_argument("--eps-extra", type=float, default=0.05,
                     help="also run the 12x12 CNN here (it has no robust point left at 0.1)")
     args = ap.parse_args()
+    from benchmarks._models import CNN3, cnn_data, export, train
     from hardening.demo import build_demo
     from hardening.torch_source import load_torch_source
-
-    from foreign_models import CNN3, cnn_data, export, train
 
     tmp = Path(tempfile.mkdtemp())
     print(f"cascade profile: {args.profile}")

@@ -3,11 +3,13 @@
 Each planted test copies the four packages and pyproject.toml to a temporary
 directory, adds one forbidden import and runs ``lint-imports`` there: it must exit
 non-zero and name the broken contract. ``cli-on-top`` lists hardening's modules by
-hand, so a test also checks that the list covers every module but the CLI.
+hand, so a test also checks that the list covers every module but the CLI. Benchmarks
+are not packages import-linter sees: a test checks that none imports from tests/.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -80,3 +82,35 @@ def test_cli_on_top_lists_every_hardening_module_but_the_cli():
     present = {f"hardening.{p.stem}" for p in (ROOT / "hardening").iterdir()
                if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.stem not in ("__init__", "__main__", "cli")}
     assert listed == present
+
+
+def _imports_from_tests(source: str) -> list[str]:
+    """Imports of a tests/ module, and sys.path entries naming tests/, in one file."""
+    test_modules = {"tests", *(p.stem for p in (ROOT / "tests").glob("*.py"))}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in test_modules]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in test_modules:
+            found.append(node.module)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and ast.unparse(node.func.value) == "sys.path" and "tests" in ast.unparse(node)):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_no_benchmark_imports_from_tests():
+    benches = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert benches
+    bad = {p.name: hits for p in benches if (hits := _imports_from_tests(p.read_text()))}
+    assert not bad, f"benchmarks import from tests/ (move what they need out of tests): {bad}"
+
+
+@pytest.mark.parametrize("planted", [
+    "from foreign_models import CNN3",
+    "import servers",
+    "from tests.foreign_models import train",
+    "sys.path.insert(0, str(ROOT / 'tests'))",
+])
+def test_the_benchmark_check_can_fail(planted):
+    assert _imports_from_tests(f"import sys\n{planted}\n")
