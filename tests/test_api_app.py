@@ -172,6 +172,19 @@ def test_body_without_content_length_is_read_and_bounded(app, api_env):
     problem(r, 413)
 
 
+def test_body_limit_is_exact_for_declared_and_chunked_bodies(app):
+    """A body of exactly the limit is read whole (then refused as JSON: 400), one byte
+    more is 413 ``payload-too-large``, with a Content-Length or chunked alike."""
+    c = app.test_client()
+    limit = app.config["MAX_CONTENT_LENGTH"]
+    chunked = {"headers": {"Transfer-Encoding": "chunked"}, "environ_overrides": {"wsgi.input_terminated": True}}
+    for size, status in ((limit, 400), (limit + 1, 413)):
+        body = b" " * size
+        for how in ({"data": body}, {"input_stream": io.BytesIO(body), **chunked}):
+            got = problem(c.post("/v1/predict", content_type="application/json", **how), status)
+            assert got["type"].endswith("payload-too-large" if status == 413 else "invalid-body"), (size, how.keys())
+
+
 def test_model_info_has_schema_but_no_secrets(client, api_env):
     info = client.get("/v1/model").get_json()
     assert info["input"]["sample_shape"] == [1, 8, 8] and info["output"]["num_classes"] == 6
