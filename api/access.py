@@ -22,6 +22,7 @@ import secrets
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flask import g
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from .state import ApiState
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-NOTES = "access_notes"  # flask.g attribute: this request's fields for its access-log line
 log = logging.getLogger("edgeward.access")
 
 
@@ -82,10 +82,20 @@ class AccessLog:
         }, separators=(",", ":")))
 
 
+@dataclass(slots=True)
+class RequestRecord:
+    """One HTTP request's start time, request id and access-log fields (``decision``,
+    ``client``), kept on ``flask.g.access`` from the first hook to the response."""
+
+    t0: float
+    rid: str
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
 def request_notes() -> dict[str, Any]:
-    """This HTTP request's ``decision`` / ``client`` for its access-log line (on ``flask.g``)."""
-    notes: dict[str, Any] = g.setdefault(NOTES, {})
-    return notes
+    """This HTTP request's fields for its access-log line."""
+    record: RequestRecord = g.access
+    return record.notes
 
 
 def timed_predict(st: "ApiState", dep: "Deployment", x: Any, client_id: str, notes: dict[str, Any],

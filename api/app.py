@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from .access import NOTES, AccessLog, request_id
+from .access import AccessLog, RequestRecord, request_id
 from .auth import AdminToken, KeyStore
 from .config import ApiConfig
 from .metrics import ApiMetrics
@@ -127,19 +127,19 @@ def _observe_requests(app: Flask, metrics: ApiMetrics, access_log: AccessLog) ->
 
     @app.before_request
     def start() -> None:
-        g.t0 = time.perf_counter()
-        g.request_id = request_id(request.headers.get("X-Request-ID"))
+        g.access = RequestRecord(time.perf_counter(), request_id(request.headers.get("X-Request-ID")))
 
     @app.after_request
     def finish(response: Response) -> Response:
-        latency = time.perf_counter() - g.get("t0", time.perf_counter())
-        rid = g.get("request_id") or request_id(None)
+        record: RequestRecord = g.access
+        latency = time.perf_counter() - record.t0
         rule = request.url_rule
         route, method, code = ("unmatched" if rule is None else rule.rule), request.method, response.status_code
         observe(route, method, code, latency)
-        access_log.write(rid=rid, transport="http", route=route, method=method[:16], status=code,
-                         latency_s=latency, notes=g.get(NOTES))
+        access_log.write(rid=record.rid, transport="http", route=route, method=method[:16], status=code,
+                         latency_s=latency, notes=record.notes)
+        headers = response.headers
         for name, value in SECURITY_HEADERS:
-            response.headers.add(name, value)
-        response.headers["X-Request-ID"] = rid
+            headers.add(name, value)
+        headers["X-Request-ID"] = record.rid
         return response

@@ -71,6 +71,13 @@ class ApiEnv:
         write_bundle(path, payloads, fields, signing_key or self.signing_key, self.kek, version)
         return Path(path)
 
+    def load_guard(self, bundle: Path) -> Any:
+        """The bundle's ``GuardedModel`` in this process: what a server's answers must equal."""
+        from runtime_guard.bundle import load_kek
+        from runtime_guard.guard import GuardedModel
+
+        return GuardedModel.load(bundle, self.public_key_path, load_kek(file=self.kek_path), accept=False)
+
     def serve_args(self, bundle: Path | None, *extra: str) -> list[str]:
         args = [str(bundle)] if bundle is not None else []
         return [*args, "--public-key", str(self.public_key_path), "--key-file", str(self.kek_path),

@@ -14,7 +14,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -104,6 +107,24 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def keyed_server(api_env: Any, bundle: Path, workdir: Path, *key_names: str,
+                 extra: tuple[str, ...] = ()) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
+    """``edgeward serve BUNDLE --api-keys`` with one API key per name (a fresh keys file in
+    ``workdir``): yields the started server and ``{name: key}``, and on the way out stops
+    it and fails the test if it logged a traceback."""
+    from api.auth import add_key
+
+    keys = {name: add_key(workdir / "keys.json", name) for name in key_names}
+    srv = ServerProcess(api_env.serve_args(bundle, "--api-keys", str(workdir / "keys.json"), *extra),
+                        workdir / "server.log").start()
+    try:
+        yield srv, keys
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
 
 
 def run_cli(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:

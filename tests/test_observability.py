@@ -14,21 +14,15 @@ import pytest
 import requests
 
 from api_fixtures import api_env, bundle_v1  # noqa: F401
-from servers import ServerProcess
+from servers import ServerProcess, keyed_server
 
 INFER = "/v2/models/digits/infer"
 
 
 @pytest.fixture(scope="module")
 def live(api_env, bundle_v1, tmp_path_factory):
-    from api.auth import add_key
-
-    d = tmp_path_factory.mktemp("observability")
-    key = add_key(d / "keys.json", "ops")
-    srv = ServerProcess(api_env.serve_args(bundle_v1, "--api-keys", str(d / "keys.json")),
-                        d / "server.log").start()
-    yield srv, key
-    srv.stop()
+    with keyed_server(api_env, bundle_v1, tmp_path_factory.mktemp("observability"), "ops") as (srv, keys):
+        yield srv, keys["ops"]
 
 
 def _body(api_env):

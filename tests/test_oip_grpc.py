@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from api_fixtures import api_env, bundle_v1  # noqa: F401
-from servers import ServerProcess, free_port
+from servers import free_port, keyed_server
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
@@ -22,28 +22,18 @@ DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64",
 
 @pytest.fixture(scope="module")
 def live(api_env, tmp_path_factory):
-    from api.auth import add_key
-
     d = tmp_path_factory.mktemp("oip_grpc")
-    key = add_key(d / "keys.json", "grpc")
-    budget_key = add_key(d / "keys.json", "budget")  # spent to exhaustion by one test only
     # a tight per-client budget, to show gRPC and HTTP spend the same one
     bundle = api_env.make_bundle(d / "b.ewb", 1, runtime=api_env.runtime(per_client="40/minute"))
     port = free_port()
-    srv = ServerProcess(api_env.serve_args(bundle, "--api-keys", str(d / "keys.json"),
-                                           "--grpc-port", str(port)), d / "server.log").start()
-    yield srv, key, port, bundle, budget_key
-    srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()
+    # "budget" is spent to exhaustion by one test only
+    with keyed_server(api_env, bundle, d, "grpc", "budget", extra=("--grpc-port", str(port))) as (srv, keys):
+        yield srv, keys["grpc"], port, bundle, keys["budget"]
 
 
 @pytest.fixture(scope="module")
 def guard(api_env, live):
-    from runtime_guard.bundle import load_kek
-    from runtime_guard.guard import GuardedModel
-
-    return GuardedModel.load(live[3], api_env.public_key_path, load_kek(file=api_env.kek_path),
-                             accept=False)
+    return api_env.load_guard(live[3])
 
 
 @pytest.fixture(scope="module")

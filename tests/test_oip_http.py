@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from api_fixtures import api_env, bundle_v1  # noqa: F401
-from servers import ServerProcess
+from servers import keyed_server
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -24,24 +24,13 @@ DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64",
 
 @pytest.fixture(scope="module")
 def live(api_env, bundle_v1, tmp_path_factory):
-    from api.auth import add_key
-
-    d = tmp_path_factory.mktemp("oip_http")
-    key = add_key(d / "keys.json", "triton")
-    srv = ServerProcess(api_env.serve_args(bundle_v1, "--api-keys", str(d / "keys.json")),
-                        d / "server.log").start()
-    yield srv, key
-    srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()
+    with keyed_server(api_env, bundle_v1, tmp_path_factory.mktemp("oip_http"), "triton") as (srv, keys):
+        yield srv, keys["triton"]
 
 
 @pytest.fixture(scope="module")
 def guard(api_env, bundle_v1):
-    from runtime_guard.bundle import load_kek
-    from runtime_guard.guard import GuardedModel
-
-    return GuardedModel.load(bundle_v1, api_env.public_key_path, load_kek(file=api_env.kek_path),
-                             accept=False)
+    return api_env.load_guard(bundle_v1)
 
 
 @pytest.fixture(scope="module")
