@@ -127,7 +127,8 @@ def audit_extraction_cmd(
                                  "reverse_sigmoid,adaptive_misinformation,guarded (default all)."),
     attacks: str = typer.Option("copycat,knockoff_random", "--attacks",
                                 help="copycat,knockoff_random,knockoff_adaptive; adaptive thieves (own pool, rounds): "
-                                "active_uncertainty,jbda."),
+                                "active_uncertainty,jbda, dfme (data-free generator); "
+                                "append +gate for gate-aware filtering (e.g. jbda+gate)."),
     rate_limit: str = typer.Option("60/minute", "--rate-limit", help="Per-key rate used for time-to-steal."),
     global_limit: str = typer.Option(None, "--global-limit", help="Global rate shared by all keys (Sybil bound)."),
     sybil_keys: int = typer.Option(10, "--sybil-keys", help="Keys a Sybil attacker spreads queries over."),
