@@ -259,6 +259,9 @@ class ExtractionMonitorConfig(_Section):
     test_every: int = 10
     action: str = "flag"
     throttle_seconds: float = 600.0
+    # With action "throttle": None blocks a flagged client for throttle_seconds; a number shrinks its
+    # rate budget instead, to one query per throttle_interval seconds for throttle_seconds.
+    throttle_interval: float | None = None
     # Distances are taken on (x - center) / scale when both are given (per input value,
     # from the release-time calibration: ``edgeward`` PRADA calibration writes them).
     center: tuple[float, ...] | None = None
@@ -292,6 +295,8 @@ class ExtractionMonitorConfig(_Section):
         _int("test_every", self.test_every, 1, 1 << 20)
         _choice("action", self.action, MONITOR_ACTIONS)
         _num("throttle_seconds", self.throttle_seconds, 0.0, 7 * 86400.0, open_lo=True)
+        if self.throttle_interval is not None:
+            _num("throttle_interval", self.throttle_interval, 0.0, 86400.0, open_lo=True)
 
 
 @dataclass(frozen=True)
