@@ -44,6 +44,8 @@ def calibrate_monitor_cmd(
                                             help="Honest calibration clients per stream kind (default 3x --clients)."),
     stream_length: int = typer.Option(200, "--stream-length", min=3, help="Queries per client stream."),
     seed: int = typer.Option(0, "--seed"),
+    space: str = typer.Option("standardized", "--space", help="Distances on: standardized (inputs), input (raw), "
+                              "features (the model's penultimate features output)."),
     out: Path = typer.Option(None, "--out", help="Write the calibration JSON here (for `edgeward package "
                              "--monitor-config`)."),
     json_out: bool = JSON_OPT,
@@ -66,7 +68,7 @@ def calibrate_monitor_cmd(
             raise InputError(f"{detectors}: detectors unreadable ({e})") from None
     r = calibrate_model_monitor(make_session(model), info, ds, scorer, target=target, clients_per_kind=clients,
                                 calibration_clients_per_kind=calibration_clients, stream_length=stream_length,
-                                seed=seed, min_queries_grid=(min(50, stream_length),))
+                                seed=seed, min_queries_grid=(min(50, stream_length),), space=space)
     doc = r.to_dict()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
