@@ -45,14 +45,16 @@ from runtime_guard.output_policy import softmax
 DEFAULT_BUDGETS = (50, 200, 1000, 5000)
 QUICK_BUDGETS = (50, 200, 500)
 RUNTIME_POLICIES = ("full", "top_k", "rounded", "label_only", "reverse_sigmoid", "adaptive_misinformation")
-VICTIMS = ("bare", *RUNTIME_POLICIES, "guarded")
+# "gate": the guarded runtime with the OOD gate rejecting and no extraction monitor;
+# "guarded": the same plus the PRADA monitor (gate + PRADA).
+VICTIMS = ("bare", *RUNTIME_POLICIES, "gate", "guarded")
 DEFAULT_ATTACKS = ("copycat", "knockoff_random")
 ATTACKS = (*ART_ATTACKS, *ADAPTIVE_ATTACKS)  # adaptive ones choose their queries in rounds (not default)
 ADAPTIVE_POOL_FACTOR = 4  # unlabelled pool of an adaptive thief = 4x the largest budget
 SELF_CHECK_FIDELITY = 0.85
 DEGRADE_MARGIN = 0.10
 GATE_ALPHA = 0.05
-NEEDS_GATE = ("adaptive_misinformation", "guarded")
+NEEDS_GATE = ("adaptive_misinformation", "gate", "guarded")
 
 Progress = Callable[[int, int, str], None]
 
@@ -321,14 +323,17 @@ def build_victims(
             policy = OutputPolicy(OutputPolicyConfig(policy=name))
             gate = _gate_fn(bare, scorer) if name == "adaptive_misinformation" else None
             out[name] = PolicyVictim(bare, name, policy, gate)
-        elif name == "guarded":
+        elif name in ("gate", "guarded"):
             from runtime_guard.config import RateLimitConfig
             from runtime_guard.guard import GuardedModel
 
             cfg = guard or default_guard_config()
             cfg = dataclasses.replace(cfg, rate_limit=RateLimitConfig(per_client=None, global_limit=None))
+            if name == "gate":
+                cfg = dataclasses.replace(cfg, extraction=dataclasses.replace(cfg.extraction, enabled=False))
             gm = GuardedModel(session, cfg, anomaly=scorer if cfg.anomaly.action != "off" else None)
             out[name] = GuardedVictim(gm, info.num_classes, sample_shape)
+            out[name].name = name
         else:
             raise InputError(f"unknown victim {name!r}; choose from {', '.join(VICTIMS)}")
     return out

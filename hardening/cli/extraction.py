@@ -126,7 +126,7 @@ def audit_extraction_cmd(
     quick: bool = typer.Option(False, "--quick", help="Quick profile: budgets 50,200,500."),
     scenarios: str = typer.Option(None, "--scenarios", help="Thief data: in_dist,natural_ood,noise (default), seed30_mixup (30 real seeds + mixup)."),
     policies: str = typer.Option(None, "--policies", help="Victims: bare,full,top_k,rounded,label_only,"
-                                 "reverse_sigmoid,adaptive_misinformation,guarded (default all)."),
+                                 "reverse_sigmoid,adaptive_misinformation,gate (OOD gate only),guarded (gate + PRADA monitor) (default all)."),
     attacks: str = typer.Option("copycat,knockoff_random", "--attacks",
                                 help="copycat,knockoff_random,knockoff_adaptive; adaptive thieves (own pool, rounds): "
                                 "active_uncertainty,jbda, dfme (data-free generator); "
