@@ -277,7 +277,7 @@ def _dfme(victim: Victim, thief: Any, spec: ThiefSpec, budget: int, gate_aware: 
     while left > 0:
         # generator step: zeroth-order estimate of d disagreement / dx through the victim
         b = min(cfg.batch, left // (cfg.directions + 1))
-        if b >= 1 and left >= cfg.queries_per_round() // 2:
+        if b >= 2 and left >= cfg.queries_per_round() // 2:  # BatchNorm needs 2+ samples in training
             gen.train()
             x = gen(torch.randn(b, cfg.latent))
             xn = x.detach().numpy().reshape(b, dim)
@@ -317,10 +317,11 @@ def _dfme(victim: Victim, thief: Any, spec: ThiefSpec, budget: int, gate_aware: 
             if answered.any():
                 mem_x.append(xs[answered])
                 mem_p.append(p[answered])
-                student_step(xs[answered], p[answered])
+                if answered.sum() >= 2:
+                    student_step(xs[answered], p[answered])
         if mem_x:
             mx, mp = np.concatenate(mem_x), np.concatenate(mem_p)
-            for _ in range(cfg.replay_steps):
+            for _ in range(cfg.replay_steps if len(mx) >= 2 else 0):
                 idx = rng.choice(len(mx), min(len(mx), spec.batch_size), replace=False)
                 student_step(mx[idx], mp[idx])
     n = sum(len(m) for m in mem_x)

@@ -63,6 +63,7 @@ def test_guarded_bundle_gives_the_same_figures_as_its_detectors(api_env, digits_
     assert e["per_seed"][0] == d["guarded"][0]["result"]["eps"][0]["guarded_robust_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_flag_only_gate_is_judged_as_answering_everything(api_env, digits_demo, gate, tmp_path):  # noqa: F811
     bundle = _bundle(api_env, digits_demo, gate, tmp_path / "f.ewb", "flag")
     res = _audit(digits_demo, "--guarded", str(bundle), "--public-key", str(api_env.public_key_path),
