@@ -148,8 +148,8 @@ def multi_seed(run: Callable[[int], GuardedReport], seeds: tuple[int, ...] = (0,
     for i, e in enumerate(reps[0].result["eps"]):
         row: dict = {"eps": e["eps"]}
         for key in ("guarded_robust_accuracy", "bare_robust_accuracy", "non_adaptive_guarded_accuracy"):
-            vals = [float(r.result["eps"][i][key]) for r in reps]
-            row[key] = {"per_seed": vals, "mean": float(np.mean(vals)), "min": min(vals), "max": max(vals)}
+            vals = [round(float(r.result["eps"][i][key]), 6) for r in reps]
+            row[key] = {"per_seed": vals, "mean": round(float(np.mean(vals)), 6), "min": min(vals), "max": max(vals)}
         out.append(row)
     return {"seeds": list(seeds), "n": reps[0].n, "profile": reps[0].profile, "eps": out,
             "white_box_skipped": [r.white_box_skipped for r in reps], "seconds": sum(r.seconds for r in reps)}
