@@ -23,10 +23,10 @@
   turned into log-probabilities with a floor. Answered queries are kept in a replay memory
   the student revisits for free (no extra queries).
 
-Gate-aware filtering (``gate_aware=True``, attack names ending in ``+gate``): the thief
-keeps only what the gate answered and steers away from what it refused; every refused query
-still counts against the budget. Active learning skips pool points whose nearest queried
-neighbour was refused; JBDA augments only answered points; DFME scores a refused
+Gate-aware filtering (attack names ending in ``+gate``): the thief keeps only what the gate
+answered and steers away from what it refused; every refused query still counts against the
+budget. Active learning queries pool points whose nearest queried neighbour was refused only
+after all others; JBDA augments only answered points; DFME scores a refused
 query as ``-reject_penalty`` in the generator's objective (the generator learns to stay
 where the gate answers) instead of dropping it.
 

@@ -160,3 +160,14 @@ def test_gate_aware_filtering_keeps_what_the_gate_answered_and_counts_refusals(d
     assert runs["jbda+gate"].answered > runs["jbda"].answered + 30  # 239 vs 140 measured
     assert runs["dfme+gate"].rejected > 0  # generated inputs are refused, and it says so
     assert {c.attack for c in rep.curves} == set(runs)
+
+
+@pytest.mark.slow
+def test_dfme_thorough_copies_the_bare_model_at_30k_queries(bare_digits):
+    from attacks.adaptive_thieves import steal_adaptive
+
+    v, ds, spec = bare_digits
+    _fresh(v, "dfme-30k")
+    st = steal_adaptive(v, np.zeros((0, *ds.sample_shape), np.float32), "dfme", spec, 30_000)
+    assert st.queries_sent == 30_000
+    assert (st.predict_labels(ds.x) == v.labels(ds.x)).mean() >= 0.9  # 0.977 measured
