@@ -16,6 +16,7 @@ edgeward API over loopback HTTP).
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -261,6 +262,11 @@ class HttpVictim(Victim):
     ``keys`` are bearer tokens; with several keys (a Sybil attacker) requests rotate over them and
     ``per_key`` keeps a ledger per key. The guard's decision is read from the body (answers and
     refusal problems carry it, see ``api.decisions``); see :func:`http_decision`.
+
+    ``patience_s`` > 0 makes a patient attacker: a 429 is waited out (its ``Retry-After``, at
+    most ``patience_s`` per query in total) and the same query resent, so the budget is spent
+    under the deployed rate limit instead of lost to it. Each resend is counted in ``retries``
+    and the time slept in ``waited_s``; the ledger records only the final answer per query.
     """
 
     name = "http"
@@ -273,6 +279,7 @@ class HttpVictim(Victim):
         keys: list[str] | None = None,
         path: str = "/v1/predict",
         timeout: float = 10.0,
+        patience_s: float = 0.0,
     ):
         super().__init__(nb_classes, sample_shape)
         if not base_url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
@@ -283,12 +290,17 @@ class HttpVictim(Victim):
         self.retry_after: list[float] = []
         self.per_key: dict[int, QueryLedger] = {}
         self._turn = 0
+        self.patience_s = float(patience_s)
+        self.retries = 0
+        self.waited_s = 0.0
 
     def new_attacker(self, client_id: str) -> None:
         super().new_attacker(client_id)
         self.per_key = {i: QueryLedger() for i in range(max(1, len(self.keys)))}
         self.retry_after = []
         self._turn = 0
+        self.retries = 0
+        self.waited_s = 0.0
 
     def _post(self, row: np.ndarray, key: str | None) -> tuple[int, dict]:
         body = json.dumps({"inputs": row[None].tolist()}).encode()
@@ -323,7 +335,16 @@ class HttpVictim(Victim):
         for i in range(len(x)):
             k = self._turn % max(1, len(self.keys))
             self._turn += 1
-            status, payload = self._post(x[i], self.keys[k] if self.keys else None)
+            key = self.keys[k] if self.keys else None
+            status, payload = self._post(x[i], key)
+            waited = 0.0
+            while status == 429 and waited < self.patience_s:
+                pause = min(max(self.retry_after[-1] if self.retry_after else 1.0, 0.01), self.patience_s - waited)
+                time.sleep(pause)
+                waited += pause
+                self.retries += 1
+                status, payload = self._post(x[i], key)
+            self.waited_s += waited
             d = http_decision(status, payload)
             flags.append("extraction" in (payload.get("reasons") or []))
             if d in ANSWERED:

@@ -44,14 +44,16 @@ from runtime_guard.output_policy import OUTPUT_POLICIES, softmax
 
 DEFAULT_BUDGETS = (50, 200, 1000, 5000)
 QUICK_BUDGETS = (50, 200, 500)
-VICTIMS = ("bare", *OUTPUT_POLICIES, "guarded")
+# "gate": the guarded runtime with the OOD gate rejecting and no extraction monitor;
+# "guarded": the same plus the PRADA monitor (gate + PRADA).
+VICTIMS = ("bare", *OUTPUT_POLICIES, "gate", "guarded")
 DEFAULT_ATTACKS = ("copycat", "knockoff_random")
 ATTACKS = (*ART_ATTACKS, *ADAPTIVE_ATTACKS)  # adaptive ones choose their queries in rounds (not default)
 ADAPTIVE_POOL_FACTOR = 4  # unlabelled pool of an adaptive thief = 4x the largest budget
 SELF_CHECK_FIDELITY = 0.85
 DEGRADE_MARGIN = 0.10
 GATE_ALPHA = 0.05
-NEEDS_GATE = ("adaptive_misinformation", "guarded")
+NEEDS_GATE = ("adaptive_misinformation", "gate", "guarded")
 
 Progress = Callable[[int, int, str], None]
 
@@ -320,14 +322,17 @@ def build_victims(
             policy = OutputPolicy(OutputPolicyConfig(policy=name))
             gate = _gate_fn(bare, scorer) if name == "adaptive_misinformation" else None
             out[name] = PolicyVictim(bare, name, policy, gate)
-        elif name == "guarded":
+        elif name in ("gate", "guarded"):
             from runtime_guard.config import RateLimitConfig
             from runtime_guard.guard import GuardedModel
 
             cfg = guard or default_guard_config()
             cfg = dataclasses.replace(cfg, rate_limit=RateLimitConfig(per_client=None, global_limit=None))
+            if name == "gate":
+                cfg = dataclasses.replace(cfg, extraction=dataclasses.replace(cfg.extraction, enabled=False))
             gm = GuardedModel(session, cfg, anomaly=scorer if cfg.anomaly.action != "off" else None)
             out[name] = GuardedVictim(gm, info.num_classes, sample_shape)
+            out[name].name = name
         else:
             raise InputError(f"unknown victim {name!r}; choose from {', '.join(VICTIMS)}")
     return out
@@ -696,6 +701,9 @@ class HttpRun:
     accuracy: float
     trained_on: int
     wall_seconds: float
+    retries: int = 0  # 429s a patient thief waited out and resent (not in the ledger)
+    waited_s: float = 0.0  # of wall_seconds, time spent waiting on Retry-After
+    first_flagged_at: int | None = None  # the served extraction monitor's first flag (query number)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -712,9 +720,15 @@ def run_http_extraction(
     torch_source: str | Path | None = None,
     train_steps: int = 300,
     seed: int = 0,
+    patience_s: float = 0.0,
 ) -> HttpRun:
     """Steal from a running edgeward API on loopback, rotating over ``keys`` (more than one = Sybil).
-    The model file is read only to learn shapes and the raw labels fidelity is measured against."""
+    The model file is read only to learn shapes and the raw labels fidelity is measured against.
+
+    ``attack`` may be an adaptive thief (``ADAPTIVE_ATTACKS``, e.g. ``jbda+gate``): it then picks its
+    ``budget`` queries from a pool of the scenario ``ADAPTIVE_POOL_FACTOR`` times larger. With
+    ``patience_s`` the thief waits out 429s (see ``HttpVictim``): ``wall_seconds`` is then the
+    time to spend the budget under the deployed rate limit."""
     import torch
 
     from attacks.victims import HttpVictim
@@ -726,12 +740,18 @@ def run_http_extraction(
     bare = build_victims(["bare"], make_session(model_path), info, ds.sample_shape)["bare"]
     raw_test = bare.labels(ds.x)  # type: ignore[attr-defined]
     spec = thief_spec_for(ds.sample_shape, info.num_classes, torch_source, train_steps=train_steps)
-    pool = make_pool(scenario, budget, ds.sample_shape, ds.value_range, _thief_data(ds, [scenario])[0], seed=seed,
-                     n_actions=info.num_classes)
-    victim = HttpVictim(base_url, info.num_classes, ds.sample_shape, keys=list(keys))
+    if attack not in ATTACKS:
+        raise InputError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+    adaptive = attack in ADAPTIVE_ATTACKS
+    pool = make_pool(scenario, budget * (ADAPTIVE_POOL_FACTOR if adaptive else 1), ds.sample_shape, ds.value_range,
+                     _thief_data(ds, [scenario])[0], seed=seed, n_actions=info.num_classes)
+    victim = HttpVictim(base_url, info.num_classes, ds.sample_shape, keys=list(keys), patience_s=patience_s)
     victim.new_attacker(f"http-{scenario}-{attack}-{budget}")
     t0 = time.perf_counter()
-    stolen = steal(victim, pool.x, attack, spec, pool.actions, seed=seed)
+    if adaptive:
+        stolen = steal_adaptive(victim, pool.x, attack, spec, budget, seed=seed)
+    else:
+        stolen = steal(victim, pool.x, attack, spec, pool.actions, seed=seed)
     pred = stolen.predict_labels(ds.x)
     return HttpRun(
         url=base_url, scenario=scenario, attack=attack, budget=budget, keys=len(keys),
@@ -739,4 +759,5 @@ def run_http_extraction(
         retry_after_max_s=max(victim.retry_after) if victim.retry_after else None,
         fidelity=float((pred == raw_test).mean()), accuracy=float((pred == ds.y).mean()),
         trained_on=stolen.trained_on, wall_seconds=round(time.perf_counter() - t0, 2),
+        retries=victim.retries, waited_s=round(victim.waited_s, 2), first_flagged_at=victim.ledger.first_flagged_at,
     )

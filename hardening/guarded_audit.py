@@ -8,6 +8,15 @@ session, else from the ONNX graph itself; the copy is checked against the runtim
 on the audit points first. When it does not match, the white-box attacker is not run
 and the result says so (``white_box_skipped``): guarded robust accuracy is then an upper
 bound from the black-box attackers only.
+
+``run_guarded_bundle_audit`` takes the gate from a signed bundle instead of a detectors
+folder: signature verified and payloads decrypted in memory (``runtime_guard.bundle``), the
+detectors and the shipped ``runtime`` policy (gate action) used as they would run on device.
+A gate that only flags (``anomaly.action`` ``flag``) answers every input, so it stops no
+evasion: the audit then judges with every input accepted and says so.
+
+``multi_seed`` repeats an audit over seeds (different evaluation points and attack
+randomness) and reports mean, min and max per epsilon.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ class GuardedReport:
     white_box_skipped: str | None
     result: dict  # AdaptiveResult.to_dict()
     seconds: float
+    bundle: dict | None = None  # with --guarded BUNDLE: version, gate action, output policy, note
     adversarial_examples: dict[float, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -84,11 +94,74 @@ def _torch_copies(pm, torch_source: str | Path | None) -> list[tuple[str, nn.Mod
     return out
 
 
+def load_bundle_gate(bundle: str | Path, public_key: str | Path, kek_file: str | Path) -> tuple[AnomalyScorer, dict]:
+    """The shipped gate of a signed bundle: its scorer and what the runtime does with it."""
+    from runtime_guard.bundle import load_kek, open_bundle
+    from runtime_guard.config import GuardConfig, GuardConfigError
+    from runtime_guard.errors import BundleError
+
+    try:
+        opened = open_bundle(bundle, public_key, load_kek(file=kek_file))
+        cfg = GuardConfig.from_dict(opened.manifest.get("runtime", {}))
+    except (BundleError, GuardConfigError) as e:
+        raise InputError(f"{bundle}: cannot open the bundle ({type(e).__name__}: {e})") from None
+    if cfg.anomaly.action == "off" or cfg.anomaly.detector_meta is None or "detectors.npz" not in opened.payloads:
+        raise InputError(f"{bundle}: the bundle ships no anomaly gate (runtime.anomaly.action is "
+                         f"{cfg.anomaly.action!r}); there is nothing to attack through")
+    try:
+        scorer = AnomalyScorer.from_bytes(opened.payloads["detectors.npz"], cfg.anomaly.detector_meta)
+    except AnomalyFormatError as e:
+        raise InputError(f"{bundle}: unusable detectors ({e})") from None
+    import hashlib
+
+    m = opened.manifest.get("model") or {}
+    info = {"version": opened.version, "gate_action": cfg.anomaly.action, "output_policy": cfg.output.policy,
+            "model_sha256": m.get("sha256"), "packaged_sha256": hashlib.sha256(opened.model_bytes).hexdigest(),
+            "note": ("gate rejects: inputs it calls anomalous get no answer" if cfg.anomaly.action == "reject" else
+                     "gate only flags: every input is answered, so the gate stops no evasion"),
+            "judged_label": "top-1 of the logits (every output policy but adaptive_misinformation delivers it "
+                            "unchanged; this one changes labels only of inputs the gate calls anomalous)"}
+    return scorer, info
+
+
+def run_guarded_bundle_audit(model_path: str | Path, dataset: str | Path | Dataset, bundle: str | Path,
+                             public_key: str | Path, kek_file: str | Path, **kw) -> GuardedReport:
+    """``run_guarded_audit`` with the gate and policy of a signed bundle (see the module docstring);
+    ``model_path`` must be the model the bundle was made from (sha256 checked)."""
+    from hardening.intake import load_model
+
+    scorer, info = load_bundle_gate(bundle, public_key, kek_file)
+    sha = load_model(model_path).sha256
+    if sha not in (info["model_sha256"], info["packaged_sha256"]):
+        raise ModelError(f"{model_path}: not the model in {bundle} (sha256 {sha[:12]}...)")
+    rep = run_guarded_audit(model_path, dataset, str(bundle), scorer=scorer,
+                            gate_rejects=info["gate_action"] == "reject", **kw)
+    rep.bundle = info
+    return rep
+
+
+def multi_seed(run: Callable[[int], GuardedReport], seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Run ``run(seed)`` per seed; per epsilon the guarded, bare and non-adaptive robust accuracy
+    per seed with their mean, min and max (the headline figure's spread)."""
+    reps = [run(s) for s in seeds]
+    out = []
+    for i, e in enumerate(reps[0].result["eps"]):
+        row: dict = {"eps": e["eps"]}
+        for key in ("guarded_robust_accuracy", "bare_robust_accuracy", "non_adaptive_guarded_accuracy"):
+            vals = [round(float(r.result["eps"][i][key]), 6) for r in reps]
+            row[key] = {"per_seed": vals, "mean": round(float(np.mean(vals)), 6), "min": min(vals), "max": max(vals)}
+        out.append(row)
+    return {"seeds": list(seeds), "n": reps[0].n, "profile": reps[0].profile, "eps": out,
+            "white_box_skipped": [r.white_box_skipped for r in reps], "seconds": sum(r.seconds for r in reps)}
+
+
 def run_guarded_audit(
     model_path: str | Path,
     dataset: str | Path | Dataset,
     detectors_dir: str | Path,
     *,
+    scorer: AnomalyScorer | None = None,
+    gate_rejects: bool = True,
     torch_source: str | Path | None = None,
     eps: list[float] | None = None,
     n: int = 64,
@@ -97,7 +170,9 @@ def run_guarded_audit(
     attackers: tuple[str, ...] = ATTACKERS,
     progress: Callable[[str], None] | None = None,
 ) -> GuardedReport:
-    """Guarded vs bare vs non-adaptive robust accuracy (L-inf) per eps; see the module docstring."""
+    """Guarded vs bare vs non-adaptive robust accuracy (L-inf) per eps; see the module docstring.
+    ``scorer`` (already loaded, e.g. from a bundle) replaces ``detectors_dir``, which then only
+    names the source; ``gate_rejects=False``: the gate answers everything (action ``flag``)."""
     from threadpoolctl import threadpool_limits
 
     from hardening.intake import make_session
@@ -112,10 +187,11 @@ def run_guarded_audit(
     if not isinstance(n, int) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}")
     t0 = time.perf_counter()
-    try:
-        scorer = AnomalyScorer.load(detectors_dir)
-    except AnomalyFormatError as e:
-        raise InputError(f"{detectors_dir}: unusable detectors ({e})") from None
+    if scorer is None:
+        try:
+            scorer = AnomalyScorer.load(detectors_dir)
+        except AnomalyFormatError as e:
+            raise InputError(f"{detectors_dir}: unusable detectors ({e})") from None
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     mm = scorer.meta.get("model") or {}
     pm = prepare_model(model_path, ds, mm.get("features_tensor"))
@@ -133,6 +209,8 @@ def run_guarded_audit(
             return np.zeros((0, pm.info.num_classes or 1), np.float32), np.zeros(0, bool)
         x = np.ascontiguousarray(x, dtype=np.float32)
         lg, ft = sess.run(names, {pm.info.input_name: x})
+        if not gate_rejects:
+            return lg.astype(np.float32), np.ones(len(x), bool)
         score = scorer.score(x.reshape(len(x), -1), lg, ft.reshape(len(ft), -1))
         return lg.astype(np.float32), ~scorer.is_anomalous(score)
 

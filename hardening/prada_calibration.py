@@ -5,7 +5,10 @@ they resend queries) and no uniform-noise thief, because raw-input L2 distances 
 noise points concentrate and look normal. Here, per deployment:
 
 * distances are taken on standardised inputs (``center``/``scale`` = training mean and
-  standard deviation per input value), shipped in the monitor config;
+  standard deviation per input value), shipped in the monitor config; or (``space=
+  "features"``, for a model with a features output) on the standardised penultimate
+  features, where an input far from the data maps far from the training features (the
+  runtime then feeds the monitor the features it already computes);
 * ``delta`` is a conformal lower quantile of the smallest Shapiro-Wilk W that benign
   calibration clients reach (random in-distribution, class-skewed and 10%-repeat
   streams), so at most ``target`` of benign clients fall below it in expectation;
@@ -34,6 +37,8 @@ from runtime_guard.config import ExtractionMonitorConfig
 from runtime_guard.extraction_monitor import ExtractionMonitor
 
 Labeller = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # x -> (top-1 labels, gate rejected bool)
+Embedder = Callable[[np.ndarray], np.ndarray]  # x -> penultimate features [N, D]
+SPACES = ("standardized", "input", "features")
 BENIGN = ("random", "class_skewed", "repeats_10pct")
 THIEVES = ("uniform_noise", "mixup_30_seeds", "jbda_shaped_30_seeds")
 SIGNALS = ("prada", "rejections", "label_entropy")
@@ -44,7 +49,7 @@ class PradaCalibration:
     target: float
     stream_length: int
     min_queries: int
-    space: str  # "standardized" or "input"
+    space: str  # "standardized", "input" or "features"
     n_calibration_clients: int
     config: dict  # the ExtractionMonitorConfig fields to ship (delta, min_queries, center, scale, ...)
     false_flag_rate: dict[str, float]  # per benign stream kind, all signals together
@@ -96,14 +101,16 @@ def _thief(kind: str, seeds_pool: np.ndarray, length: int, lo: float, hi: float,
     return np.concatenate(out)[:length]
 
 
-def _run_clients(cfg: ExtractionMonitorConfig, streams: list[np.ndarray], label: Labeller) -> list:
+def _run_clients(cfg: ExtractionMonitorConfig, streams: list[np.ndarray], label: Labeller,
+                 embed: Embedder | None = None) -> list:
     mon = ExtractionMonitor(cfg)
     states = []
     for i, s in enumerate(streams):
         lab, rej = label(s)
+        v = s if embed is None else embed(s)  # what the runtime hands the monitor
         cid = f"c{i}"
         for j in range(0, len(s), 10):  # batches of 10, as a client might send them
-            mon.observe(cid, s[j:j + 10], lab[j:j + 10], rej[j:j + 10])
+            mon.observe(cid, v[j:j + 10], lab[j:j + 10], rej[j:j + 10])
         states.append(mon.state(cid))
         mon.reset(cid)
     return states
@@ -149,18 +156,33 @@ def calibrate_prada(
     space: str = "standardized",
     calibration_clients_per_kind: int | None = None,
     seed: int = 0,
+    embed: Embedder | None = None,
 ) -> PradaCalibration:
     """Calibrate on benign streams drawn from ``pool`` (in-distribution inputs not used for
-    training), measure on fresh ones and on thieves; ``label`` is the deployed model + gate."""
+    training), measure on fresh ones and on thieves; ``label`` is the deployed model + gate,
+    ``embed`` its penultimate features (needed for ``space="features"``)."""
     if not 0 < target < 0.5:
         raise InputError(f"target false-flag rate must be in (0, 0.5), got {target}")
-    if space not in ("standardized", "input"):
-        raise InputError(f"space must be 'standardized' or 'input', got {space!r}")
+    if space not in SPACES:
+        raise InputError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    if space == "features" and embed is None:
+        raise InputError("space 'features' needs the model's features output")
+    if space != "features":
+        embed = None
     rng = np.random.default_rng(seed)
-    flat = train.reshape(len(train), -1).astype(np.float64)
-    center = tuple(float(c) for c in flat.mean(0)) if space == "standardized" else None
-    scale = tuple(float(s) for s in np.maximum(flat.std(0), 0.05 * (value_range[1] - value_range[0]))) \
-        if space == "standardized" else None
+    if space == "features":
+        assert embed is not None
+        flat = np.asarray(embed(train), np.float64).reshape(len(train), -1)
+        sd = flat.std(0)
+        floor = 0.05 * float(sd.mean()) + 1e-6  # dead (constant) features must not divide by ~0
+    else:
+        flat = train.reshape(len(train), -1).astype(np.float64)
+        sd = flat.std(0)
+        floor = 0.05 * (value_range[1] - value_range[0])
+    standardise = space in ("standardized", "features")
+    center = tuple(float(c) for c in flat.mean(0)) if standardise else None
+    scale = tuple(float(s) for s in np.maximum(sd, floor)) if standardise else None
+    mon_space = "features" if space == "features" else "input"
     pool_labels = label(pool)[0]
     n_signals = len(SIGNALS)
     per = target / n_signals
@@ -176,11 +198,11 @@ def calibrate_prada(
         if mq > stream_length:
             continue
         probe = ExtractionMonitorConfig(delta=1e-12, min_queries=mq, max_distances=max(mq, stream_length),
-                                        center=center, scale=scale)
+                                        center=center, scale=scale, space=mon_space)
         # per stream kind, then the most conservative: the rate holds for each kind, not only on their mix
         deltas, rrs, ents = [], [], []
         for k in BENIGN:
-            st = _run_clients(probe, cal[k], label)
+            st = _run_clients(probe, cal[k], label, embed)
             w = np.array([s.min_w if s.min_w is not None else 1.0 for s in st])
             d = _quantile_low(w, per)
             if d is None:
@@ -196,7 +218,7 @@ def calibrate_prada(
         raise InputError(f"stream length {stream_length} is below every minimum query count {min_queries_grid}")
     mq, delta, max_rr, min_ent = best
     cfg = ExtractionMonitorConfig(delta=delta, min_queries=mq, max_distances=max(mq, stream_length), center=center,
-                                  scale=scale, max_rejection_rate=max_rr if max_rr < 1.0 else None,
+                                  scale=scale, space=mon_space, max_rejection_rate=max_rr if max_rr < 1.0 else None,
                                   min_label_entropy=min_ent if min_ent and min_ent > 0 else None)
 
     prada_only = ExtractionMonitorConfig(**{**cfg.to_dict(), "max_rejection_rate": None, "min_label_entropy": None})
@@ -204,8 +226,8 @@ def calibrate_prada(
     def measure(streams: list[np.ndarray]) -> tuple[float, dict[str, float], float | None]:
         """All signals together, and each signal on its own (flags are sticky, so the first
         signal to fire would otherwise hide the others)."""
-        st = _run_clients(cfg, streams, label)
-        alone = _run_clients(prada_only, streams, label)
+        st = _run_clients(cfg, streams, label, embed)
+        alone = _run_clients(prada_only, streams, label, embed)
         rr, ent = _signal_extremes(streams, label, mq, cfg.test_every)
         by = {"prada": float(np.mean([s.flagged for s in alone])),
               "rejections": float(np.mean(rr > cfg.max_rejection_rate)) if cfg.max_rejection_rate is not None else 0.0,
@@ -260,6 +282,19 @@ def model_labeller(session: Any, info: Any, scorer: Any = None) -> Labeller:
     return label
 
 
+def model_embedder(session: Any, info: Any) -> Embedder:
+    """The deployed model's penultimate features (its ``features`` output), for ``space="features"``."""
+    if info.features_output is None:
+        raise InputError("PRADA on features needs a model with a 'features' output (edgeward fit-ood adds one)")
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        parts = [session.run([info.features_output], {info.input_name: x[i:i + 256]})[0] for i in range(0, len(x), 256)]
+        return np.concatenate(parts).reshape(len(x), -1).astype(np.float32)
+
+    return embed
+
+
 def calibrate_model_monitor(session: Any, info: Any, ds: Any, scorer: Any = None, **kw: Any) -> PradaCalibration:
     """Calibrate the monitor for one model + gate on a dataset: benign streams from its held-out
     inputs (calibration split and test split), standardisation from its training split. Without
@@ -267,12 +302,27 @@ def calibrate_model_monitor(session: Any, info: Any, ds: Any, scorer: Any = None
     pool = np.concatenate([a for a in (ds.x_cal, ds.x) if a is not None]).astype(np.float32)
     train = ds.x_train if ds.x_train is not None else pool
     kw.setdefault("value_range", ds.value_range)
+    if kw.get("space") == "features":
+        kw["embed"] = model_embedder(session, info)
     r = calibrate_prada(pool, train, model_labeller(session, info, scorer), **kw)
     if scorer is None:
         r.config["max_rejection_rate"] = None
         r.notes.append("no OOD gate given: the gate-rejection signal is off")
     r.model_sha256 = info.sha256
     return r
+
+
+def compare_spaces(session: Any, info: Any, ds: Any, scorer: Any = None,
+                   spaces: tuple[str, ...] = ("standardized", "features"), **kw: Any) -> dict[str, PradaCalibration]:
+    """The same calibration (target, streams, seed) in each distance space, so false flags and the
+    per-thief detection rates can be read side by side; a space the model cannot offer
+    (no features output) is left out with an InputError only if it is the only one asked for."""
+    out: dict[str, PradaCalibration] = {}
+    for sp in spaces:
+        if sp == "features" and info.features_output is None and len(spaces) > 1:
+            continue
+        out[sp] = calibrate_model_monitor(session, info, ds, scorer, space=sp, **kw)
+    return out
 
 
 def monitor_section(doc: Any, model_sha256: str | None = None) -> dict:

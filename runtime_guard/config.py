@@ -33,6 +33,7 @@ __all__ = [
 RATE_LIMIT_STRATEGIES = ("moving-window", "fixed-window", "sliding-window-counter")
 GATE_ACTIONS = ("off", "flag", "reject")
 MONITOR_ACTIONS = ("flag", "throttle")
+MONITOR_SPACES = ("input", "features")
 
 
 class GuardConfigError(LoadError, ValueError):
@@ -231,8 +232,13 @@ class ExtractionMonitorConfig(_Section):
     test_every: int = 10
     action: str = "flag"
     throttle_seconds: float = 600.0
-    # Distances are taken on (x - center) / scale when both are given (per input value,
-    # from the release-time calibration: ``edgeward`` PRADA calibration writes them).
+    # With action "throttle": None blocks a flagged client for throttle_seconds; a number shrinks its
+    # rate budget instead, to one query per throttle_interval seconds for throttle_seconds.
+    throttle_interval: float | None = None
+    # Distances are taken on (v - center) / scale when both are given (per value, from the
+    # release-time calibration: ``edgeward calibrate-monitor`` writes them), where v is the
+    # sanitized input (space "input") or the model's penultimate features (space "features").
+    space: str = "input"
     center: tuple[float, ...] | None = None
     scale: tuple[float, ...] | None = None
     # Complementary per-client signals (None = off), judged from min_queries queries on:
@@ -263,7 +269,10 @@ class ExtractionMonitorConfig(_Section):
         _int("max_clients", self.max_clients, 1, 1 << 24)
         _int("test_every", self.test_every, 1, 1 << 20)
         _choice("action", self.action, MONITOR_ACTIONS)
+        _choice("space", self.space, MONITOR_SPACES)
         _num("throttle_seconds", self.throttle_seconds, 0.0, 7 * 86400.0, open_lo=True)
+        if self.throttle_interval is not None:
+            _num("throttle_interval", self.throttle_interval, 0.0, 86400.0, open_lo=True)
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ class _ClassSet:
 
 class _Client:
     __slots__ = ("classes", "dist", "nd", "dpos", "queries", "last_w", "min_w", "flagged_after", "throttled_until",
-                 "flagged", "label_counts", "rejected", "told_rejected", "flag_reason")
+                 "flagged", "label_counts", "rejected", "told_rejected", "flag_reason", "next_slot")
 
     def __init__(self, max_distances: int) -> None:
         self.classes: dict[int, _ClassSet] = {}
@@ -212,6 +212,7 @@ class _Client:
         self.rejected = 0
         self.told_rejected = 0  # queries for which the caller said whether the gate refused them
         self.flag_reason: str | None = None
+        self.next_slot = 0.0  # throttle_interval: earliest time of the next admitted query
 
     def entropy(self) -> float:
         total = sum(self.label_counts.values())
@@ -305,19 +306,33 @@ class ExtractionMonitor:
         st.flagged_after = st.queries
         self.flags_total += 1
         if self.config.action == "throttle":
-            st.throttled_until = self._clock() + self.config.throttle_seconds
+            now = self._clock()
+            st.throttled_until = now + self.config.throttle_seconds
+            st.next_slot = now + (self.config.throttle_interval or 0.0)
 
     def throttled_for(self, client_id: str) -> float:
-        """Seconds this client is still throttled (0 if not). Expiry resets its history."""
+        """Seconds this client must wait before its next query (0: go ahead). Expiry resets its history.
+
+        Without ``throttle_interval`` a throttled client waits out the whole ``throttle_seconds``; with
+        it, its rate budget shrinks to one query per interval, and a 0 answer books that query's slot."""
         st = self._clients.get(client_id)
         if st is None or st.throttled_until == 0.0:
             return 0.0
-        left: float = st.throttled_until - self._clock()
-        if left > 0:
+        now = self._clock()
+        left: float = st.throttled_until - now
+        if left <= 0:
+            with self._lock:
+                self._clients.pop(client_id, None)
+            return 0.0
+        interval = self.config.throttle_interval
+        if interval is None:
             return left
         with self._lock:
-            self._clients.pop(client_id, None)
-        return 0.0
+            wait: float = st.next_slot - now
+            if wait > 0:
+                return min(wait, left)
+            st.next_slot = now + interval
+            return 0.0
 
     def state(self, client_id: str) -> MonitorState | None:
         with self._lock:

@@ -159,9 +159,12 @@ class GuardedModel:
         self.anomaly = anomaly if config.anomaly.action != "off" else None
         needs = self.anomaly.needs if self.anomaly is not None else frozenset()
         self._run_names: list[str] = [self.logits_name]
-        if "features" in needs:
+        # The PRADA monitor may take its distances on the penultimate features instead of the inputs.
+        self._monitor_features = config.extraction.enabled and config.extraction.space == "features"
+        if "features" in needs or self._monitor_features:
             if self.features_name is None:
-                raise PartsMismatch("the anomaly detectors need a 'features' output the model does not have")
+                who = "the anomaly detectors need" if "features" in needs else "extraction.space='features' needs"
+                raise PartsMismatch(f"{who} a 'features' output the model does not have")
             self._run_names.append(self.features_name)
 
         self.sanitizer = Sanitizer(config.input, model_shape)
@@ -292,7 +295,8 @@ class GuardedModel:
                 reasons.append(Reason.OOD)
 
         # The monitor sees every query that reached the model, including ones the gate refuses.
-        if self.monitor is not None and self.monitor.observe(client_id, arr, raw_labels, ood):
+        seen = outs[1] if self._monitor_features else arr
+        if self.monitor is not None and self.monitor.observe(client_id, seen, raw_labels, ood):
             reasons.append(Reason.EXTRACTION)
 
         if any_ood and self._gate_reject:

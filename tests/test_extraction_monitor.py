@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 
 from hardening.intake import make_session
-from runtime_guard.config import ExtractionMonitorConfig, GuardConfig, RateLimitConfig
+from runtime_guard.config import ExtractionMonitorConfig, GuardConfig, GuardConfigError, RateLimitConfig
 from runtime_guard.extraction_monitor import ExtractionMonitor, norm_ppf, shapiro_wilk
 from runtime_guard.guard import GuardedModel
 
@@ -153,3 +153,26 @@ def test_guard_flags_and_throttles_an_extraction_client(digits):
             res = guard.predict(attack[0], "thief")
             assert res.reasons == ["extraction:throttled"] and res.retry_after > 0
         assert guard.monitor_state("honest").flagged_after is None
+
+
+def test_throttle_interval_shrinks_the_flagged_clients_rate_budget(digits):
+    data, labels, _ = digits
+    now = [1000.0]
+    mon = ExtractionMonitor(
+        ExtractionMonitorConfig(min_queries=50, test_every=1, action="throttle", throttle_seconds=60,
+                                throttle_interval=10),
+        clock=lambda: now[0],
+    )
+    assert mon.throttled_for("rep") == 0.0  # unknown client: not throttled
+    _stream(mon, "rep", np.repeat(data["x"][:2], 40, axis=0), labels)
+    assert mon.state("rep").flagged
+    assert mon.throttled_for("rep") == pytest.approx(10)  # the next slot, not the whole window
+    now[0] += 10
+    assert mon.throttled_for("rep") == 0.0  # admitted: this books the slot
+    assert mon.throttled_for("rep") == pytest.approx(10)  # so an immediate second query waits
+    now[0] += 4
+    assert mon.throttled_for("rep") == pytest.approx(6)
+    now[0] += 47  # past the 60 s window: history forgotten, full rate again
+    assert mon.throttled_for("rep") == 0.0 and mon.state("rep") is None
+    with pytest.raises(GuardConfigError):
+        ExtractionMonitorConfig(action="throttle", throttle_interval=0)

@@ -77,3 +77,45 @@ def test_one_percent_target_holds_on_100_honest_clients_per_kind(deployed):
     _check(r, 0.01)
     for k in BENIGN:
         assert r.false_flag_rate[k] <= 0.03, (k, r.false_flag_rate)  # 1% target, 100 clients: binomial room
+
+
+# -- PRADA on penultimate features (issue #16 item 4)
+
+
+def test_features_space_is_calibrated_the_same_way_and_reported_beside_inputs(digits_demo):
+    from hardening.intake import load_model, make_session
+    from hardening.prada_calibration import compare_spaces
+
+    info = load_model(digits_demo.model_path)
+    ds = load_dataset(digits_demo.data_path)
+    res = compare_spaces(make_session(digits_demo.model_path), info, ds, None, target=0.05, clients_per_kind=10,
+                         calibration_clients_per_kind=60, stream_length=100)
+    assert set(res) == {"standardized", "features"}
+    feat = res["features"]
+    cfg = ExtractionMonitorConfig.from_dict(feat.config)
+    assert cfg.space == "features" and cfg.center is not None and len(cfg.center) == 128  # the demo's feature dim
+    assert ExtractionMonitorConfig.from_dict(res["standardized"].config).space == "input"
+    for r in res.values():  # every thief, each signal, per space
+        assert set(r.detection_rate) == set(THIEVES) and all(set(v) == {"prada", "rejections", "label_entropy"}
+                                                              for v in r.detection_by_signal.values())
+    with pytest.raises(GuardConfigError):
+        ExtractionMonitorConfig(space="logits")
+
+
+def test_guard_feeds_the_monitor_its_features_when_asked(digits_demo):
+    from runtime_guard.config import GuardConfig, RateLimitConfig
+    from runtime_guard.extraction_monitor import ExtractionMonitor
+    from runtime_guard.guard import GuardedModel
+
+    sess = ort.InferenceSession(str(digits_demo.model_path), providers=["CPUExecutionProvider"])
+    x = load_dataset(digits_demo.data_path).x[:60]
+    mon = ExtractionMonitorConfig(min_queries=20, test_every=10, space="features")
+    guard = GuardedModel(sess, GuardConfig(rate_limit=RateLimitConfig(per_client=None), extraction=mon))
+    for row in x:
+        guard.predict(row[None], "c")
+    lg, ft = sess.run(["logits", "features"], {"input": x})
+    ref = ExtractionMonitor(mon)
+    for i in range(len(x)):
+        ref.observe("c", ft[i:i + 1], lg[i:i + 1].argmax(1))
+    got, want = guard.monitor_state("c"), ref.state("c")
+    assert got.distances == want.distances > 0 and got.last_w == pytest.approx(want.last_w, rel=1e-9)

@@ -44,6 +44,8 @@ def calibrate_monitor_cmd(
                                             help="Honest calibration clients per stream kind (default 3x --clients)."),
     stream_length: int = typer.Option(200, "--stream-length", min=3, help="Queries per client stream."),
     seed: int = typer.Option(0, "--seed"),
+    space: str = typer.Option("standardized", "--space", help="Distances on: standardized (inputs), input (raw), "
+                              "features (the model's penultimate features output)."),
     out: Path = typer.Option(None, "--out", help="Write the calibration JSON here (for `edgeward package "
                              "--monitor-config`)."),
     json_out: bool = JSON_OPT,
@@ -66,7 +68,7 @@ def calibrate_monitor_cmd(
             raise InputError(f"{detectors}: detectors unreadable ({e})") from None
     r = calibrate_model_monitor(make_session(model), info, ds, scorer, target=target, clients_per_kind=clients,
                                 calibration_clients_per_kind=calibration_clients, stream_length=stream_length,
-                                seed=seed, min_queries_grid=(min(50, stream_length),))
+                                seed=seed, min_queries_grid=(min(50, stream_length),), space=space)
     doc = r.to_dict()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,10 +126,11 @@ def audit_extraction_cmd(
     quick: bool = typer.Option(False, "--quick", help="Quick profile: budgets 50,200,500."),
     scenarios: str = typer.Option(None, "--scenarios", help="Thief data: in_dist,natural_ood,noise (default), seed30_mixup (30 real seeds + mixup)."),
     policies: str = typer.Option(None, "--policies", help="Victims: bare,full,top_k,rounded,label_only,"
-                                 "reverse_sigmoid,adaptive_misinformation,guarded (default all)."),
+                                 "reverse_sigmoid,adaptive_misinformation,gate (OOD gate only),guarded (gate + PRADA monitor) (default all)."),
     attacks: str = typer.Option("copycat,knockoff_random", "--attacks",
                                 help="copycat,knockoff_random,knockoff_adaptive; adaptive thieves (own pool, rounds): "
-                                "active_uncertainty,jbda."),
+                                "active_uncertainty,jbda, dfme (data-free generator); "
+                                "append +gate for gate-aware filtering (e.g. jbda+gate)."),
     rate_limit: str = typer.Option("60/minute", "--rate-limit", help="Per-key rate used for time-to-steal."),
     global_limit: str = typer.Option(None, "--global-limit", help="Global rate shared by all keys (Sybil bound)."),
     sybil_keys: int = typer.Option(10, "--sybil-keys", help="Keys a Sybil attacker spreads queries over."),

@@ -61,7 +61,15 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             None, "--detectors", help="Detectors dir from 'edgeward fit-ood': also attack through the anomaly gate "
             "with attackers who know it (guarded robust accuracy; the model must be the one the detectors were fitted for).",
         ),
+        guarded_bundle: Path | None = typer.Option(
+            None, "--guarded", help="Signed bundle (.ewb): attack through the gate and policy it ships instead of "
+            "--detectors (needs --public-key and --key-file; the model must be the one it was packaged from).",
+        ),
+        public_key: Path | None = typer.Option(None, "--public-key", help="Pinned Ed25519 public key for --guarded."),
+        key_file: Path | None = typer.Option(None, "--key-file", help="KEK file (0600) for --guarded."),
         guarded_n: int = typer.Option(64, "--guarded-n", help="Evaluation points for the adaptive (gate-aware) attacks."),
+        guarded_seeds: int = typer.Option(1, "--guarded-seeds", min=1, help="Repeat the adaptive audit over this "
+                                          "many seeds (seed, seed+1, ...): mean, min and max per epsilon."),
         json_out: bool = JSON_OPT,
     ) -> None:
         """Robust accuracy under the strongest attacks we can run, judged on each deployed ONNX model.
@@ -83,12 +91,16 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             raise InputError(f"--workers must be a positive integer, got {workers}")
         parse_executor(executor)  # a bad spelling is a usage error before Ray starts
         runner = make_executor(executor, workers)
-        if detectors is not None:
+        if detectors is not None and guarded_bundle is not None:
+            raise InputError("give --detectors or --guarded, not both")
+        if guarded_bundle is not None and (public_key is None or key_file is None):
+            raise InputError("--guarded needs --public-key and --key-file to verify and open the bundle")
+        if detectors is not None or guarded_bundle is not None:
             from hardening.robustness.audit import resolve_models
 
             specs = resolve_models(models, torch_source)
             if len(specs) != 1:
-                raise InputError(f"--detectors fit one model; give exactly one model, not {len(specs)}")
+                raise InputError(f"--detectors/--guarded attack one model; give exactly one model, not {len(specs)}")
         names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -112,15 +124,29 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
                 runner.close()
         data: dict | object = report
         guarded = []
-        if detectors is not None:
-            from hardening.guarded_audit import run_guarded_audit
+        seeds_summary = None
+        if detectors is not None or guarded_bundle is not None:
+            from hardening.guarded_audit import multi_seed, run_guarded_audit, run_guarded_bundle_audit
 
-            guarded.append(run_guarded_audit(
-                specs[0].path, data_path, detectors, torch_source=specs[0].torch_source, eps=eps_list,
-                n=guarded_n, profile=profile, seed=seed,
-                progress=None if json_out else (lambda m: console.print(f"[dim]guarded: {m}[/dim]")),
-            ).to_dict())
+            def one(s: int):
+                kw = dict(torch_source=specs[0].torch_source, eps=eps_list, n=guarded_n, profile=profile, seed=s,
+                          progress=None if json_out else (lambda m: console.print(f"[dim]guarded: {m}[/dim]")))
+                if guarded_bundle is not None:
+                    return run_guarded_bundle_audit(specs[0].path, data_path, guarded_bundle, public_key, key_file,
+                                                    **kw)
+                return run_guarded_audit(specs[0].path, data_path, detectors, **kw)
+
+            runs: list = []
+
+            def kept(s: int):
+                runs.append(one(s))
+                return runs[-1]
+
+            seeds_summary = multi_seed(kept, tuple(range(seed, seed + guarded_seeds)))
+            guarded = [r.to_dict() for r in runs]
             data = {**report.to_dict(), "guarded": guarded}
+            if guarded_seeds > 1:
+                data["guarded_seeds"] = seeds_summary
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "robustness.json").write_text(dumps(data) + "\n")
@@ -128,8 +154,14 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             print_json(data)
         else:
             _print(report)
-            for g in guarded:
+            for g in guarded[:1]:
                 _print_guarded(g)
+            if seeds_summary is not None and guarded_seeds > 1:
+                table(f"Guarded robust accuracy over seeds {seeds_summary['seeds']} (n={seeds_summary['n']} each)",
+                      ["eps", "guarded mean [min, max]", "bare mean [min, max]", "non-adaptive mean [min, max]"],
+                      [[e["eps"], *(f"{e[k]['mean']:.3f} [{e[k]['min']:.3f}, {e[k]['max']:.3f}]" for k in
+                                    ("guarded_robust_accuracy", "bare_robust_accuracy",
+                                     "non_adaptive_guarded_accuracy"))] for e in seeds_summary["eps"]])
         if strict and report.worst_severity == "high":
             raise CheckFailed("self-checks raised high-severity findings (see above)")
 

@@ -57,8 +57,44 @@ def defence_table(summary: dict, policy: dict) -> list[dict]:
         rows.append(_row(f"output policy '{victim}'", f"best thief ({ext.get('attack')}), {ext.get('budget')} queries",
                          "extraction", False, ref, "fidelity (lower is better)", None, ext.get("fidelity_at_budget"),
                          None, None, "thieves that do not adapt to the guard"))
-    rows.append(_row("anomaly gate + PRADA monitor", "adaptive thieves (mixup of real seeds, JBDA, active learning, "
-                     "data-free)", "extraction", True, ref, "fidelity", None, None, None, None,
-                     "not measured in the full audit; PRADA calibration and its per-thief detection rates: "
-                     "hardening.prada_calibration (docs/extraction.md)"))
+    matrix = s.get("adaptive_extraction") or summary.get("adaptive_extraction")
+    if matrix and matrix.get("curves"):
+        rows += thief_rows(matrix, ref)
+    else:
+        rows.append(_row("anomaly gate + PRADA monitor", "adaptive thieves (mixup of real seeds, JBDA, active "
+                         "learning, data-free)", "extraction", True, ref, "fidelity", None, None, None, None,
+                         "not measured in this audit; run hardening.thief_matrix (docs/extraction.md)"))
+    return rows
+
+
+DEFENCE_NAMES = {"gate": "anomaly gate", "guarded": "anomaly gate + PRADA monitor"}
+
+
+def thief_rows(matrix: dict, variant: str | None) -> list[dict]:
+    """One row per thief x defence from ``hardening.thief_matrix.summarise``: fidelity at the largest
+    budget with and without the defence (bare model), queries to 90% either way, when PRADA
+    first flagged it, and the defence's honest-user cost (rejections for the gate, top-1 changes
+    for an output policy)."""
+    curves = matrix["curves"]
+    bare = {c["thief"]: c for c in curves if c["defence"] == "bare"}
+    benign = matrix.get("benign") or {}
+    rows = []
+    for c in curves:
+        if c["defence"] == "bare":
+            continue
+        ref = bare.get(c["thief"])
+        gate = c["defence"] in DEFENCE_NAMES
+        cost = benign.get(c["defence"]) or {}
+        metric, value = ("false-rejection rate", cost.get("rejection_rate")) if gate else \
+            ("top-1 changed", cost.get("top1_changed"))
+        flagged = c.get("first_flagged_at")
+        note = (f"queries to 90%: {c['queries_to_90'] or 'not reached'} (bare: "
+                f"{(ref or {}).get('queries_to_90') or 'not reached'}); answered {c['answered_share'][-1]:.0%}")
+        if c["defence"] == "guarded":
+            note += f"; PRADA first flag at query {flagged}" if flagged else "; PRADA never flagged it"
+        rows.append(_row(DEFENCE_NAMES.get(c["defence"], f"output policy '{c['defence']}'"),
+                         f"{c['thief']} thief, {c['budgets'][-1]} queries", "extraction",
+                         True, variant, "fidelity (lower is better)",
+                         None if ref is None else ref["fidelity"][-1], c["fidelity"][-1],
+                         metric if value is not None else None, value, note))
     return rows
