@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.thief_data import SEED_MIXUP
-from hardening.extraction_audit import RUNTIME_POLICIES, ExtractionReport, run_extraction_audit
+from hardening.extraction_audit import VICTIMS, ExtractionReport, run_extraction_audit
 
 # (scenario, attack): the thief's data and its algorithm
 THIEVES = (
@@ -28,7 +28,7 @@ THIEVES = (
 )
 QUICK_THIEVES = ((SEED_MIXUP, "copycat"), ("in_dist", "active_uncertainty+gate"), ("in_dist", "jbda+gate"),
                  ("in_dist", "dfme+gate"))
-DEFENCES = ("bare", *RUNTIME_POLICIES, "gate", "guarded")
+DEFENCES = VICTIMS  # every defence the extraction audit knows
 QUICK_DEFENCES = ("bare", "label_only", "gate", "guarded")
 PROFILES = {
     "quick": {"thieves": QUICK_THIEVES, "defences": QUICK_DEFENCES, "budgets": (50, 200), "train_steps": 100},
