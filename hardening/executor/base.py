@@ -56,7 +56,7 @@ class ShardResult:
 
     def provenance(self) -> dict:
         return {"id": self.shard.id, "kind": self.shard.kind, "label": self.shard.label,
-                "seconds": self.where.get("seconds"), "host": self.where.get("host"), "pid": self.where.get("pid"),
+                "seconds": self.where.get("seconds"), "peak_rss_mb": self.where.get("peak_rss_mb"), "host": self.where.get("host"), "pid": self.where.get("pid"),
                 "resumed": self.resumed}
 
 
