@@ -227,7 +227,7 @@ def _finish(ctx: AuditContext, model, data, torch_source, variants_file, areas, 
         "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
         "artifacts": ctx.artifacts,
         "provenance": {"executor": {"name": ctx.executor.name, "workers": ctx.executor.workers(), "resume": ctx.resume},
-                       "stages": ctx.stages},
+                       "stages": ctx.stages, "ood_shards": ctx.shards},
     }
     report = json.loads(dumps(report))  # plain JSON types (numpy scalars, tuples) before validation
     validate_report(report, "generated report")

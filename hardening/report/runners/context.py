@@ -52,6 +52,7 @@ class AuditContext:
     findings: list[dict] = field(default_factory=list)  # findings an area adds beyond the policy checks
     timings: dict[str, float] = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)  # provenance.stages
+    shards: list[dict] = field(default_factory=list)  # provenance.ood_shards (robustness keeps its own)
     detectors: dict[str, Path] = field(default_factory=dict)  # variant -> fitted gate (ood-fit)
     adaptive: dict[str, Any] = field(default_factory=dict)  # variant -> gate-aware evasion result or None
 

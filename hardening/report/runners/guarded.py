@@ -11,8 +11,6 @@ ADAPTIVE_N = {"quick": 32, "thorough": None}  # cap on evaluation points (None: 
 
 
 def run(ctx: AuditContext) -> None:
-    from hardening.guarded_audit import run_guarded_audit
-
     pol = ctx.policy
     cap = ADAPTIVE_N.get(ctx.profile)
     n = pol.robustness.n if cap is None else min(pol.robustness.n, cap)
@@ -22,6 +20,8 @@ def run(ctx: AuditContext) -> None:
             continue
         ctx.steps.say(AREA, f"{v.name}: attacks that know the gate")
         with ctx.stage(AREA, v.name):
+            from hardening.guarded_audit import run_guarded_audit  # torch and ART: part of the first stage
+
             ctx.adaptive[v.name] = run_guarded_audit(
                 v.path, ctx.ds, ctx.detectors[v.name], torch_source=v.torch_source, eps=pol.eps, n=n,
                 profile=ctx.profile, seed=ctx.seed, progress=lambda m, v=v: ctx.steps.say(AREA, f"{v.name}: {m}"))

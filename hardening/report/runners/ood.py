@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hardening.executor import Shard, ShardStore, run_shards
+from hardening.intake import sha256_file
 from hardening.report import summary as S
 from hardening.report.runners.context import AuditContext, shard_peak
+
+if TYPE_CHECKING:
+    from hardening.ood import OODAudit
 
 AREA = "ood"
 
 
 def fit(ctx: AuditContext) -> None:
-    from hardening.ood import fit_ood
-
     pol = ctx.policy
     ctx.settings[AREA] = {"alpha": pol.ood.alpha, "frr_slack": pol.ood.frr_slack, "frr_delta": pol.ood.frr_delta,
                           "n_synthetic": ctx.sizes["ood_synthetic"], "seed": ctx.seed, "detector": "ensemble"}
@@ -30,6 +33,8 @@ def fit(ctx: AuditContext) -> None:
         ctx.steps.say(AREA, f"{v.name}: fitting detectors")
         det_dir = ctx.out / "detectors" / v.name
         with ctx.stage("ood-fit", v.name):
+            from hardening.ood import fit_ood  # scikit-learn: its import is part of the first fit
+
             ctx.results[AREA]["variants"][v.name] = {"fit": fit_ood(
                 v.path, ctx.ds, det_dir, alpha=pol.ood.alpha, seed=ctx.seed, slack=pol.ood.frr_slack,
                 delta=pol.ood.frr_delta).to_dict()}
@@ -50,28 +55,14 @@ def _families(ctx: AuditContext, v) -> dict[str, np.ndarray]:
 
 
 def run(ctx: AuditContext) -> None:
-    plan: dict[str, list[Shard]] = {}
-    for v in ctx.variants:
-        fams = _families(ctx, v)
-        common = {"model": str(Path(v.path).resolve()), "data": str(Path(ctx.data).resolve()),
-                  "detectors": str(ctx.detectors[v.name].resolve()), "out": str((ctx.out / "ood" / v.name).resolve())}
-        local = None if ctx.remote else {"ds": ctx.ds}
-        plan[v.name] = [Shard("ood-family", f"{v.name} ood {fam}", {**common, "family": fam}, {"x": x}, local)
-                        for fam, x in fams.items()]
-    shards = [s for ss in plan.values() for s in ss]
-    store = ShardStore(ctx.out)
-
-    def progress(done: int, total: int, what: str) -> None:
-        ctx.steps.say(AREA, f"families {done}/{total}: {what}")
-
     with ctx.stage(AREA) as rec:
-        done = run_shards(ctx.executor, shards, store, ctx.resume, progress)
+        plan, done = _score_families(ctx)
         rec["peak_rss_mb"] = shard_peak(done.values())
+    ctx.shards += [done[s.id].provenance() for ss in plan.values() for s in ss]
     for v in ctx.variants:
         mine = [done[s.id] for s in plan[v.name]]
         d = merge_families(mine).to_dict()
-        fit_d = ctx.results[AREA]["variants"][v.name]["fit"]
-        d["fit"] = fit_d
+        d["fit"] = ctx.results[AREA]["variants"][v.name]["fit"]
         adaptive = ctx.adaptive.get(v.name)
         d["adaptive_evasion"] = adaptive.to_dict() if adaptive is not None else None
         d["plots"] = [os.path.relpath(p, ctx.out) for p in d["plots"]]
@@ -85,7 +76,30 @@ def run(ctx: AuditContext) -> None:
         ctx.steps.step(AREA, f"{v.name} done")
 
 
-def merge_families(parts) -> object:
+def _score_families(ctx: AuditContext) -> tuple[dict[str, list[Shard]], dict]:
+    """Build each variant's families, one shard per family; run them (checkpointed) on the executor."""
+    plan: dict[str, list[Shard]] = {}
+    for v in ctx.variants:
+        fams = _families(ctx, v)
+        det = ctx.detectors[v.name].resolve()
+        # the digests make a refitted gate or a changed model a different shard (never a stale --resume)
+        common = {"model": str(Path(v.path).resolve()), "model_sha256": sha256_file(v.path),
+                  "data": str(Path(ctx.data).resolve()), "detectors": str(det),
+                  "detectors_sha256": {f.name: sha256_file(f) for f in sorted(det.iterdir()) if f.is_file()},
+                  "out": str((ctx.out / "ood" / v.name).resolve())}
+        local = None if ctx.remote else {"ds": ctx.ds}
+        plan[v.name] = [Shard("ood-family", f"{v.name} ood {fam}", {**common, "family": fam}, {"x": x}, local)
+                        for fam, x in fams.items()]
+    shards = [s for ss in plan.values() for s in ss]
+    store = ShardStore(ctx.out)
+
+    def progress(done: int, total: int, what: str) -> None:
+        ctx.steps.say(AREA, f"families {done}/{total}: {what}")
+
+    return plan, run_shards(ctx.executor, shards, store, ctx.resume, progress)
+
+
+def merge_families(parts: list) -> OODAudit:
     """Family shards of one variant (in family order) -> the variant's ``OODAudit``: the
     in-distribution figures are the same in every shard; metrics and plots concatenate."""
     from hardening.ood import FamilyMetrics, OODAudit
