@@ -80,7 +80,10 @@ def full(args) -> None:
         out = work / f"review-{w}"
         cmd = [sys.executable, "-m", "hardening", "audit", str(demo.model_path), "--data", str(demo.data_path),
                "--torch-source", str(demo.torch_path), "--out", str(out), "--profile", args.profile,
-               "--executor", "ray", "--workers", str(w), "--json"]
+               "--executor", "ray", "--workers", str(w), "--json",
+               *(["--kinds", args.kinds] if args.kinds else []), *(["--areas", args.areas] if args.areas else [])]
+        if args.areas:
+            cmd.append("--allow-skipped")
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, capture_output=True, text=True).returncode
@@ -90,7 +93,8 @@ def full(args) -> None:
         rep = json.loads((out / "report.json").read_text())
         runs.append({"workers": w, "wall_s": round(wall, 2), "load_before": load0, "load_after": os.getloadavg(),
                      "figures": figures(rep), "stages": rep["provenance"]["stages"],
-                     "shards": rep["provenance"]["ood_shards"] + rep["results"]["robustness"]["execution"]["shards"]})
+                     "shards": rep["provenance"]["ood_shards"]
+                     + ((rep["results"]["robustness"] or {}).get("execution") or {}).get("shards", [])})
         print(f"{w} worker(s): {wall:.1f} s wall (edgeward audit --executor ray --workers {w}), load avg "
               f"{load0[0]:.2f} -> {runs[-1]['load_after'][0]:.2f}")
     same = runs[0]["figures"] == runs[1]["figures"]
@@ -113,6 +117,8 @@ def main() -> None:
     ap.add_argument("--demo", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     ap.add_argument("--full", action="store_true", help="time the whole `edgeward audit --executor ray` review")
+    ap.add_argument("--kinds", default="", help="--full: compression kinds (default: all), e.g. float for a smoke run")
+    ap.add_argument("--areas", default="", help="--full: areas (default: all), e.g. ood for a smoke run")
     args = ap.parse_args()
     if args.full:
         if args.profile == "thorough" and "--profile" not in sys.argv:

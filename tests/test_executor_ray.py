@@ -143,14 +143,20 @@ def test_ray_merged_extraction_equals_in_process(executor, digits_demo):
     assert [c.queries_to_90 for c in remote.curves] == [c.queries_to_90 for c in local.curves]
 
 
-def _ood_review(demo, out, executor=None):
+def _ood_review(demo, out, executor=None, areas=("ood",)):
     from hardening.report import Policy, run_full_audit
 
     p = Policy()
     p.robustness.n = 8
+    p.extraction.budget = p.extraction.min_queries_to_steal = 100
     return run_full_audit(demo.model_path, demo.data_path, out, torch_source=demo.torch_path, kinds=("float",),
-                          areas=("ood",), policy=p, sizes={"ood_synthetic": 50}, allow_skipped=True,
-                          executor=executor).report
+                          areas=areas, policy=p, sizes={"ood_synthetic": 50, "extraction_budgets": (50,)},
+                          allow_skipped=True, executor=executor).report
+
+
+def _extraction_runs(rep: dict) -> list:
+    return [{k: v for k, v in r.items() if k != "seconds"}
+            for r in rep["results"]["extraction"]["variants"]["float"]["runs"]]
 
 
 def _ood_figures(rep: dict) -> dict:
@@ -158,10 +164,11 @@ def _ood_figures(rep: dict) -> dict:
             for n, v in rep["results"]["ood"]["variants"].items()}
 
 
-def test_ray_full_review_ood_shards_equal_in_process(executor, digits_demo, tmp_path):
-    local = _ood_review(digits_demo, tmp_path / "local")
-    remote = _ood_review(digits_demo, tmp_path / "ray", executor)
+def test_ray_full_review_extraction_and_ood_shards_equal_in_process(executor, digits_demo, tmp_path):
+    local = _ood_review(digits_demo, tmp_path / "local", areas=("extraction", "ood"))
+    remote = _ood_review(digits_demo, tmp_path / "ray", executor, areas=("extraction", "ood"))
     assert _ood_figures(remote) == _ood_figures(local)
+    assert _extraction_runs(remote) == _extraction_runs(local) and len(_extraction_runs(local)) == 2  # budgets 50, 100
     shards = remote["provenance"]["ood_shards"]
     assert remote["provenance"]["executor"] == {"name": "ray", "workers": 2, "resume": False}
     assert len(shards) == len(local["provenance"]["ood_shards"]) and all(s["node"] for s in shards)
