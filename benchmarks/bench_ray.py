@@ -1,6 +1,7 @@
 """Sharded robustness audit on a local Ray cluster: 1 vs 2 workers, same shards, same result.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_ray.py [--n 96] [--shard-points 12] [--profile thorough]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_ray.py --full [--profile quick]
 
 Each configuration runs in its own process (one Ray cluster per process): a local
 cluster on 127.0.0.1 with ``--workers`` CPUs, workers warmed (imports done) before the
@@ -8,6 +9,12 @@ clock starts, then the digits demo audit (model + PyTorch source) on the same se
 shard plan. Prints wall time per configuration, the speedup over 1 worker, the load
 average before and after (the machine may be shared), per-shard timings, and checks
 the two merged reports are equal. ``--json FILE`` writes everything.
+
+``--full``: the whole review instead, exactly as a user runs it: ``edgeward audit MODEL
+--data D --torch-source S --out O --executor ray --workers W`` of the digits demo, once per
+worker count, timed from outside (so Ray start-up and first imports are included); it
+prints both wall times, whether the figures (robust accuracy, extraction, OOD) are equal,
+and the 2-worker run's ``provenance.stages``.
 """
 
 from __future__ import annotations
@@ -57,6 +64,49 @@ def one(args) -> dict:
             "shards": rep.execution["shards"]}
 
 
+def figures(report: dict) -> dict:
+    """What the review measured, without timings, query counts or where it ran."""
+    keep = ("clean_accuracy", "robust_accuracy", "extraction", "ood", "guarded_robust_accuracy")
+    return {n: {k: v.get(k) for k in keep} for n, v in report["summary"]["variants"].items()}
+
+
+def full(args) -> None:
+    from hardening.demo import build_demo
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-full-"))
+    demo = build_demo("digits", work / "demo")
+    runs = []
+    for w in (1, 2):
+        out = work / f"review-{w}"
+        cmd = [sys.executable, "-m", "hardening", "audit", str(demo.model_path), "--data", str(demo.data_path),
+               "--torch-source", str(demo.torch_path), "--out", str(out), "--profile", args.profile,
+               "--executor", "ray", "--workers", str(w), "--json",
+               *(["--kinds", args.kinds] if args.kinds else []), *(["--areas", args.areas] if args.areas else [])]
+        if args.areas:
+            cmd.append("--allow-skipped")
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, capture_output=True, text=True).returncode
+        wall = time.perf_counter() - t0
+        if rc not in (0, 1):
+            raise SystemExit(f"edgeward audit exited {rc}: {' '.join(cmd)}")
+        rep = json.loads((out / "report.json").read_text())
+        runs.append({"workers": w, "wall_s": round(wall, 2), "load_before": load0, "load_after": os.getloadavg(),
+                     "figures": figures(rep), "stages": rep["provenance"]["stages"],
+                     "shards": rep["provenance"]["ood_shards"]
+                     + ((rep["results"]["robustness"] or {}).get("execution") or {}).get("shards", [])})
+        print(f"{w} worker(s): {wall:.1f} s wall (edgeward audit --executor ray --workers {w}), load avg "
+              f"{load0[0]:.2f} -> {runs[-1]['load_after'][0]:.2f}")
+    same = runs[0]["figures"] == runs[1]["figures"]
+    print(f"speedup 2 vs 1 worker: {runs[0]['wall_s'] / runs[1]['wall_s']:.2f}x (baseline: the same review on a "
+          f"1-CPU Ray cluster); figures equal: {same}")
+    for st in runs[1]["stages"]:
+        print(f"  {st['stage']:<11} {st['variant'] or 'all':<20} {st['seconds']:8.1f} s  {st['peak_rss_mb']} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mode": "full", "runs": runs, "equal": same, "profile": args.profile},
+                                              indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=96)
@@ -66,7 +116,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--demo", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--full", action="store_true", help="time the whole `edgeward audit --executor ray` review")
+    ap.add_argument("--kinds", default="", help="--full: compression kinds (default: all), e.g. float for a smoke run")
+    ap.add_argument("--areas", default="", help="--full: areas (default: all), e.g. ood for a smoke run")
     args = ap.parse_args()
+    if args.full:
+        if args.profile == "thorough" and "--profile" not in sys.argv:
+            args.profile = "quick"  # the review's own default
+        full(args)
+        return
     if args.workers is not None:
         print("RESULT " + json.dumps(one(args)))
         return

@@ -15,6 +15,7 @@ from typing import Any
 
 from hardening.errors import InputError
 from hardening.executor import InProcessExecutor, Shard, ShardStore, run_shards
+from hardening.intake import sha256_file
 
 
 def run_cells(ctx, executor, checkpoint_dir, resume, progress, *, model_path, dataset, torch_source, scenarios,
@@ -26,7 +27,7 @@ def run_cells(ctx, executor, checkpoint_dir, resume, progress, *, model_path, da
     if remote and (guard is not None or not isinstance(dataset, (str, Path))):
         raise InputError(f"--executor {executor.name}: the extraction audit needs the data as a file path and the "
                          "default guard configuration (workers rebuild the victims from files)")
-    common = {"model": str(Path(model_path).resolve()),
+    common = {"model": str(Path(model_path).resolve()), "model_sha256": sha256_file(model_path),
               "data": str(Path(dataset).resolve()) if isinstance(dataset, (str, Path)) else None,
               "torch_source": None if torch_source is None else str(Path(torch_source).resolve()),
               "scenarios": list(scenarios), "victims": list(victims), "budgets": list(budgets),

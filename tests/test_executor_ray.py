@@ -141,3 +141,81 @@ def test_ray_merged_extraction_equals_in_process(executor, digits_demo):
     remote = extraction(digits_demo, executor=executor)
     assert runs_of(remote) == runs_of(local)
     assert [c.queries_to_90 for c in remote.curves] == [c.queries_to_90 for c in local.curves]
+
+
+def _ood_review(demo, out, executor=None, areas=("ood",)):
+    from hardening.report import Policy, run_full_audit
+
+    p = Policy()
+    p.robustness.n = 8
+    p.extraction.budget = p.extraction.min_queries_to_steal = 100
+    return run_full_audit(demo.model_path, demo.data_path, out, torch_source=demo.torch_path, kinds=("float",),
+                          areas=areas, policy=p, sizes={"ood_synthetic": 50, "extraction_budgets": (50,)},
+                          allow_skipped=True, executor=executor).report
+
+
+def _extraction_runs(rep: dict) -> list:
+    return [{k: v for k, v in r.items() if k != "seconds"}
+            for r in rep["results"]["extraction"]["variants"]["float"]["runs"]]
+
+
+def _ood_figures(rep: dict) -> dict:
+    return {n: {k: v[k] for k in ("alpha", "threshold", "n_id", "id_frr", "metrics")}
+            for n, v in rep["results"]["ood"]["variants"].items()}
+
+
+def test_ray_full_review_extraction_and_ood_shards_equal_in_process(executor, digits_demo, tmp_path):
+    local = _ood_review(digits_demo, tmp_path / "local", areas=("extraction", "ood"))
+    remote = _ood_review(digits_demo, tmp_path / "ray", executor, areas=("extraction", "ood"))
+    assert _ood_figures(remote) == _ood_figures(local)
+    assert _extraction_runs(remote) == _extraction_runs(local) and len(_extraction_runs(local)) == 2  # budgets 50, 100
+    shards = remote["provenance"]["ood_shards"]
+    assert remote["provenance"]["executor"] == {"name": "ray", "workers": 2, "resume": False}
+    assert len(shards) == len(local["provenance"]["ood_shards"]) and all(s["node"] for s in shards)
+    assert all(s["peak_rss_mb"] > 50 for s in shards)  # measured in the Ray worker that ran the shard
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """Head + one more node, both on 127.0.0.1 (tests/ray_two_nodes.py); stopped by its own pid."""
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="ewray2")
+    script = Path(__file__).with_name("ray_two_nodes.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), tmp], env={**os.environ, **QUIET_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("READY"):
+        proc.kill()
+        pytest.fail(f"two-node cluster did not start: {line!r}")
+    yield f"ray://127.0.0.1:{port}"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_node_cluster_on_loopback_runs_the_full_review_cli(two_node_cluster, digits_demo, tmp_path):
+    """``edgeward audit --executor ray://...`` on two Ray nodes: shards run on both, and the OOD
+    figures equal the in-process review's. The CLI runs in its own process (one Ray Client
+    connection per process; this one holds the session cluster's)."""
+    import json
+
+    policy = tmp_path / "p.toml"
+    policy.write_text("[robustness]\nn = 8\n")
+    args = [sys.executable, "-m", "hardening", "audit", str(digits_demo.model_path), "--data",
+            str(digits_demo.data_path), "--torch-source", str(digits_demo.torch_path), "--kinds", "float",
+            "--areas", "ood", "--policy", str(policy), "--allow-skipped", "--json"]
+    ray_run = subprocess.run([*args, "--out", str(tmp_path / "ray"), "--executor", two_node_cluster],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, **QUIET_ENV})
+    assert ray_run.returncode in (0, 1), ray_run.stderr[-2000:]
+    local_run = subprocess.run([*args, "--out", str(tmp_path / "local")], capture_output=True, text=True, timeout=600)
+    assert local_run.returncode in (0, 1), local_run.stderr[-2000:]
+    remote = json.loads((tmp_path / "ray" / "report.json").read_text())
+    local = json.loads((tmp_path / "local" / "report.json").read_text())
+    assert remote["provenance"]["executor"]["workers"] == 2
+    nodes = {s["node"] for s in remote["provenance"]["ood_shards"]}
+    assert len(nodes) == 2, "every shard ran on one node"
+    assert _ood_figures(remote) == _ood_figures(local)

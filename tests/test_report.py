@@ -227,3 +227,50 @@ def test_defence_table_pairs_each_defence_with_attackers_and_says_what_was_not_m
     assert any(not r["measured"] and r["threat"] == "extraction" and r["adaptive"] for r in rows)
     html = Path(res.html_path).read_text()
     assert 'id="defences"' in html and "not measured" in html
+
+
+def test_provenance_records_time_and_memory_of_every_stage(audit):
+    from hardening.report.schema import SCHEMA_VERSION
+
+    res, _ = audit
+    rep = res.report
+    assert rep["schema_version"] == SCHEMA_VERSION == "1.3"
+    stages = rep["provenance"]["stages"]
+    names = [v["name"] for v in rep["variants"]]
+    assert [(s["stage"], s["variant"]) for s in stages] == [
+        ("intake", None), ("compress", None), *[("profiling", n) for n in names],
+        ("robustness", None), *[("robustness", n) for n in names], *[("extraction", n) for n in names],
+        *[("ood-fit", n) for n in names], ("guarded", rep["summary"]["reference"]),
+        ("ood", None), *[("ood", n) for n in names]]
+    for s in stages:
+        assert s["seconds"] >= 0
+        if s["stage"] == "profiling":  # measured in a fresh child process: its memory is the profile's
+            assert s["peak_rss_mb"] is None
+        else:
+            assert s["peak_rss_mb"] > 50, s  # this process, numpy and onnxruntime loaded
+    rob = {s["variant"]: s["seconds"] for s in stages if s["stage"] == "robustness"}
+    assert 0 < sum(v for k, v in rob.items() if k) <= rob[None]  # in-process: the shares run one after another
+    assert rep["provenance"]["executor"] == {"name": "in-process", "workers": 1, "resume": False}
+    html = res.html_path.read_text()
+    assert "peak RSS (MB)" in html and "<td>ood-fit</td>" in html
+
+
+def test_ood_family_shards_merge_to_the_unsharded_ood_audit(audit, digits_demo, tmp_path):
+    """One shard per family x variant, merged, equals ``audit_ood`` scoring every family at once."""
+    from hardening.jsonio import dumps
+    from hardening.ood import audit_ood
+
+    res, _ = audit
+    rep = res.report
+    out = res.report_path.parent
+    name = next(v["name"] for v in rep["variants"] if v["name"] != rep["summary"]["reference"])  # no adaptive family
+    path = next(out / v["path"] for v in rep["variants"] if v["name"] == name)
+    whole = json.loads(dumps(audit_ood(path, digits_demo.data_path, out / rep["artifacts"]["detectors"][name], tmp_path,
+                                       n_synthetic=100, seed=0, plots=False).to_dict()))
+    got = rep["results"]["ood"]["variants"][name]
+    assert len(whole["metrics"]) > 10
+    for k in ("alpha", "threshold", "n_id", "id_frr", "metrics"):
+        assert got[k] == whole[k], k
+    shards = [s for s in rep["provenance"]["ood_shards"] if s["label"].startswith(f"{name} ood ")]
+    assert len(shards) == len({m["family"] for m in whole["metrics"]}) and not any(s["resumed"] for s in shards)
+    assert len(got["plots"]) == len(shards) and all((out / p).is_file() for p in got["plots"])

@@ -33,6 +33,14 @@ def audit_full(
     allow_skipped: bool = typer.Option(
         False, "--allow-skipped", help="Accept a partial review: skipped checks do not fail the verdict."
     ),
+    executor: str = typer.Option(
+        "local", "--executor", help="Where the sharded areas (robustness, extraction, OOD) run: local (this "
+        "process), ray (a local cluster on 127.0.0.1) or ray://HOST:PORT (join one; workers must see the same paths)."
+    ),
+    workers: int | None = typer.Option(None, "--workers", help="CPUs of the local Ray cluster (default: all)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Reuse the finished shards checkpointed in --out by an interrupted run."
+    ),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Compress, profile, attack (evasion, extraction) and OOD-test every variant; write the review.
@@ -43,11 +51,15 @@ def audit_full(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hardening.errors import InputError
+    from hardening.executor import make_executor, parse_executor
     from hardening.report import load_policy, run_full_audit
 
     pol = load_policy(policy)
     if profile not in ("quick", "thorough"):
         raise InputError(f"--profile must be quick or thorough, got {profile!r}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be a positive integer, got {workers}")
+    parse_executor(executor)  # a bad spelling is a usage error before Ray starts
     kind_t = tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else None
     area_t = tuple(a.strip() for a in areas.split(",") if a.strip())
     command = "edgeward " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -60,16 +72,23 @@ def audit_full(
         def progress(stage: str, msg: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=msg[:70], stage=stage)
 
-        res = run_full_audit(
-            model, data, out_dir, torch_source=torch_source, variants_file=variants, kinds=kind_t, policy=pol,
-            profile=profile, seed=seed, areas=area_t, progress=progress, command=command,
-            allow_skipped=allow_skipped,
-        )
+        runner = make_executor(executor, workers)
+        try:
+            res = run_full_audit(
+                model, data, out_dir, torch_source=torch_source, variants_file=variants, kinds=kind_t, policy=pol,
+                profile=profile, seed=seed, areas=area_t, progress=progress, command=command,
+                allow_skipped=allow_skipped, executor=runner, resume=resume,
+            )
+        finally:
+            runner.close()
     rep = res.report
+    stages = rep["provenance"]["stages"]
     if json_out:
         print_json({"verdict": rep["verdict"], "report": str(res.report_path), "html": str(res.html_path),
-                    "junit": str(res.junit_path), "findings": rep["findings"]})
+                    "junit": str(res.junit_path), "findings": rep["findings"], "stages": stages})
     else:
+        table("stages (time and peak memory)", ["stage", "variant", "seconds", "peak RSS MB"],
+              [(r["stage"], r["variant"] or "all", f"{r['seconds']:.1f}", r["peak_rss_mb"]) for r in stages])
         v = rep["verdict"]
         style = "green" if v["passed"] else "red"
         out.print(f"[bold {style}]{v['headline']}[/]")

@@ -55,8 +55,9 @@ class ShardResult:
     resumed: bool = False  # read from a checkpoint instead of run
 
     def provenance(self) -> dict:
-        return {"id": self.shard.id, "kind": self.shard.kind, "label": self.shard.label,
-                "seconds": self.where.get("seconds"), "host": self.where.get("host"), "pid": self.where.get("pid"),
+        w = self.where
+        return {"id": self.shard.id, "kind": self.shard.kind, "label": self.shard.label, "seconds": w.get("seconds"),
+                "peak_rss_mb": w.get("peak_rss_mb"), "host": w.get("host"), "node": w.get("node"), "pid": w.get("pid"),
                 "resumed": self.resumed}
 
 

@@ -47,7 +47,9 @@ def _remote_run(ray: Any) -> Any:
         from hardening.executor.work import run_one
 
         # arrays travel as top-level arguments, so Ray resolves their object refs
-        return run_one(kind, meta, dict(zip(keys, values)), None)
+        out_meta, out_arrays, where = run_one(kind, meta, dict(zip(keys, values)), None)
+        where["node"] = ray.get_runtime_context().get_node_id()  # nodes may share a host
+        return out_meta, out_arrays, where
 
     return run_shard
 

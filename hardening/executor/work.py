@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ KINDS = {
     "robustness-points": "hardening.robustness.shards:run_points_shard",
     "robustness-selfcheck": "hardening.robustness.shards:run_selfcheck_shard",
     "extraction-cell": "hardening.extraction_shards:run_cell_shard",
+    "ood-family": "hardening.report.runners.ood:run_family_shard",
 }
 
 
@@ -29,9 +29,11 @@ def work_function(kind: str) -> Callable[..., tuple[dict, dict]]:
 
 
 def run_one(kind: str, meta: dict, arrays: dict, local: dict | None = None) -> tuple[dict, dict, dict]:
-    """Run one shard here; the third value is where and how long (for the provenance)."""
-    t0 = time.perf_counter()
-    out_meta, out_arrays = work_function(kind)(meta, arrays, local)
+    """Run one shard here; the third value is where, how long and the peak memory (for the provenance)."""
+    from hardening.executor.usage import measure
+
+    with measure() as used:
+        out_meta, out_arrays = work_function(kind)(meta, arrays, local)
     where: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
-                             "seconds": round(time.perf_counter() - t0, 4)}
+                             "seconds": round(used.seconds, 4), "peak_rss_mb": used.peak_rss_mb}
     return out_meta, out_arrays, where

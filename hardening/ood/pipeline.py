@@ -91,8 +91,8 @@ class FitReport:
         return asdict(self)
 
 
-def _load_data(data_path: str | Path) -> Dataset:
-    ds = load_dataset(data_path)
+def _load_data(data: str | Path | Dataset) -> Dataset:
+    ds = data if isinstance(data, Dataset) else load_dataset(data)
     if ds.x_train is None or ds.x_cal is None:
         raise DataError(f"{ds.source}: fit-ood needs 'x_train'/'y_train' (to fit) and 'x_cal'/'y_cal' (to calibrate)")
     if len(ds.x_cal) < 4:
@@ -140,7 +140,7 @@ def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0, sl
 
 def fit_ood(
     model_path: str | Path,
-    data_path: str | Path,
+    data: str | Path | Dataset,
     out_dir: str | Path,
     alpha: float = 0.05,
     features_tensor: str | None = None,
@@ -148,8 +148,10 @@ def fit_ood(
     slack: float = DEFAULT_SLACK,
     delta: float = DEFAULT_DELTA,
 ) -> FitReport:
-    """Fit and calibrate the gate; writes ``detectors.npz`` + ``detectors.json`` to ``out_dir``."""
-    ds = _load_data(data_path)
+    """Fit and calibrate the gate; writes ``detectors.npz`` + ``detectors.json`` to ``out_dir``.
+
+    ``data``: the ``.npz`` path or its loaded arrays (a ``Dataset``, as the full audit holds)."""
+    ds = _load_data(data)
     pm = prepare_model(model_path, ds, features_tensor)
     ens, report, _ = fit_ensemble(pm, ds, alpha, seed, slack, delta)
     npz, meta = export_detectors(ens, model=pm.model_meta())
@@ -164,10 +166,11 @@ def _safe(name: str) -> str:
 
 def audit_ood(
     model_path: str | Path,
-    data_path: str | Path,
+    data: str | Path | Dataset,
     detectors_dir: str | Path,
     out_dir: str | Path,
     *,
+    families: dict[str, np.ndarray] | None = None,
     torch_source: str | None = None,
     adversarial: np.ndarray | None = None,
     adversarial_name: str = "adversarial",
@@ -177,19 +180,23 @@ def audit_ood(
     plots: bool = True,
     progress: Progress | None = None,
 ) -> OODAudit:
-    """Score every family with the exported (runtime) scorer: what is audited is what ships."""
+    """Score every family with the exported (runtime) scorer: what is audited is what ships.
+
+    ``families``: score exactly these (name -> inputs; e.g. one family per shard) instead of
+    building them here; ``data`` is the ``.npz`` path or a loaded ``Dataset``."""
     say = progress or (lambda _m: None)
     try:
         scorer = AnomalyScorer.load(detectors_dir)
     except AnomalyFormatError as e:
         raise InputError(f"{detectors_dir}: unusable detectors ({e})") from None
-    ds = load_dataset(data_path)
+    ds = data if isinstance(data, Dataset) else load_dataset(data)
     mm = scorer.meta.get("model") or {}
     pm = prepare_model(model_path, ds, mm.get("features_tensor"))
     if mm.get("sha256") and mm["sha256"] != pm.info.sha256:
         raise ModelError(f"{model_path}: detectors in {detectors_dir} were fitted for a different model (sha256 {mm['sha256'][:12]}...)")
-    say("building OOD families")
-    fams = build_families(ds, num_classes=pm.info.num_classes or int(ds.y.max()) + 1, torch_source=torch_source,
+    if families is None:
+        say("building OOD families")
+    fams = families if families is not None else build_families(ds, num_classes=pm.info.num_classes or int(ds.y.max()) + 1, torch_source=torch_source,
                           adversarial=adversarial, adversarial_name=adversarial_name, adv_eps=adv_eps, n=n_synthetic, seed=seed)
 
     def scores(x: np.ndarray) -> dict[str, np.ndarray]:

@@ -59,6 +59,21 @@ def _td(v: str, num: bool = False) -> str:
     return f"<td class='num'>{v}</td>" if num else f"<td>{v}</td>"
 
 
+def _stages(report: dict) -> str:
+    """Where the time and memory went: one row per stage (and variant)."""
+    prov = report.get("provenance") or {}
+    stages = prov.get("stages") or []
+    if not stages:
+        return ""
+    ex = prov.get("executor") or {}
+    rows = [[_td(_e(r["stage"])), _td(_e(r["variant"] or "all")), _td(f"{r['seconds']:.1f}", True),
+             _td(_e(r["peak_rss_mb"]), True)] for r in stages]
+    note = (f"<p class='meta'>Executor {_e(ex.get('name'))} ({_e(ex.get('workers'))} worker(s)). A variant's share of "
+            "a sharded stage is its shards' compute time, so under parallel workers the shares can add up to more "
+            "than the stage's wall time; peak RSS is the largest of the processes that did the work.</p>")
+    return note + _table(["stage", "variant", "seconds", "peak RSS (MB)"], rows)
+
+
 def _findings(report: dict) -> str:
     fs = report["findings"]
     if not fs:
@@ -191,6 +206,7 @@ seed {_e(report['settings']['seed'])} · generated {_e(report['created_at'])} ·
 {v['skipped_checks']} skipped</summary>{_checks(report)}</details>
 <h2 id="provenance">Provenance</h2>
 {_table(['input', 'path', 'sha256'], inputs_rows)}
+{_stages(report)}
 <p class="meta">Python {_e(report['environment']['python'])} on {_e(report['environment']['platform'])}, {_e(report['environment']['cpus'])} CPUs. {_e(libs)}.</p>
 <details><summary>Settings, seeds and policy</summary><pre>{_e(settings)}</pre></details>
 </main></body></html>

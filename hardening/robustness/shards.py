@@ -21,6 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 from hardening.executor.base import Shard
+from hardening.intake import sha256_file
 from hardening.robustness.engine import CascadeOutcome, run_cascade
 from hardening.robustness.results import AttackRun, EpsResult, Finding
 from hardening.robustness.stats import wilson_interval
@@ -43,8 +44,9 @@ def variant_meta(spec) -> dict:
     src = spec.torch_source
     if src is not None and not isinstance(src, (str, bytes)) and not hasattr(src, "__fspath__"):
         src = f"<in-memory module {type(src).__name__}>"  # in-process only (local carries the module)
-    return {"name": spec.name, "path": str(spec.path), "kind": spec.kind, "parent": spec.parent,
-            "torch_source": None if src is None else str(src)}
+    # the digest makes a rebuilt variant with other bytes at the same path a different shard
+    return {"name": spec.name, "path": str(spec.path), "sha256": sha256_file(spec.path), "kind": spec.kind,
+            "parent": spec.parent, "torch_source": None if src is None else str(src)}
 
 
 def plan(specs, x, y, eps_grid, norm_key, profile, names, clip, seed, self_checks, shard_points,
