@@ -30,7 +30,7 @@ from runtime_guard import anomaly as runtime
 # Size budget of one detector's exported matrix (values): a bank of B rows of width D has
 # B*D, a Mahalanobis factor D*r, PCA components r*D. It bounds the batch-1 cost of the
 # gate (one float32 matrix product per view) and the bundle size whatever the model.
-MAX_MATRIX_VALUES = 2**18
+MAX_MATRIX_VALUES = 2**17
 
 
 def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
