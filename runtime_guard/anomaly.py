@@ -225,8 +225,8 @@ class Detector:
         return None
 
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """Scores from the view ``v`` (n, width) float32, its squared row norms ``sq`` (float64)
-        and ``p = v @ columns()`` (float32): float64, higher = more anomalous."""
+        """Scores from the view ``v`` (n, width) float32, its squared row norms ``sq``
+        and ``p = v @ columns()`` (both float32): float64, higher = more anomalous."""
         raise NotImplementedError
 
     def raw(self, v: np.ndarray) -> np.ndarray:
@@ -238,7 +238,7 @@ class Detector:
 
 
 def _sq(v: np.ndarray) -> np.ndarray:
-    res: np.ndarray = np.einsum("ij,ij->i", v, v, dtype=np.float64)
+    res: np.ndarray = np.vecdot(v, v)
     return res
 
 
@@ -252,14 +252,13 @@ class Softmax(Detector):
 
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
         t = self.temperature
-        zz = v / t if t != 1.0 else v
-        top = zz.max(axis=1).astype(np.float64)
-        total = np.exp(zz - top[:, None]).sum(axis=1)  # softmax denominator over exp(max), float64
+        zz = (v / t if t != 1.0 else v).astype(np.float64)
+        lse = np.logaddexp.reduce(zz, axis=1)  # logsumexp(v / T), stable
         res: np.ndarray
-        if self.kind == "msp":  # the top class's probability is exp(0) / total
-            res = 1.0 - 1.0 / total
-        else:  # -T * logsumexp(v / T)
-            res = -t * (top + np.log(total))
+        if self.kind == "msp":  # the top class's probability is exp(max - logsumexp)
+            res = 1.0 - np.exp(zz.max(axis=1) - lse)
+        else:
+            res = -t * lse
         return res
 
 
@@ -281,7 +280,7 @@ class Mahalanobis(Detector):
 
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
         s = p[:, : self._r]
-        res: np.ndarray = (p[:, self._r :] + self._m_sq).min(axis=1) + np.einsum("ij,ij->i", s, s)
+        res: np.ndarray = (p[:, self._r :] + self._m_sq).min(axis=1) + np.vecdot(s, s)
         return res
 
 
@@ -342,7 +341,7 @@ class Pca(Detector):
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
         s = p[:, : self._r] - self._s0
         c_sq = sq + p[:, self._r] + self._m_sq
-        res: np.ndarray = np.maximum(c_sq - np.einsum("ij,ij->i", s @ self._h, s), 0.0)
+        res: np.ndarray = np.maximum(c_sq - np.vecdot(s @ self._h, s), 0.0)
         return res
 
 
@@ -418,6 +417,7 @@ class _ViewPlan:
     slices: list[slice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.width = next((d.width for d in self.dets if d.width is not None), None)  # one per view (load checks)
         blocks, at = [], 0
         for d in self.dets:
             c = d.columns()
@@ -520,13 +520,13 @@ class AnomalyScorer:
 
     # ---- scoring -------------------------------------------------------
     def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
-                    needed: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+                    needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
         """Each needed view once, as the detectors read it: (n, width) float32 (the input
         through ``input_view``), finite, same n everywhere."""
         raw = {"input": x, "logits": logits, "features": features}
         out: dict[str, np.ndarray] = {}
         n = None
-        for view in VIEWS if needed is None else [v for v in VIEWS if v in needed]:
+        for view in needed:
             arr = raw[view]
             if arr is None:
                 who = next((d.name for d in self.detectors if d.view == view), view)
@@ -536,24 +536,27 @@ class AnomalyScorer:
                 raise AnomalyInputError(f"{view} must be batched (n, ...), got shape {arr.shape}")
             if arr.dtype.kind not in "fiub":
                 raise AnomalyInputError(f"{view} must hold numbers, got dtype {arr.dtype}")
-            if not np.isfinite(arr).all():
-                raise AnomalyInputError(f"{view} holds NaN/Inf values")
             if n is not None and len(arr) != n:
                 raise AnomalyInputError(f"{view} has {len(arr)} samples, other arrays have {n}")
             n = len(arr)
-            out[view] = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
+            # the finiteness check reads the view: average pooling and projections keep a NaN/Inf
+            # (every raw value has a positive weight, and inf * 0 is NaN)
+            v = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
+            if not np.isfinite(v).all():
+                raise AnomalyInputError(f"{view} holds NaN/Inf values")
+            out[view] = v
         return out
 
     def _run(self, plans: list[tuple[_ViewPlan, list[int]]], dets: list[Detector], x: np.ndarray | None,
              logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
-        views = self.view_arrays(x, logits, features, frozenset(p.view for p, _ in plans))
-        for d in dets:
-            if d.width is not None and views[d.view].shape[1] != d.width:
-                raise AnomalyInputError(f"detector '{d.name}': {d.view} has {views[d.view].shape[1]} values per sample, expected {d.width}")
-        n = len(next(iter(views.values())))
-        out = np.empty((n, len(dets)))
+        views = self.view_arrays(x, logits, features, tuple(p.view for p, _ in plans))
+        out = np.empty((len(next(iter(views.values()))), len(dets)))
         for plan, cols in plans:
-            plan.scores(views[plan.view], out, cols)
+            v = views[plan.view]
+            if plan.width is not None and v.shape[1] != plan.width:
+                who = next(d.name for d in plan.dets if d.width is not None)
+                raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
+            plan.scores(v, out, cols)
         return out
 
     def scores_by_detector(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> dict[str, np.ndarray]:
