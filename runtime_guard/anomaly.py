@@ -540,9 +540,10 @@ class AnomalyScorer:
                 raise AnomalyInputError(f"{view} has {len(arr)} samples, other arrays have {n}")
             n = len(arr)
             # the finiteness check reads the view: average pooling and projections keep a NaN/Inf
-            # (every raw value has a positive weight, and inf * 0 is NaN)
+            # (every raw value has a positive weight, and inf * 0 is NaN), and so does a sum
+            # (a float32 overflow of the sum is refused too: such values are no valid input)
             v = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
-            if not np.isfinite(v).all():
+            if not math.isfinite(v.sum()):
                 raise AnomalyInputError(f"{view} holds NaN/Inf values")
             out[view] = v
         return out
