@@ -97,7 +97,8 @@ def test_banks_and_matrices_stay_within_the_size_budget():
     x, y = rng.normal(size=(600, 64)), rng.integers(0, 3, 600)
     budget = 2048
     ik = InputKNNDetector(max_values=budget).fit(x)
-    assert ik.bank_.shape == (32, 64) and ik.export()[1]["bank_size"] == 32
+    assert ik.bank_.shape == (32, 64) and ik.export()[1] | {"normalize": None} == {
+        "n_neighbors": 1, "normalize": None, "bank_size": 32, "max_values": budget}  # recorded in detectors.json
     assert KNNDetector(max_bank=10, max_values=budget).fit(x).bank_.shape == (10, 64)
     m = MahalanobisDetector(max_values=budget).fit(x, y)
     assert m.rank_ == 32 and m.export()[0]["factor"].shape == (64, 32)

@@ -171,7 +171,8 @@ class MahalanobisDetector(Detector):
         return self
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
-        return {"factor": self.factor_, "centers": self.means_ @ self.factor_}, {"rank": self.rank_}
+        return {"factor": self.factor_, "centers": self.means_ @ self.factor_}, {"rank": self.rank_,
+                                                                               "max_values": int(self.max_values)}
 
 
 class _KNNBase(Detector):
@@ -207,7 +208,7 @@ class _KNNBase(Detector):
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {"bank": self.bank_}, {"n_neighbors": int(self.n_neighbors), "normalize": self.normalize,
-                                      "bank_size": self.bank_size_}
+                                      "bank_size": self.bank_size_, "max_values": int(self.max_values)}
 
 
 class KNNDetector(_KNNBase):
@@ -246,7 +247,7 @@ class PCAReconstructionDetector(Detector):
         return self
 
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
-        return {"mean": self.pca_.mean_, "components": self.components_}, {}
+        return {"mean": self.pca_.mean_, "components": self.components_}, {"max_values": int(self.max_values)}
 
 
 DETECTORS: dict[str, type[Detector]] = {
