@@ -28,7 +28,7 @@ from runtime_guard.anomaly import FUSION_RULES, AnomalyScorer  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo-dir", help="folder with model.onnx, data.npz, model.pt (default: build the digits demo)")
+    ap.add_argument("--demo-dir", help="folder with model.onnx, data.npz, model.pt or model.ts (default: build the digits demo)")
     ap.add_argument("--adv-eps", type=float, default=0.3)
     args = ap.parse_args()
     if args.demo_dir:
@@ -38,7 +38,8 @@ def main() -> None:
 
         d = Path(tempfile.mkdtemp(prefix="bench_fusion_")) / "digits"
         build_demo("digits", d)
-    model, data, torch_src = str(d / "model.onnx"), str(d / "data.npz"), str(d / "model.pt")
+    src = d / "model.pt" if (d / "model.pt").exists() else d / "model.ts"
+    model, data, torch_src = str(d / "model.onnx"), str(d / "data.npz"), str(src)
     work = Path(tempfile.mkdtemp(prefix="bench_fusion_out_"))
     fit_ood(model, data, work / "det", alpha=0.05)
     scorer = AnomalyScorer.load(work / "det")
@@ -48,7 +49,7 @@ def main() -> None:
                           torch_source=torch_src, adv_eps=args.adv_eps)
 
     def raw(x: np.ndarray) -> dict[str, np.ndarray]:
-        v = pm.views(x)
+        v = pm.outputs(x)  # raw inputs: the runtime scorer applies the compact view itself
         return scorer.scores_by_detector(v.input, v.logits, v.features)
 
     id_raw = raw(ds.x)

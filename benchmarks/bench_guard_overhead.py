@@ -1,12 +1,18 @@
-"""Overhead of GuardedModel.predict over a bare InferenceSession.run (batch 1, digits demo).
+"""Overhead of GuardedModel.predict over a bare InferenceSession.run (batch 1, digits demo or any model).
 
 Both run in the same process on the same session and the same input,
 interleaved call by call so CPU frequency drift hits both equally. Reports
 p50/p99 per variant, the p50 ratio and the added microseconds.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_guard_overhead.py [--demo-dir /tmp/demo/digits] [-n 20000]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_guard_overhead.py --model-dir DIR [--ood-dir DET] [-n 5000]
 
-Without --demo-dir the digits demo is built into a temp dir first (~8 s).
+Without --demo-dir the digits demo is built into a temp dir first (~8 s). ``--model-dir``
+takes any ``model.onnx`` + ``data.npz`` (e.g. ``hardening.reference_models.build_reference``'s
+MobileNetV3-small at 3x96x96): the gate is fitted like ``edgeward fit-ood`` (or read from
+``--ood-dir``) and both the bare and the guarded runs use the model with the features
+output the detectors read. Only the public ``prepare_model``/``fit_ensemble``/``export_detectors``
+are used, so the same script measures an older checkout (PYTHONPATH=that checkout).
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ def _msp_scorer(threshold: float) -> AnomalyScorer:
     return AnomalyScorer.from_bytes(buf.getvalue(), meta)
 
 
-def _variants(model_bytes: bytes, fitted: AnomalyScorer | None = None) -> dict[str, GuardedModel]:
+def _variants(model_bytes: bytes, fitted: AnomalyScorer | None = None,
+              value_range: tuple[float, float] = (0.0, 1.0)) -> dict[str, GuardedModel]:
     """Defences switched on one after another, so each row's delta is that defence's cost."""
-    schema = InputSchema(value_range=(0.0, 1.0))
+    schema = InputSchema(value_range=value_range)
     # per-client moving window as deployed; clients rotate every 500 calls (below the limit)
     limited = RateLimitConfig(per_client="1000/minute")
     unlimited = RateLimitConfig(per_client=None)
@@ -82,6 +89,8 @@ def _pct(a: list[int], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo-dir", type=Path, default=None, help="folder with model.onnx + data.npz of the digits demo")
+    ap.add_argument("--model-dir", type=Path, default=None, help="any model.onnx + data.npz (instead of the demo)")
+    ap.add_argument("--inputs", type=int, default=200, help="test inputs cycled through (bounds memory)")
     ap.add_argument("-n", type=int, default=20000, help="timed calls per variant")
     ap.add_argument("--ood-dir", type=Path, default=None,
                     help="detectors from `edgeward fit-ood` (default: <demo-dir>/ood if present)")
@@ -89,31 +98,34 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    if args.demo_dir is None:
+    base_dir = args.model_dir or args.demo_dir
+    if base_dir is None:
         from hardening.demo import build_demo  # only the benchmark setup uses hardening
 
         demo = build_demo("digits", tempfile.mkdtemp(prefix="bench_guard_"))
         model_path, data_path = Path(demo.model_path), Path(demo.data_path)
     else:
-        model_path, data_path = args.demo_dir / "model.onnx", args.demo_dir / "data.npz"
-    model_bytes = model_path.read_bytes()
+        model_path, data_path = base_dir / "model.onnx", base_dir / "data.npz"
     with np.load(data_path, allow_pickle=False) as d:
-        xs = [np.ascontiguousarray(d["x"][i : i + 1]) for i in range(len(d["x"]))]
+        xs = [np.ascontiguousarray(d["x"][i : i + 1], dtype=np.float32) for i in range(min(len(d["x"]), args.inputs))]
+        lo, hi = float(min(d["x"].min(), 0.0)), float(max(d["x"].max(), 1.0))
 
     ood_dir = args.ood_dir or (args.demo_dir / "ood" if args.demo_dir is not None else None)
-    if ood_dir is None or not (ood_dir / "detectors.npz").exists():
-        from hardening.data import load_dataset
-        from hardening.ood import export_detectors  # setup only: fit the detectors like `edgeward fit-ood`
-        from hardening.ood.pipeline import fit_ensemble, prepare_model
+    from hardening.data import load_dataset  # setup only: the gate as `edgeward fit-ood` fits it
+    from hardening.ood import export_detectors
+    from hardening.ood.pipeline import fit_ensemble, prepare_model
 
-        ds = load_dataset(data_path)
+    ds = load_dataset(data_path)
+    if ood_dir is None or not (ood_dir / "detectors.npz").exists():
         pm = prepare_model(model_path, ds)
         ens, _, _ = fit_ensemble(pm, ds, 0.05)
         npz, meta = export_detectors(ens, model=pm.model_meta())
         fitted = AnomalyScorer.from_bytes(npz, meta)
     else:
         fitted = AnomalyScorer.load(ood_dir)
-    guards = _variants(model_bytes, fitted)
+        pm = prepare_model(model_path, ds, (fitted.meta.get("model") or {}).get("features_tensor"))
+    model_bytes = pm.model_bytes  # with the features output the detectors read
+    guards = _variants(model_bytes, fitted, (lo, hi))
     if args.only:
         guards = {k: g for k, g in guards.items() if args.only in k}
     bare = next(iter(guards.values())).session  # same admitted session type for the bare baseline
@@ -166,7 +178,7 @@ def main() -> None:
     if target is not None:
         parts.update(_in_context(target, xs, args.n // 2))
     if args.json:
-        print(json.dumps({"end_to_end": rows, "components_p50_us": parts}, indent=2))
+        print(json.dumps({"model": str(model_path), "end_to_end": rows, "components_p50_us": parts}, indent=2))
         return
     cols = list(rows[0])
     print(" | ".join(cols))

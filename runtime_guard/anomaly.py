@@ -10,11 +10,21 @@ differentiable copy of the gate mirrors these formulas):
   the fused score; an input is anomalous when its fused score is above
   ``threshold`` (+inf when the calibration split was too small for the chosen
   false-rejection rate: then nothing is rejected).
+* The **input view** the input-space detectors read is a compact view of the raw input,
+  fixed at fit time and recorded in ``detectors.json`` (``input_view``), so the gate's cost
+  scales with the model, not with the input: ``flatten`` (the raw values, inputs of at most
+  ``max_values``), ``avgpool`` (an NCHW image average-pooled to ``out`` = (h, w) over
+  adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``),
+  or ``projection`` (``x @ matrix``, a fitted random projection of a flat input). Files of
+  format ``edgeward-ood/1`` have no ``input_view``: ``flatten``.
 * Detector scores ``s`` on one view ``v`` (a row; views: input, logits, features):
 
   - ``msp``:         ``1 - max_c softmax(v / T)_c``
   - ``energy``:      ``-T * logsumexp(v / T)``
-  - ``mahalanobis``: ``min_c (v - mu_c)^T P (v - mu_c)`` (shared precision ``P``)
+  - ``mahalanobis``: ``min_c |v W - m_c|^2`` with ``W W^T = P``, the shared precision
+    (full rank: exact; above the size budget: the leading ``r`` principal directions of the
+    tied covariance) and ``m_c = mu_c W``; format /1's ``means``/``precision`` load as the
+    exact factor of ``P``
   - ``knn`` / ``input_knn``: Euclidean distance to the k-th nearest bank row
     (``v`` scaled to unit norm first when ``normalize``, the ``knn`` default)
   - ``pca``:         ``|r|^2`` with ``r = (v - m) - ((v - m) W^T) W`` (reconstruction error)
@@ -26,9 +36,13 @@ differentiable copy of the gate mirrors these formulas):
   - ``mean_pos_z``: ``mean_i max(z_i, 0)`` (one-sided: a detector can only add evidence)
   - ``max_z``:      ``max_i z_i``
 
-Every detector has one vectorised implementation below (``Detector.raw``); the
-guard, the audits, ``hardening.ood``'s fitted detectors (``score_samples``) and
-the tests all score through it.
+Every detector has one vectorised implementation below: its linear part is a block of
+columns (``columns``), and the scorer stacks the blocks of all detectors reading a view
+into one float32 matrix, so each view costs one matrix product per request, then each
+detector finishes its score from its block (``finish``). ``Detector.raw`` is the same two
+steps for one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
+(``score_samples``) and the tests all score through them. Arrays are float32 (products in
+float32, the rest in float64): scores agree across batch sizes to float32 rounding.
 """
 
 from __future__ import annotations
@@ -45,13 +59,17 @@ import numpy as np
 
 from .errors import LoadError, RequestError
 
-FORMAT = "edgeward-ood/1"
+FORMAT = "edgeward-ood/2"
+FORMATS = ("edgeward-ood/1", FORMAT)  # /1: no input_view (flatten), float64 arrays, Mahalanobis as precision
 VIEWS = ("input", "logits", "features")
 NPZ_NAME, JSON_NAME = "detectors.npz", "detectors.json"
 FUSION_RULES = ("mean_z", "mean_pos_z", "max_z")
+INPUT_VIEWS = ("flatten", "avgpool", "projection")
 
-__all__ = ["AnomalyScorer", "AnomalyFormatError", "AnomalyInputError", "FORMAT", "FUSION_RULES",
-           "Detector", "build_detector", "fuse_z"]
+__all__ = ["AnomalyScorer", "AnomalyFormatError", "AnomalyInputError", "FORMAT", "FORMATS", "FUSION_RULES",
+           "Detector", "InputView", "build_detector", "fuse_z", "pool_matrix"]
+
+_F32 = np.float32
 
 
 class AnomalyFormatError(LoadError, ValueError):
@@ -79,6 +97,15 @@ def fuse_z(z: np.ndarray, rule: str) -> np.ndarray:
     return res
 
 
+def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging matrix over adaptive bins ``floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out)``."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
 def _need(arrays: dict[str, np.ndarray], name: str, key: str, ndim: int) -> np.ndarray:
     arr = arrays.get(f"{name}__{key}")
     if arr is None:
@@ -97,8 +124,93 @@ def _threshold(v: object, what: str) -> float:
 
 
 @dataclass
+class InputView:
+    """The compact view of the raw input that input-space detectors read (module docstring)."""
+
+    kind: str = "flatten"
+    shape: tuple[int, ...] | None = None  # per-sample raw shape it was fitted for (None: any)
+    out: tuple[int, int] | None = None  # avgpool: (h, w)
+    matrix: np.ndarray | None = field(default=None, repr=False)  # projection: (D, m)
+
+    def __post_init__(self) -> None:
+        if self.kind == "avgpool":
+            assert self.shape is not None and self.out is not None
+            _, h, w = self.shape
+            self._rows = pool_matrix(h, self.out[0]).astype(_F32)
+            self._cols_t = np.ascontiguousarray(pool_matrix(w, self.out[1]).T.astype(_F32))
+        elif self.kind == "projection":
+            assert self.matrix is not None
+            self._m32 = np.ascontiguousarray(self.matrix, _F32)
+        self.size = None if self.shape is None else math.prod(self.shape)
+
+    @property
+    def width(self) -> int | None:
+        if self.kind == "avgpool":
+            assert self.shape is not None and self.out is not None
+            return self.shape[0] * self.out[0] * self.out[1]
+        if self.kind == "projection":
+            assert self.matrix is not None
+            return int(self.matrix.shape[1])
+        return self.size
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(n, width) float32 view of raw inputs ``x`` (n, ...); raises ``AnomalyInputError``
+        when the per-sample size is not the fitted one."""
+        n = len(x)
+        if self.size is not None and x.size != n * self.size:
+            raise AnomalyInputError(f"input has {x.size // max(n, 1)} values per sample, the detectors "
+                                    f"were fitted on {self.size} ({'x'.join(map(str, self.shape or ()))})")
+        if self.kind == "avgpool":
+            assert self.shape is not None
+            pooled = self._rows @ x.reshape(n, *self.shape).astype(_F32, copy=False) @ self._cols_t
+            return pooled.reshape(n, -1)
+        flat = x.reshape(n, -1).astype(_F32, copy=False)
+        if self.kind == "projection":
+            res: np.ndarray = flat @ self._m32
+            return res
+        return flat
+
+    def to_meta(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(``input_view`` entry of ``detectors.json``, its npz arrays)."""
+        d: dict[str, Any] = {"kind": self.kind, "shape": None if self.shape is None else list(self.shape)}
+        arrays = {}
+        if self.kind == "avgpool":
+            d["out"] = list(self.out or ())
+        if self.kind == "projection":
+            assert self.matrix is not None
+            arrays["input_view__matrix"] = np.asarray(self.matrix, _F32)
+        d["width"] = self.width
+        return d, arrays
+
+    @classmethod
+    def from_meta(cls, spec: object, arrays: dict[str, np.ndarray]) -> InputView:
+        if spec is None:
+            return cls()
+        try:
+            assert isinstance(spec, dict)
+            kind = spec["kind"]
+            shape = None if spec.get("shape") is None else tuple(int(v) for v in spec["shape"])
+            if kind not in INPUT_VIEWS or (shape is not None and (not shape or min(shape) < 1)):
+                raise ValueError(f"kind {kind!r}, shape {shape}")
+            if kind == "avgpool":
+                out = tuple(int(v) for v in spec["out"])
+                if shape is None or len(shape) != 3 or len(out) != 2 or not (1 <= out[0] <= shape[1] and 1 <= out[1] <= shape[2]):
+                    raise ValueError(f"avgpool needs a (C, H, W) shape and 1 <= out <= (H, W), got {shape} -> {out}")
+                return cls("avgpool", shape, (out[0], out[1]))
+            if kind == "projection":
+                m = _need(arrays, "input_view", "matrix", 2)
+                if shape is None or m.shape[0] != math.prod(shape):
+                    raise ValueError(f"projection matrix {m.shape} does not fit shape {shape}")
+                return cls("projection", shape, matrix=m)
+            return cls("flatten", shape)
+        except (AssertionError, KeyError, TypeError, ValueError) as e:
+            raise AnomalyFormatError(f"malformed input_view ({type(e).__name__}: {e})") from None
+
+
+@dataclass
 class Detector:
-    """One exported detector: its view, normalisation and threshold; ``raw`` is its maths."""
+    """One exported detector: its view, normalisation and threshold; ``columns`` and
+    ``finish`` are its maths (module docstring)."""
 
     kinds: ClassVar[tuple[str, ...]] = ()
     name: str
@@ -108,13 +220,26 @@ class Detector:
     threshold: float
     width: int | None = None  # values per sample of the view (None = any)
 
-    def raw(self, v: np.ndarray) -> np.ndarray:
-        """Score per row of ``v`` (n, width), float64; higher = more anomalous."""
+    def columns(self) -> np.ndarray | None:
+        """(width, k) linear part, stacked with the other detectors of the view (None: none)."""
+        return None
+
+    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Scores from the view ``v`` (n, width) float32, its squared row norms ``sq``
+        and ``p = v @ columns()`` (both float32): float64, higher = more anomalous."""
         raise NotImplementedError
 
-    def z(self, v: np.ndarray) -> np.ndarray:
-        res: np.ndarray = (self.raw(v) - self.mean) / self.std
-        return res
+    def raw(self, v: np.ndarray) -> np.ndarray:
+        """Score per row of ``v`` (n, width), float64; higher = more anomalous."""
+        v32 = np.asarray(v).astype(_F32, copy=False)
+        cols = self.columns()
+        p = v32[:, :0] if cols is None else v32 @ cols
+        return self.finish(v32, _sq(v32), p)
+
+
+def _sq(v: np.ndarray) -> np.ndarray:
+    res: np.ndarray = np.vecdot(v, v)
+    return res
 
 
 @dataclass
@@ -125,32 +250,37 @@ class Softmax(Detector):
     kind: str = "msp"
     temperature: float = 1.0
 
-    def raw(self, v: np.ndarray) -> np.ndarray:
+    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
         t = self.temperature
-        zz = v / t if t != 1.0 else v
-        top = zz.max(axis=1)
-        total = np.exp(zz - top[:, None]).sum(axis=1)  # softmax denominator over exp(max)
+        zz = (v / t if t != 1.0 else v).astype(np.float64)
+        lse = np.logaddexp.reduce(zz, axis=1)  # logsumexp(v / T), stable
         res: np.ndarray
-        if self.kind == "msp":  # the top class's probability is exp(0) / total
-            res = 1.0 - 1.0 / total
-        else:  # -T * logsumexp(v / T)
-            res = -t * (top + np.log(total))
+        if self.kind == "msp":  # the top class's probability is exp(max - logsumexp)
+            res = 1.0 - np.exp(zz.max(axis=1) - lse)
+        else:
+            res = -t * lse
         return res
 
 
 @dataclass
 class Mahalanobis(Detector):
     kinds = ("mahalanobis",)
-    means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
-    precision: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
+    factor: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)  # W (D, r)
+    centers: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)  # m = mu W (C, r)
 
     def __post_init__(self) -> None:
-        self._mp = self.means @ self.precision  # (C, D)
-        self._c = (self._mp * self.means).sum(axis=1)  # mu P mu
+        w = self.factor.astype(_F32)
+        # [W | -2 W m^T]: v W and -2 (v W) . m_c in the one product
+        self._cols = np.ascontiguousarray(np.concatenate([w, -2.0 * (w.astype(np.float64) @ self.centers.T).astype(_F32)], axis=1))
+        self._r = w.shape[1]
+        self._m_sq = (self.centers * self.centers).sum(axis=1)
 
-    def raw(self, v: np.ndarray) -> np.ndarray:
-        vpv = ((v @ self.precision) * v).sum(axis=1, keepdims=True)
-        res: np.ndarray = (vpv - 2.0 * (v @ self._mp.T) + self._c).min(axis=1)
+    def columns(self) -> np.ndarray:
+        return self._cols
+
+    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
+        s = p[:, : self._r]
+        res: np.ndarray = (p[:, self._r :] + self._m_sq).min(axis=1) + np.vecdot(s, s)
         return res
 
 
@@ -162,20 +292,29 @@ class Knn(Detector):
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        self._bank_sq = (self.bank * self.bank).sum(axis=1)
-        self._bank_t = np.ascontiguousarray(self.bank.T)
+        b = self.bank.astype(_F32)
+        self._cols = np.ascontiguousarray(-2.0 * b.T)
+        self._bank_sq = np.einsum("ij,ij->i", b, b, dtype=np.float64)
 
-    def raw(self, v: np.ndarray) -> np.ndarray:
+    def columns(self) -> np.ndarray:
+        return self._cols
+
+    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
+        # |u - b|^2 = |u|^2 - 2 u.b + |b|^2 with u = v / max(|v|, 1e-12) when normalizing;
+        # |u|^2 is added after the selection: it shifts a whole row and cannot change the order
         if self.normalize:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            inv = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
+            part = p * inv[:, None] + self._bank_sq
+            u_sq = sq * inv * inv
+        else:
+            part = p + self._bank_sq
+            u_sq = sq
         k = self.n_neighbors
-        # |v|^2 is added after the selection: it shifts a whole row and cannot change the order
-        part = self._bank_sq - 2.0 * (v @ self._bank_t)
         if k == 1:
             kth = part.min(axis=1)
         else:
             kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
-        res: np.ndarray = np.sqrt(np.maximum(kth + (v * v).sum(axis=1), 0.0))
+        res: np.ndarray = np.sqrt(np.maximum(kth + u_sq, 0.0))
         return res
 
 
@@ -185,11 +324,32 @@ class Pca(Detector):
     center: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     components: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
 
-    def raw(self, v: np.ndarray) -> np.ndarray:
-        c = v - self.center
-        r = c - (c @ self.components.T) @ self.components
-        res: np.ndarray = (r * r).sum(axis=1)
+    def __post_init__(self) -> None:
+        # c = v - m, s = c W^T: |r|^2 = |c|^2 - 2|s|^2 + s (W W^T) s^T = |c|^2 - s (2I - G) s^T
+        w = self.components.astype(_F32)
+        m = self.center.astype(_F32)
+        self._cols = np.ascontiguousarray(np.concatenate([w.T, -2.0 * m[:, None]], axis=1))
+        w64 = w.astype(np.float64)
+        self._s0 = m.astype(np.float64) @ w64.T  # m W^T
+        self._h = 2.0 * np.eye(len(w64)) - w64 @ w64.T
+        self._m_sq = float(m.astype(np.float64) @ m.astype(np.float64))
+        self._r = len(w64)
+
+    def columns(self) -> np.ndarray:
+        return self._cols
+
+    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
+        s = p[:, : self._r] - self._s0
+        c_sq = sq + p[:, self._r] + self._m_sq
+        res: np.ndarray = np.maximum(c_sq - np.vecdot(s @ self._h, s), 0.0)
         return res
+
+
+def _precision_factor(precision: np.ndarray) -> np.ndarray:
+    """W with W W^T = P (format /1 files ship the precision itself)."""
+    e, q = np.linalg.eigh((precision + precision.T) / 2.0)
+    w: np.ndarray = q * np.sqrt(np.maximum(e, 0.0))
+    return w
 
 
 def build_detector(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detector:
@@ -214,11 +374,17 @@ def build_detector(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detec
             raise AnomalyFormatError(f"detector '{name}': temperature must be > 0")
         det = Softmax(**base, kind=kind, temperature=t)
     elif kind in Mahalanobis.kinds:
-        means, prec = _need(arrays, name, "means", 2), _need(arrays, name, "precision", 2)
-        d = means.shape[1]
-        if prec.shape != (d, d):
-            raise AnomalyFormatError(f"detector '{name}': precision shape {prec.shape} does not fit means {means.shape}")
-        det = Mahalanobis(**base, width=d, means=means, precision=prec)
+        if f"{name}__precision" not in arrays:
+            factor, centers = _need(arrays, name, "factor", 2), _need(arrays, name, "centers", 2)
+            if centers.shape[1] != factor.shape[1]:
+                raise AnomalyFormatError(f"detector '{name}': centers {centers.shape} do not fit factor {factor.shape}")
+        else:  # format /1: the precision itself
+            means, prec = _need(arrays, name, "means", 2), _need(arrays, name, "precision", 2)
+            if prec.shape != (means.shape[1], means.shape[1]):
+                raise AnomalyFormatError(f"detector '{name}': precision shape {prec.shape} does not fit means {means.shape}")
+            factor = _precision_factor(prec)
+            centers = means @ factor
+        det = Mahalanobis(**base, width=factor.shape[0], factor=factor, centers=centers)
     elif kind in Knn.kinds:
         bank = _need(arrays, name, "bank", 2)
         k = int(params.get("n_neighbors", 1))
@@ -241,15 +407,48 @@ def build_detector(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detec
     return det
 
 
+@dataclass
+class _ViewPlan:
+    """One view's detectors with their column blocks stacked into one float32 matrix."""
+
+    view: str
+    dets: list[Detector]
+    matrix: np.ndarray | None = None
+    slices: list[slice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.width = next((d.width for d in self.dets if d.width is not None), None)  # one per view (load checks)
+        blocks, at = [], 0
+        for d in self.dets:
+            c = d.columns()
+            k = 0 if c is None else c.shape[1]
+            self.slices.append(slice(at, at + k))
+            at += k
+            if c is not None:
+                blocks.append(c)
+        if blocks:
+            self.matrix = np.ascontiguousarray(np.concatenate(blocks, axis=1), _F32)
+
+    def scores(self, v: np.ndarray, out: np.ndarray, cols: list[int]) -> None:
+        """Write each detector's score on ``v`` (n, width) float32 into ``out[:, cols[i]]``."""
+        if self.matrix is None:  # no linear part (logits detectors)
+            p, sq = v[:, :0], v[:, 0]
+        else:
+            p, sq = v @ self.matrix, _sq(v)
+        for d, sl, c in zip(self.dets, self.slices, cols):
+            out[:, c] = d.finish(v, sq, p[:, sl])
+
+
 class AnomalyScorer:
     """Fused anomaly score of the exported detectors (formulas: module docstring)."""
 
     def __init__(self, npz_bytes: bytes, meta: dict[str, Any], dets: list[Detector], rule: str,
-                 members: list[str]) -> None:
+                 members: list[str], input_view: InputView | None = None) -> None:
         self.npz_bytes = npz_bytes
         self.meta = meta
         self.detectors = dets
         self.rule = rule
+        self.input_view = input_view or InputView()
         self._fused = [d for d in dets if d.name in members]
         self._norm_mean = np.array([d.mean for d in self._fused])
         self._norm_std = np.array([d.std for d in self._fused])
@@ -257,12 +456,23 @@ class AnomalyScorer:
         alpha = meta.get("alpha")
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
         self.needs: frozenset[str] = frozenset(d.view for d in dets)
+        self._plans_all = self._plans(dets)
+        self._plans_fused = self._plans(self._fused)
+
+    @staticmethod
+    def _plans(dets: list[Detector]) -> list[tuple[_ViewPlan, list[int]]]:
+        out = []
+        for view in dict.fromkeys(d.view for d in dets):
+            idx = [i for i, d in enumerate(dets) if d.view == view]
+            out.append((_ViewPlan(view, [dets[i] for i in idx]), idx))
+        return out
 
     # ---- loading -------------------------------------------------------
     @classmethod
     def from_bytes(cls, npz_bytes: bytes, meta: dict[str, Any]) -> AnomalyScorer:
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise AnomalyFormatError(f"detector meta must be a dict with format {FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+            raise AnomalyFormatError(f"detector meta must be a dict with format {FORMAT!r} "
+                                     f"(or the older {', '.join(repr(f) for f in FORMATS[:-1])})")
         try:
             with np.load(io.BytesIO(npz_bytes), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -277,11 +487,14 @@ class AnomalyScorer:
         names = [d.name for d in dets]
         if len(set(names)) != len(names) or not members or not set(members) <= set(names):
             raise AnomalyFormatError(f"fusion members {sorted(members)} must be unique detector names from {names}")
-        for view in VIEWS:
-            widths = {d.width for d in dets if d.view == view and d.width is not None}
+        view = InputView.from_meta(meta.get("input_view"), arrays)
+        for v in VIEWS:
+            widths = {d.width for d in dets if d.view == v and d.width is not None}
             if len(widths) > 1:
-                raise AnomalyFormatError(f"detectors of the {view!r} view disagree on its width")
-        return cls(npz_bytes, meta, dets, str(rule), members)
+                raise AnomalyFormatError(f"detectors of the {v!r} view disagree on its width")
+            if v == "input" and widths and view.width is not None and widths != {view.width}:
+                raise AnomalyFormatError(f"input detectors read {widths.pop()} values, the input_view gives {view.width}")
+        return cls(npz_bytes, meta, dets, str(rule), members, view)
 
     @classmethod
     def load(cls, directory: str | Path) -> AnomalyScorer:
@@ -306,36 +519,51 @@ class AnomalyScorer:
         return d
 
     # ---- scoring -------------------------------------------------------
-    def _views(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
-               dets: list[Detector]) -> dict[str, np.ndarray]:
-        """Each needed view once: float64, (n, width), finite, same n everywhere."""
+    def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
+                    needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
+        """Each needed view once, as the detectors read it: (n, width) float32 (the input
+        through ``input_view``), finite, same n everywhere."""
         raw = {"input": x, "logits": logits, "features": features}
         out: dict[str, np.ndarray] = {}
         n = None
-        for view in dict.fromkeys(d.view for d in dets):
+        for view in needed:
             arr = raw[view]
             if arr is None:
-                who = next(d.name for d in dets if d.view == view)
+                who = next((d.name for d in self.detectors if d.view == view), view)
                 raise AnomalyInputError(f"detector '{who}' needs the {view!r} array")
             arr = np.asarray(arr)
             if arr.ndim < 2:
                 raise AnomalyInputError(f"{view} must be batched (n, ...), got shape {arr.shape}")
-            arr = arr.reshape(len(arr), -1).astype(np.float64)
-            if not np.isfinite(arr).all():
-                raise AnomalyInputError(f"{view} holds NaN/Inf values")
+            if arr.dtype.kind not in "fiub":
+                raise AnomalyInputError(f"{view} must hold numbers, got dtype {arr.dtype}")
             if n is not None and len(arr) != n:
                 raise AnomalyInputError(f"{view} has {len(arr)} samples, other arrays have {n}")
             n = len(arr)
-            out[view] = arr
-        for d in dets:
-            if d.width is not None and out[d.view].shape[1] != d.width:
-                raise AnomalyInputError(f"detector '{d.name}': {d.view} has {out[d.view].shape[1]} values per sample, expected {d.width}")
+            # the finiteness check reads the view: average pooling and projections keep a NaN/Inf
+            # (every raw value has a positive weight, and inf * 0 is NaN), and so does a sum
+            # (a float32 overflow of the sum is refused too: such values are no valid input)
+            v = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
+            if not math.isfinite(v.sum()):
+                raise AnomalyInputError(f"{view} holds NaN/Inf values")
+            out[view] = v
+        return out
+
+    def _run(self, plans: list[tuple[_ViewPlan, list[int]]], dets: list[Detector], x: np.ndarray | None,
+             logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
+        views = self.view_arrays(x, logits, features, tuple(p.view for p, _ in plans))
+        out = np.empty((len(next(iter(views.values()))), len(dets)))
+        for plan, cols in plans:
+            v = views[plan.view]
+            if plan.width is not None and v.shape[1] != plan.width:
+                who = next(d.name for d in plan.dets if d.width is not None)
+                raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
+            plan.scores(v, out, cols)
         return out
 
     def scores_by_detector(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Raw score of every detector (float64, one per sample)."""
-        views = self._views(x, logits, features, self.detectors)
-        return {d.name: d.raw(views[d.view]) for d in self.detectors}
+        """Raw score of every detector (float64, one per sample); ``x`` is the raw model input."""
+        s = self._run(self._plans_all, self.detectors, x, logits, features)
+        return {d.name: s[:, i] for i, d in enumerate(self.detectors)}
 
     def fuse(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """Fused score from raw per-detector scores (only the members are used)."""
@@ -344,9 +572,8 @@ class AnomalyScorer:
 
     def score(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
         """Fused score per sample (float64); only the fused detectors run. Compare with ``threshold``.
-        Raises ``AnomalyInputError`` when the arrays do not fit the detectors."""
-        views = self._views(x, logits, features, self._fused)
-        z = np.stack([d.raw(views[d.view]) for d in self._fused], axis=1)
+        ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit."""
+        z = self._run(self._plans_fused, self._fused, x, logits, features)
         z -= self._norm_mean
         z /= self._norm_std
         return fuse_z(z, self.rule)

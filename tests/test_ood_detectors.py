@@ -140,12 +140,15 @@ def test_knn_bank_is_bounded(rng):
 
 
 def test_ensemble_fuses_mean_of_positive_z_scores(rng):
-    x, y = _blobs(rng, 400)
-    logits = np.eye(3)[y] * 5 + rng.normal(size=(400, 3))
-    views = ModelViews(x, logits, x[:, :4])
+    def draw(n):
+        x, y = _blobs(rng, n)
+        return ModelViews(x, np.eye(3)[y] * 5 + rng.normal(size=(n, 3)), x[:, :4]), y
+
+    train, y = draw(400)
+    views, _ = draw(400)  # not the training points: their kNN distances would be 0 up to float32 noise
     ens = DetectorEnsemble()
     assert set(ens.detectors) == set(DETECTORS) and "msp" not in ens.fused
-    ens.fit(views, y)
+    ens.fit(train, y)
     with pytest.raises(NotFittedError):
         ens.score(views)
     ens.fit_normalisation(views.take(np.arange(200))).calibrate(views.take(np.arange(200, 400)), 0.1)
@@ -153,7 +156,7 @@ def test_ensemble_fuses_mean_of_positive_z_scores(rng):
     # z-scores against the normalisation split, with the ensemble's documented std floor
     z = [(by[n] - by[n][:200].mean()) / max(by[n][:200].std(), 1e-12) for n in ens.fused]
     want = np.mean(np.maximum(z, 0.0), axis=0)  # one-sided: no detector cancels another
-    np.testing.assert_allclose(ens.score(views), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ens.score(views), want, rtol=0, atol=1e-4)  # float32 products, batch 200 vs 400
     assert ens.calibration_.n == 200
     with pytest.raises(InputError):
         DetectorEnsemble(fused=["nope"])
@@ -181,4 +184,4 @@ def test_mahalanobis_matrix_form_equals_the_definition(rng):
     t = rng.normal(size=(40, 12)) * 3
     d = t[:, None, :] - det.means_[None, :, :]
     want = np.einsum("ncd,de,nce->nc", d, det.precision_, d).min(axis=1)
-    np.testing.assert_allclose(det.score_samples(t), want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(det.score_samples(t), want, rtol=1e-5, atol=1e-4)  # float32 factor

@@ -34,11 +34,14 @@ def test_runtime_scores_equal_fit_time_scores(fitted):
         v = pm.views(x)
         # the runtime takes the model input as-is (NCHW float32), not the flattened float64 view
         fit_by, run_by = ens.scores_by_detector(v), scorer.scores_by_detector(x, v.logits, v.features)
+        # the same code on the same float32 arrays; the products' blocking differs (one stacked
+        # matrix per view at run time, one per detector at fit time): float32 rounding, which a
+        # distance's square root lifts to ~1e-5 near 0
         for name in fit_by:
-            assert np.max(np.abs(fit_by[name] - run_by[name])) <= 1e-5, name
+            np.testing.assert_allclose(run_by[name], fit_by[name], rtol=1e-5, atol=2e-5, err_msg=name)
         fused = scorer.score(x, v.logits, v.features)
         assert fused.dtype == np.float64
-        assert np.max(np.abs(fused - ens.score(v))) <= 1e-5
+        np.testing.assert_allclose(fused, ens.score(v), rtol=0, atol=1e-3)
         np.testing.assert_array_equal(scorer.is_anomalous(fused), ens.predict(v).astype(bool))
     assert scorer.threshold == ens.threshold_
     assert scorer.detector_thresholds == {n: d.threshold_ for n, d in ens.detectors.items()}
@@ -49,14 +52,14 @@ def test_batch_one_matches_batch(fitted):
     scorer = AnomalyScorer.from_bytes(npz, meta)
     full = scorer.score(ds.x, test.logits, test.features)
     one = [scorer.score(ds.x[i : i + 1], test.logits[i : i + 1], test.features[i : i + 1])[0] for i in range(5)]
-    np.testing.assert_allclose(one, full[:5], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(one, full[:5], rtol=0, atol=1e-4)  # z units; float32 products
 
 
 def test_save_load_roundtrip_and_inf_threshold(fitted, tmp_path):
     ds, _, _, test, npz, meta = fitted
     AnomalyScorer.from_bytes(npz, meta).save(tmp_path)
     with np.load(tmp_path / "detectors.npz", allow_pickle=False) as z:
-        assert all(z[k].dtype == np.float64 for k in z.files)
+        assert all(z[k].dtype == np.float32 for k in z.files)  # banks and matrices in float32
     again = AnomalyScorer.load(tmp_path)
     np.testing.assert_array_equal(again.score(ds.x, test.logits, test.features), AnomalyScorer.from_bytes(npz, meta).score(ds.x, test.logits, test.features))
     inf_meta = json.loads(json.dumps({**meta, "threshold": None}))
@@ -83,13 +86,13 @@ def test_malformed_exports_are_refused(fitted):
     with pytest.raises(AnomalyFormatError, match="npz"):
         AnomalyScorer.from_bytes(b"not a zip", meta)
     with np.load(io.BytesIO(npz), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "mahalanobis__precision"}
+        arrays = {k: z[k] for k in z.files if k != "mahalanobis__factor"}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    with pytest.raises(AnomalyFormatError, match="precision"):
+    with pytest.raises(AnomalyFormatError, match="factor"):
         AnomalyScorer.from_bytes(buf.getvalue(), meta)
     buf = io.BytesIO()
-    np.savez(buf, **arrays, mahalanobis__precision=np.array([{"a": 1}], dtype=object))
+    np.savez(buf, **arrays, mahalanobis__factor=np.array([{"a": 1}], dtype=object))
     with pytest.raises(AnomalyFormatError):
         AnomalyScorer.from_bytes(buf.getvalue(), meta)  # object arrays need pickle: refused
     with pytest.raises(AnomalyFormatError, match="threshold"):

@@ -3,7 +3,7 @@
 Score sign: as ``runtime_guard.anomaly`` defines it (higher = more anomalous;
 this differs from scikit-learn's ``score_samples``). Every detector reads one *view* of an input:
 ``"logits"`` (model output), ``"features"`` (penultimate activations) or
-``"input"`` (the raw input, flattened). ``fit`` learns from in-distribution
+``"input"`` (the compact input view fixed at fit time, ``runtime_guard.anomaly.InputView``). ``fit`` learns from in-distribution
 training data only; ``calibrate`` sets ``threshold_`` (split-conformal) so that
 ``predict`` can say "anomalous" (1) or "in distribution" (0).
 
@@ -26,6 +26,11 @@ from sklearn.exceptions import NotFittedError
 from hardening.errors import DataError
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, conformal_threshold
 from runtime_guard import anomaly as runtime
+
+# Size budget of one detector's exported matrix (values): a bank of B rows of width D has
+# B*D, a Mahalanobis factor D*r, PCA components r*D. It bounds the batch-1 cost of the
+# gate (one float32 matrix product per view) and the bundle size whatever the model.
+MAX_MATRIX_VALUES = 2**17
 
 
 def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
@@ -65,7 +70,7 @@ class Detector(BaseEstimator):
         spec = {"name": self.kind, "kind": self.kind, "view": self.view, "params": params,
                 "norm": {"mean": 0.0, "std": 1.0}}
         self.runtime_ = runtime.build_detector(
-            spec, {f"{self.kind}__{k}": np.asarray(v, np.float64) for k, v in arrays.items()})
+            spec, {f"{self.kind}__{k}": np.asarray(v, np.float32) for k, v in arrays.items()})
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         """Anomaly score per sample (runtime maths; higher = more anomalous)."""
@@ -104,7 +109,6 @@ class MSPDetector(Detector):
         self._export_runtime()
         return self
 
-
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {}, {"temperature": float(self.temperature)}
 
@@ -123,19 +127,24 @@ class EnergyDetector(Detector):
         self._export_runtime()
         return self
 
-
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
         return {}, {"temperature": float(self.temperature)}
 
 
 class MahalanobisDetector(Detector):
-    """Min over classes of the Mahalanobis distance with one tied covariance (Lee et al. 2018)."""
+    """Min over classes of the Mahalanobis distance with one tied covariance (Lee et al. 2018).
+
+    Exported as a factor ``W`` of the precision (``W W^T = P``, by the covariance's
+    eigendecomposition) and the projected class means: exact while ``D * D`` fits
+    ``max_values``; above it (e.g. 1024-d MobileNet features) ``W`` keeps the ``r =
+    max_values // D`` directions of largest variance, recorded as ``rank_``."""
 
     kind = "mahalanobis"
     view = "features"
 
-    def __init__(self, covariance: str = "ledoit_wolf") -> None:
+    def __init__(self, covariance: str = "ledoit_wolf", max_values: int = MAX_MATRIX_VALUES) -> None:
         self.covariance = covariance
+        self.max_values = max_values
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> MahalanobisDetector:
         X = _as_2d(X, "mahalanobis features")
@@ -150,14 +159,20 @@ class MahalanobisDetector(Detector):
         est = {"ledoit_wolf": LedoitWolf, "empirical": EmpiricalCovariance}.get(self.covariance)
         if est is None:
             raise DataError(f"mahalanobis: covariance must be 'ledoit_wolf' or 'empirical', got {self.covariance!r}")
-        self.precision_ = est(assume_centered=True).fit(centred).precision_
-        self.n_features_in_ = X.shape[1]
+        fitted = est(assume_centered=True).fit(centred)
+        self.precision_ = fitted.precision_
+        d = X.shape[1]
+        self.rank_ = int(min(d, max(1, self.max_values // d)))
+        var, vec = np.linalg.eigh(fitted.covariance_)
+        top = np.argsort(var)[::-1][: self.rank_]
+        self.factor_ = vec[:, top] / np.sqrt(np.maximum(var[top], 1e-12))
+        self.n_features_in_ = d
         self._export_runtime()
         return self
 
-
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
-        return {"means": self.means_, "precision": self.precision_}, {}
+        return {"factor": self.factor_, "centers": self.means_ @ self.factor_}, {"rank": self.rank_,
+                                                                               "max_values": int(self.max_values)}
 
 
 class _KNNBase(Detector):
@@ -165,9 +180,11 @@ class _KNNBase(Detector):
 
     normalize: ClassVar[bool] = False
 
-    def __init__(self, n_neighbors: int = 1, max_bank: int = 1000, random_state: int = 0) -> None:
+    def __init__(self, n_neighbors: int = 1, max_bank: int = 1000, max_values: int = MAX_MATRIX_VALUES,
+                 random_state: int = 0) -> None:
         self.n_neighbors = n_neighbors
         self.max_bank = max_bank
+        self.max_values = max_values
         self.random_state = random_state
 
     def _prep(self, X: np.ndarray) -> np.ndarray:
@@ -177,19 +194,21 @@ class _KNNBase(Detector):
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> _KNNBase:
         X = _as_2d(X, f"{self.kind} {self.view}")
-        if not 1 <= self.n_neighbors <= min(len(X), self.max_bank):
-            raise DataError(f"{self.kind}: n_neighbors={self.n_neighbors} needs 1..{min(len(X), self.max_bank)}")
-        if len(X) > self.max_bank:  # bounded bank keeps batch-1 runtime cost fixed
-            idx = np.random.default_rng(self.random_state).choice(len(X), self.max_bank, replace=False)
+        # bank bounded by rows and by the matrix budget: batch-1 cost and size fixed whatever the data
+        self.bank_size_ = int(min(len(X), self.max_bank, max(1, self.max_values // X.shape[1])))
+        if not 1 <= self.n_neighbors <= self.bank_size_:
+            raise DataError(f"{self.kind}: n_neighbors={self.n_neighbors} needs 1..{self.bank_size_}")
+        if len(X) > self.bank_size_:
+            idx = np.random.default_rng(self.random_state).choice(len(X), self.bank_size_, replace=False)
             X = X[np.sort(idx)]
         self.bank_ = self._prep(X)
         self.n_features_in_ = X.shape[1]
         self._export_runtime()
         return self
 
-
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
-        return {"bank": self.bank_}, {"n_neighbors": int(self.n_neighbors), "normalize": self.normalize}
+        return {"bank": self.bank_}, {"n_neighbors": int(self.n_neighbors), "normalize": self.normalize,
+                                      "bank_size": self.bank_size_, "max_values": int(self.max_values)}
 
 
 class KNNDetector(_KNNBase):
@@ -214,19 +233,21 @@ class PCAReconstructionDetector(Detector):
     kind = "pca"
     view = "input"
 
-    def __init__(self, n_components: float | int = 0.9) -> None:
+    def __init__(self, n_components: float | int = 0.9, max_values: int = MAX_MATRIX_VALUES) -> None:
         self.n_components = n_components
+        self.max_values = max_values
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> PCAReconstructionDetector:
         X = _as_2d(X, "pca input")
         self.pca_ = PCA(n_components=self.n_components, svd_solver="full").fit(X)
+        # leading components within the matrix budget (they are sorted by explained variance)
+        self.components_ = self.pca_.components_[: max(1, self.max_values // X.shape[1])]
         self.n_features_in_ = X.shape[1]
         self._export_runtime()
         return self
 
-
     def export(self) -> tuple[dict[str, np.ndarray], dict]:
-        return {"mean": self.pca_.mean_, "components": self.pca_.components_}, {}
+        return {"mean": self.pca_.mean_, "components": self.components_}, {"max_values": int(self.max_values)}
 
 
 DETECTORS: dict[str, type[Detector]] = {

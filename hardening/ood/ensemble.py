@@ -34,7 +34,7 @@ from hardening.errors import InputError
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, ConformalThreshold, conformal_threshold
 from hardening.ood.detectors import Detector, default_detectors
 from hardening.ood.views import ModelViews
-from runtime_guard.anomaly import fuse_z
+from runtime_guard.anomaly import InputView, fuse_z
 
 FUSION_RULE = "mean_pos_z"
 DEFAULT_FUSED = ("energy", "mahalanobis", "knn", "input_knn", "pca")
@@ -45,8 +45,9 @@ class DetectorEnsemble:
     """Detectors by name; ``fused`` names the members of the fused score."""
 
     def __init__(self, detectors: dict[str, Detector] | None = None, fused: Sequence[str] | None = None,
-                 rule: str = FUSION_RULE) -> None:
+                 rule: str = FUSION_RULE, input_view: InputView | None = None) -> None:
         self.rule = rule
+        self.input_view = input_view or InputView()  # how ModelViews.input was made from raw inputs
         self.detectors = detectors if detectors is not None else default_detectors()
         self.fused = tuple(fused) if fused is not None else tuple(n for n in DEFAULT_FUSED if n in self.detectors)
         unknown = [n for n in self.fused if n not in self.detectors]

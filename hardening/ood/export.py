@@ -28,7 +28,7 @@ def export_detectors(ensemble: DetectorEnsemble, model: dict | None = None) -> t
     for name, det in ensemble.detectors.items():
         arrs, params = det.export()
         for key, arr in arrs.items():
-            arrays[f"{name}__{key}"] = np.ascontiguousarray(arr, dtype=np.float64)
+            arrays[f"{name}__{key}"] = np.ascontiguousarray(arr, dtype=np.float32)
         cal = det.calibration_
         dets.append({
             "name": name,
@@ -41,6 +41,8 @@ def export_detectors(ensemble: DetectorEnsemble, model: dict | None = None) -> t
             "threshold": _num(cal.threshold),
             "fused": name in ensemble.fused,
         })
+    view_meta, view_arrays = ensemble.input_view.to_meta()
+    arrays.update(view_arrays)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # plain float arrays; loaded with allow_pickle=False
     cal = ensemble.calibration_
@@ -48,6 +50,7 @@ def export_detectors(ensemble: DetectorEnsemble, model: dict | None = None) -> t
         "format": FORMAT,
         "score_convention": "higher = more anomalous; anomalous if score > threshold",
         "detectors": dets,
+        "input_view": view_meta,
         "fusion": {"rule": ensemble.rule, "members": list(ensemble.fused)},
         "threshold": _num(cal.threshold),
         "alpha": cal.alpha,

@@ -26,8 +26,8 @@ from hardening.ood.export import export_detectors
 from hardening.ood.families import build_families
 from hardening.ood.graph import add_feature_output
 from hardening.ood.plots import roc_plot
-from hardening.ood.views import ModelViews, compute_views
-from runtime_guard.anomaly import AnomalyFormatError, AnomalyScorer
+from hardening.ood.views import MAX_INPUT_VALUES, ModelViews, choose_input_view, compute_views
+from runtime_guard.anomaly import AnomalyFormatError, AnomalyScorer, InputView
 
 Progress = Callable[[str], None]
 
@@ -38,12 +38,22 @@ class PreparedModel:
     model_bytes: bytes  # with a feature output (edited in memory if needed; never written to disk)
     features_output: str
     features_tensor: str | None  # tensor exposed by graph edit, None if the model already had features
+    input_view: InputView = field(default_factory=InputView)  # compact view the input detectors read
     _sess: ort.InferenceSession | None = field(default=None, init=False, repr=False)
 
     def views(self, x: np.ndarray) -> ModelViews:
+        return compute_views(self._session(), self.info.input_name, self.info.logits_output, self.features_output, x,
+                             input_view=self.input_view)
+
+    def outputs(self, x: np.ndarray, batch: int = 256) -> ModelViews:
+        """Like ``views`` but with the raw input kept (what the runtime scorer takes)."""
+        v = compute_views(self._session(), self.info.input_name, self.info.logits_output, self.features_output, x, batch)
+        return ModelViews(np.asarray(x, np.float32), v.logits, v.features)
+
+    def _session(self) -> ort.InferenceSession:
         if self._sess is None:
             self._sess = make_session(self.model_bytes)
-        return compute_views(self._sess, self.info.input_name, self.info.logits_output, self.features_output, x)
+        return self._sess
 
     def model_meta(self) -> dict:
         return {
@@ -57,14 +67,18 @@ class PreparedModel:
         }
 
 
-def prepare_model(model_path: str | Path, ds: Dataset, features_tensor: str | None = None) -> PreparedModel:
+def prepare_model(model_path: str | Path, ds: Dataset, features_tensor: str | None = None,
+                  input_view: InputView | None = None, max_input_values: int = MAX_INPUT_VALUES) -> PreparedModel:
+    """The model with a features output, and the compact input view: ``input_view`` as given
+    (e.g. read back from a detector file), else chosen from the input shape (``choose_input_view``)."""
     info = load_model(model_path)
     check_fits(info, ds)
+    view = input_view or choose_input_view(tuple(ds.x.shape[1:]), max_input_values)
     data = Path(model_path).read_bytes()
     if info.features_output is not None and features_tensor is None:
-        return PreparedModel(info, data, info.features_output, None)
+        return PreparedModel(info, data, info.features_output, None, view)
     edit = add_feature_output(data, info.input_name, info.logits_output, ds.x[:64], tensor=features_tensor, output_name="edgeward_features")
-    return PreparedModel(info, edit.model_bytes, edit.features_output, edit.tensor)
+    return PreparedModel(info, edit.model_bytes, edit.features_output, edit.tensor, view)
 
 
 @dataclass
@@ -108,7 +122,7 @@ def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0, sl
     perm = np.random.default_rng(seed).permutation(len(cal))
     half = len(cal) // 2
     norm_split, thr_split = cal.take(perm[:half]), cal.take(perm[half:])
-    ens = DetectorEnsemble()
+    ens = DetectorEnsemble(input_view=pm.input_view)
     for det in ens.detectors.values():
         if "random_state" in det.get_params():
             det.set_params(random_state=seed)  # kNN bank subsampling
@@ -191,7 +205,7 @@ def audit_ood(
         raise InputError(f"{detectors_dir}: unusable detectors ({e})") from None
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     mm = scorer.meta.get("model") or {}
-    pm = prepare_model(model_path, ds, mm.get("features_tensor"))
+    pm = prepare_model(model_path, ds, mm.get("features_tensor"), input_view=scorer.input_view)
     if mm.get("sha256") and mm["sha256"] != pm.info.sha256:
         raise ModelError(f"{model_path}: detectors in {detectors_dir} were fitted for a different model (sha256 {mm['sha256'][:12]}...)")
     if families is None:
@@ -199,9 +213,12 @@ def audit_ood(
     fams = families if families is not None else build_families(ds, num_classes=pm.info.num_classes or int(ds.y.max()) + 1, torch_source=torch_source,
                           adversarial=adversarial, adversarial_name=adversarial_name, adv_eps=adv_eps, n=n_synthetic, seed=seed)
 
-    def scores(x: np.ndarray) -> dict[str, np.ndarray]:
-        v = pm.views(x)
-        by = scorer.scores_by_detector(v.input, v.logits, v.features)
+    def scores(x: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
+        parts = []
+        for i in range(0, len(x), batch):  # bounded memory: raw inputs go to the runtime scorer per batch
+            v = pm.outputs(x[i : i + batch])
+            parts.append(scorer.scores_by_detector(v.input, v.logits, v.features))
+        by = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         by[ENSEMBLE] = scorer.fuse(by)
         return by
 
