@@ -219,7 +219,9 @@ class ExtractionMonitorConfig(_Section):
 
     Memory per client is bounded by ``per_class_history`` stored queries per
     class plus ``max_distances`` floats; at most ``max_clients`` clients are
-    tracked (least recently seen is evicted). The Shapiro-Wilk test runs every
+    tracked (least recently seen is evicted), and the stored queries of all
+    clients together stay within ``max_history_mb`` (least recently seen clients
+    are evicted first; a client that alone fills it keeps a shorter history). The Shapiro-Wilk test runs every
     ``test_every`` queries once ``min_queries`` distances exist.
     """
 
@@ -229,6 +231,7 @@ class ExtractionMonitorConfig(_Section):
     max_distances: int = 500
     per_class_history: int = 128
     max_clients: int = 1024
+    max_history_mb: float = 64.0
     test_every: int = 10
     action: str = "flag"
     throttle_seconds: float = 600.0
@@ -267,6 +270,7 @@ class ExtractionMonitorConfig(_Section):
             raise GuardConfigError("min_queries", "must not exceed max_distances")
         _int("per_class_history", self.per_class_history, 1, 1 << 16)
         _int("max_clients", self.max_clients, 1, 1 << 24)
+        _num("max_history_mb", self.max_history_mb, 0.0, 1 << 20, open_lo=True)
         _int("test_every", self.test_every, 1, 1 << 20)
         _choice("action", self.action, MONITOR_ACTIONS)
         _choice("space", self.space, MONITOR_SPACES)

@@ -168,19 +168,28 @@ class MonitorState:
 
 
 class _ClassSet:
-    """Ring buffer of one class's growing set plus its threshold T_c."""
+    """Ring buffer of one class's growing set plus its threshold T_c. It starts at one row and
+    doubles up to ``cap`` only while the monitor's byte budget allows (``grow`` says)."""
 
-    __slots__ = ("buf", "n", "pos", "dg_sum", "dg_sq", "dg_n", "threshold")
+    __slots__ = ("buf", "cap", "n", "pos", "dg_sum", "dg_sq", "dg_n", "threshold")
 
     def __init__(self, cap: int, dim: int) -> None:
-        self.buf = np.empty((cap, dim), dtype=np.float32)
+        self.buf = np.empty((1, dim), dtype=np.float32)
+        self.cap = cap
         self.n = 0
         self.pos = 0
         self.dg_sum = self.dg_sq = 0.0
         self.dg_n = 0
         self.threshold = 0.0
 
-    def add(self, x: np.ndarray, d: float | None) -> None:
+    def add(self, x: np.ndarray, d: float | None, grow: Callable[[int], bool]) -> None:
+        rows = len(self.buf)
+        if self.n == rows < self.cap:
+            new = min(self.cap, 2 * rows)
+            if grow((new - rows) * self.buf.shape[1] * self.buf.itemsize):
+                buf = np.empty((new, self.buf.shape[1]), dtype=np.float32)
+                buf[:rows] = self.buf
+                self.buf, self.pos = buf, rows
         self.buf[self.pos] = x
         self.pos = (self.pos + 1) % len(self.buf)
         self.n = min(self.n + 1, len(self.buf))
@@ -195,7 +204,7 @@ class _ClassSet:
 
 class _Client:
     __slots__ = ("classes", "dist", "nd", "dpos", "queries", "last_w", "min_w", "flagged_after", "throttled_until",
-                 "flagged", "label_counts", "rejected", "told_rejected", "flag_reason", "next_slot")
+                 "flagged", "label_counts", "rejected", "told_rejected", "flag_reason", "next_slot", "nbytes")
 
     def __init__(self, max_distances: int) -> None:
         self.classes: dict[int, _ClassSet] = {}
@@ -213,6 +222,7 @@ class _Client:
         self.told_rejected = 0  # queries for which the caller said whether the gate refused them
         self.flag_reason: str | None = None
         self.next_slot = 0.0  # throttle_interval: earliest time of the next admitted query
+        self.nbytes = 0  # stored query rows, counted against max_history_mb
 
     def entropy(self) -> float:
         total = sum(self.label_counts.values())
@@ -235,6 +245,8 @@ class ExtractionMonitor:
         self._clock = clock
         self.evictions = 0
         self.flags_total = 0
+        self._bytes = 0  # stored query rows over all clients
+        self._budget = int(config.max_history_mb * (1 << 20))
         self._center = None if config.center is None else np.asarray(config.center, dtype=np.float32)
         self._scale = None if config.scale is None else np.asarray(config.scale, dtype=np.float32)
 
@@ -250,10 +262,13 @@ class ExtractionMonitor:
             if st is None:
                 st = self._clients[client_id] = _Client(cfg.max_distances)
                 if len(self._clients) > cfg.max_clients:
-                    self._clients.popitem(last=False)
-                    self.evictions += 1
+                    self._evict_oldest()
             else:
                 self._clients.move_to_end(client_id)
+
+            def grow(extra: int, st: _Client = st) -> bool:
+                return self._make_room(st, extra)
+
             if rejected is not None:
                 st.rejected += int(np.count_nonzero(rejected))
                 st.told_rejected += len(rejected)
@@ -265,7 +280,9 @@ class ExtractionMonitor:
                 cs = st.classes.get(c)
                 if cs is None:
                     cs = st.classes[c] = _ClassSet(cfg.per_class_history, flat.shape[1])
-                    cs.add(row, None)
+                    if not self._make_room(st, cs.buf.nbytes):  # first row: kept even over budget
+                        self._account(st, cs.buf.nbytes)
+                    cs.add(row, None, grow)
                     continue
                 diff = cs.buf[: cs.n] - row
                 d = math.sqrt(float(np.einsum("ij,ij->i", diff, diff).min()))
@@ -273,10 +290,34 @@ class ExtractionMonitor:
                 st.dpos = (st.dpos + 1) % len(st.dist)
                 st.nd = min(st.nd + 1, len(st.dist))
                 if d > cs.threshold:
-                    cs.add(row, d)
+                    cs.add(row, d, grow)
                 if st.nd >= cfg.min_queries and st.queries % cfg.test_every == 0:
                     self._test(st)
             return st.flagged
+
+    def _account(self, st: _Client, nbytes: int) -> None:
+        st.nbytes += nbytes
+        self._bytes += nbytes
+
+    def _drop(self, client_id: str) -> None:
+        st = self._clients.pop(client_id, None)
+        if st is not None:
+            self._bytes -= st.nbytes
+
+    def _evict_oldest(self) -> None:
+        client_id = next(iter(self._clients))
+        self._drop(client_id)
+        self.evictions += 1
+
+    def _make_room(self, st: _Client, extra: int) -> bool:
+        """Evict least recently seen clients (never ``st``) until ``extra`` bytes fit the
+        budget; False (the set stops growing and wraps sooner) if ``st`` alone fills it."""
+        while self._bytes + extra > self._budget and len(self._clients) > 1:
+            self._evict_oldest()
+        if self._bytes + extra > self._budget:
+            return False
+        self._account(st, extra)
+        return True
 
     def _test(self, st: _Client) -> None:
         # Test on a multiple of _SW_STEP distances so the Shapiro-Wilk weights come from a
@@ -322,7 +363,7 @@ class ExtractionMonitor:
         left: float = st.throttled_until - now
         if left <= 0:
             with self._lock:
-                self._clients.pop(client_id, None)
+                self._drop(client_id)
             return 0.0
         interval = self.config.throttle_interval
         if interval is None:
@@ -357,8 +398,9 @@ class ExtractionMonitor:
         with self._lock:
             if client_id is None:
                 self._clients.clear()
+                self._bytes = 0
             else:
-                self._clients.pop(client_id, None)
+                self._drop(client_id)
 
     def snapshot(self) -> dict[str, Any]:
         """Counts only: how many clients are tracked/flagged, evictions."""

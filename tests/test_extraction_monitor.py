@@ -176,3 +176,22 @@ def test_throttle_interval_shrinks_the_flagged_clients_rate_budget(digits):
     assert mon.throttled_for("rep") == 0.0 and mon.state("rep") is None
     with pytest.raises(GuardConfigError):
         ExtractionMonitorConfig(action="throttle", throttle_interval=0)
+
+
+def test_stored_history_stays_within_the_byte_budget_whatever_the_clients_do():
+    # 3x96x96 inputs: without the budget each client could hold 10 x 128 rows of 108 KiB.
+    cfg = ExtractionMonitorConfig(max_history_mb=4.0, min_queries=10)
+    mon = ExtractionMonitor(cfg)
+    rng = np.random.default_rng(0)
+    budget = (4 << 20) + 10 * 3 * 96 * 96 * 4  # + the first row of each class of a client that alone fills it
+    for client in range(12):  # an attacker rotating ids
+        x = rng.random((40, 3, 96, 96), dtype=np.float32)
+        mon.observe(f"c{client}", x, rng.integers(0, 10, 40))
+        assert mon._bytes <= budget
+        assert mon._bytes == sum(sum(cs.buf.nbytes for cs in st.classes.values()) for st in mon._clients.values())
+    assert mon.evictions > 0 and mon.state("c11").queries == 40  # the newest client is kept
+    x = rng.random((400, 3, 96, 96), dtype=np.float32)
+    mon.observe("alone", x, np.zeros(400, dtype=np.int64))  # one client alone fills the budget
+    assert mon._bytes <= budget and mon.state("alone").queries == 400
+    mon.reset()
+    assert mon._bytes == 0
