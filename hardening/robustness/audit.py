@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -37,6 +38,7 @@ from attacks.estimators import (
     torch_logits,
 )
 from attacks.evasion import ATTACKS, DEFAULT_ATTACKS, check_attack_names, check_profile, parse_norm
+from attacks.onnx_torch import final_activation
 from attacks.outputs import OutputConvention
 from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
@@ -348,6 +350,9 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
     nb = int(info.num_classes)
     shape = tuple(x.shape[1:])
     convention = info.output_convention
+    if convention is OutputConvention.LOGITS:  # an int8 QLinearSoftmax/QLinearSigmoid ends in a dequantisation
+        act = final_activation(onnx.load(str(s.path), load_external_data=False), info.logits_output)
+        convention = OutputConvention.of_final_op(act)
     ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, convention=convention,
                        row_by_row=batch_dependent(s.path))
     module = _load_torch(s.torch_source, torch_cache)
