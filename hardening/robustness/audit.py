@@ -430,7 +430,7 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
             grad_info["checked_route"] = first[0]
         if grad_findings:  # adaptive attack: straight-through gradients (BPDA) and a bigger Square budget
             restored = _restore(routes, src, ort_fn, role, x[ok], y[ok], s.name, grad_info)
-            settings = {**settings, "square": _escalate(settings["square"])}
+            settings = {**settings, "square": _escalate(settings["square"]), "hsj": {**settings["hsj"], "sentinel": 0}}
             grad_info["escalated"] = {"square": settings["square"]}
             grad_findings = [_masking_message(f, restored, routes, graph) for f in grad_findings]
     grad_info["restored_by"] = restored
@@ -607,7 +607,8 @@ def _route_findings(v, routes: Routes, graph, convention, source_probs: bool) ->
 
 def _escalate(square: dict) -> dict:
     """Square budget when gradients are masked: the score-based search is all that works."""
-    return {**square, "max_iter": int(square["max_iter"]) * ESCALATE_ITER, "nb_restarts": ESCALATE_RESTARTS}
+    return {**square, "max_iter": int(square["max_iter"]) * ESCALATE_ITER, "nb_restarts": ESCALATE_RESTARTS,
+            "sentinel": 0}  # every survivor: the gradients cannot be trusted to have found the easy ones
 
 
 def _stages(routes: Routes, ort_fn, names, shape, nb, clip, surrogate) -> list[Stage]:
