@@ -18,8 +18,10 @@ value of the deployed model and a **straight-through** backward (BPDA, Athalye e
   MatMulInteger / ConvInteger are float matmul / conv of ``(q - zero_point)``, and the
   QOperator ops (QLinearConv, QLinearMatMul, com.microsoft QGemm) are the same followed by
   a straight-through requantisation; com.microsoft QLinearAdd/Mul/AveragePool/
-  GlobalAveragePool/Concat/Sigmoid/LeakyRelu are their float op between a dequantisation
-  and that requantisation;
+  GlobalAveragePool/Concat/Sigmoid/LeakyRelu/Softmax are their float op between a
+  dequantisation and that requantisation; their channels-last forms (``channels_last=1``,
+  and ``NhwcMaxPool``) run the same op between two transposes; other channels-last contrib
+  ops (``NhwcConv``, ``QLinearConv`` with ``channels_last``) are refused by name;
 * a comparison feeding ``Where`` (a threshold / binarisation) gets the gradient of its
   straight-through relaxation ``(a - b) * (x - t)``;
 * a final Softmax or Sigmoid is dropped (``drop_activation``): log-probabilities equal the
@@ -49,7 +51,7 @@ from attacks.outputs import OutputConvention
 NON_DIFFERENTIABLE = frozenset({
     "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
     "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-    "Round", "Floor", "Ceil", "Sign",
+    "QLinearSoftmax", "Round", "Floor", "Ceil", "Sign",
     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
 })
 _INT_ONNX = {
@@ -231,6 +233,13 @@ def _run(node, at, ins, env, soft, int_dtype) -> list[torch.Tensor]:  # noqa: C9
         return [_qlinear(node, at, ins, int_dtype)]
     if op in QLINEAR_FLOAT_OPS:
         return [_qlinear_float(node, at, ins, env, soft, int_dtype)]
+    if op == "NhwcMaxPool":  # com.microsoft: int8/uint8 MaxPool on NHWC (max of integers is exact)
+        if a.ndim != 4:
+            raise ConversionError(f"NhwcMaxPool on a {a.ndim}-D tensor is not supported")
+        out = _run(onnx.helper.make_node("MaxPool", [], ["y"]), at, [a.permute(0, 3, 1, 2)], env, soft, int_dtype)[0]
+        if node.input[0] in int_dtype:
+            int_dtype[node.output[0]] = int_dtype[node.input[0]]
+        return [out.permute(0, 2, 3, 1)]
     if op == "QuantizeLinear":
         scale = ins[1]
         zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
@@ -471,14 +480,23 @@ def _qlinear(node, at, ins, int_dtype):
 QLINEAR_FLOAT_OPS = {
     "QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearAveragePool": "AveragePool",
     "QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearConcat": "Concat",
-    "QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu",
+    "QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax",
+}
+#: Of those, the ones onnxruntime defines a ``channels_last`` (NHWC) attribute for.
+CHANNELS_LAST_OPS = frozenset({"QLinearAveragePool", "QLinearGlobalAveragePool"})
+#: Channels-last contrib ops refused, with the reason the audit reports.
+REFUSED_CONTRIB = {
+    "NhwcConv": "channels-last float convolution (an onnxruntime-optimised graph; export the model unoptimised)",
+    "NhwcFusedConv": "channels-last fused convolution (an onnxruntime-optimised graph; export it unoptimised)",
+    "QLinearConv": "channels-last QLinearConv (an onnxruntime-optimised graph; export it unoptimised)",
 }
 
 
 def _qlinear_float(node, at, ins, env, soft, int_dtype):
     """Dequantise ``(q - zero_point) * scale``, run the float op, requantise (straight-through round)."""
     op = node.op_type
-    if at.get("channels_last", 0):
+    last = bool(at.get("channels_last", 0))
+    if last and op not in CHANNELS_LAST_OPS:
         raise ConversionError(f"{op} with channels_last is not supported")
 
     def deq(q, scale, zp):
@@ -490,9 +508,27 @@ def _qlinear_float(node, at, ins, env, soft, int_dtype):
         xs, y_at = [deq(*ins[0:3]), deq(*ins[3:6])], 6
     else:  # X, X_scale, X_zp, Y_scale, Y_zp
         xs, y_at = [deq(*ins[0:3])], 3
-    float_at = {k: v for k, v in at.items() if k != "channels_last"}
-    real = _run(onnx.helper.make_node(QLINEAR_FLOAT_OPS[op], [], ["real"]), float_at, xs, env, soft, int_dtype)[0]
+    float_at = {k: v for k, v in at.items() if k not in ("channels_last", "opset")}
+    if last:  # NHWC -> NCHW for the float op, back to NHWC after it
+        xs = [t.movedim(-1, 1) for t in xs]
+    if op == "QLinearSoftmax":
+        real = _softmax(xs[0], int(at.get("axis", -1)), int(at.get("opset", 13)))
+    else:
+        real = _run(onnx.helper.make_node(QLINEAR_FLOAT_OPS[op], [], ["real"]), float_at, xs, env, soft,
+                    int_dtype)[0]
+    if last:
+        real = real.movedim(1, -1)
     return _requantize(real, node, ins, y_at, int_dtype)
+
+
+def _softmax(x: torch.Tensor, axis: int, opset: int) -> torch.Tensor:
+    """Softmax as the ONNX opset that the node names defines it: before 13, over the input
+    flattened to 2-D at ``axis``; from 13, along ``axis`` alone."""
+    if opset >= 13:
+        return torch.softmax(x, dim=axis)
+    axis = axis % x.ndim
+    flat = x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+    return torch.softmax(flat, dim=1).reshape(x.shape)
 
 
 def _conv(x, w, bias, at):
@@ -540,10 +576,11 @@ SUPPORTED = frozenset(_UNARY) | frozenset(_BINARY) | {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization", "Identity", "Dropout",
     "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Shape", "Size", "Gather", "Slice",
     "Constant", "ConstantOfShape", "Expand", "Max", "Min", "Sum", "Mean", "ReduceMean", "ReduceSum", "ReduceMax",
-    "ReduceMin", "Pad", "QLinearConv", "QLinearMatMul", "QGemm", *QLINEAR_FLOAT_OPS,
+    "ReduceMin", "Pad", "QLinearConv", "QLinearMatMul", "QGemm", "NhwcMaxPool", *QLINEAR_FLOAT_OPS,
 }
 #: The only custom-domain ops converted (onnxruntime's QOperator int8 format emits them).
-CUSTOM_DOMAIN = frozenset({("com.microsoft", "QGemm"), *(("com.microsoft", o) for o in QLINEAR_FLOAT_OPS)})
+CUSTOM_DOMAIN = frozenset({("com.microsoft", "QGemm"), ("com.microsoft", "NhwcMaxPool"),
+                           *(("com.microsoft", o) for o in QLINEAR_FLOAT_OPS)})
 
 
 def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
@@ -554,6 +591,10 @@ def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
     axis or a Sigmoid, return that op's input instead (see the module docstring).
     """
     g = model.graph
+    refused = sorted({f"com.microsoft.{n.op_type}: {REFUSED_CONTRIB[n.op_type]}" for n in g.node
+                      if n.domain == "com.microsoft" and n.op_type in REFUSED_CONTRIB})
+    if refused:
+        raise ConversionError(f"channels-last contrib ops are not supported ({'; '.join(refused)})")
     bad_domain = sorted({f"{n.domain}.{n.op_type}" for n in g.node
                          if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in CUSTOM_DOMAIN})
     if bad_domain:
@@ -570,17 +611,43 @@ def convert(model: onnx.ModelProto, input_name: str, logits_output: str,
     out = logits_output
     dropped = None
     p = producer.get(logits_output)
+    extra: list[onnx.NodeProto] = []
     if drop_activation and p is not None and p.op_type in ("Softmax", "Sigmoid"):
         axis = next((a.i for a in p.attribute if a.name == "axis"), -1)
         if p.op_type == "Sigmoid" or axis in (-1, 1):
             out, dropped = p.input[0], p.op_type
-    needed = _ancestors(g, out)
+    elif drop_activation and p is not None and p.op_type == "DequantizeLinear":
+        q = producer.get(p.input[0])
+        if q is not None and q.op_type in ("QLinearSoftmax", "QLinearSigmoid"):
+            axis = next((a.i for a in q.attribute if a.name == "axis"), -1)
+            if q.op_type == "QLinearSigmoid" or axis in (-1, 1):
+                # the quantised activation's input, dequantised: the logits before the int8 scores
+                out, dropped = f"{q.input[0]}__dequantized_logits", q.op_type[len("QLinear"):]
+                extra.append(onnx.helper.make_node("DequantizeLinear", list(q.input[:3]), [out]))
+    needed = _ancestors(g, out) if not extra else {out}.union(*(_ancestors(g, i) for i in extra[0].input if i))
     module = GraphModule(model, out, input_name)
+    module.nodes = module.nodes + extra
     module.nodes = [n for n in module.nodes if any(o in needed for o in n.output)]
     module.attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in module.nodes]
     used = sorted({n.op_type for n in module.nodes})
     nondiff = [o for o in used if o in NON_DIFFERENTIABLE or (o == "Cast" and _casts_to_int(module.nodes))]
     return GraphConversion(module.eval(), used, nondiff, dropped, out)
+
+
+def final_activation(model: onnx.ModelProto, output: str) -> str | None:
+    """"Softmax" / "Sigmoid" when ``output`` is produced by that activation, float or
+    quantised (com.microsoft QLinearSoftmax/QLinearSigmoid then DequantizeLinear): the
+    output is then probabilities even though its last op is a dequantisation."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    p = producer.get(output)
+    if p is not None and p.op_type == "DequantizeLinear":
+        p = producer.get(p.input[0])
+        if p is None or p.op_type not in ("QLinearSoftmax", "QLinearSigmoid"):
+            return None
+    if p is None:
+        return None
+    op = p.op_type.removeprefix("QLinear")
+    return op if op in ("Softmax", "Sigmoid") else None
 
 
 def _casts_to_int(nodes) -> bool:

@@ -10,13 +10,17 @@ FAB-T (9 target classes or C-1, 100 iterations), Square (5000 queries, p_init 0.
 only on points the previous attacks left. Not ART's AutoAttack defaults (5 restarts of
 every attack, batch 32), which is what the old 74x/182x figure was against.
 
-Models: the digits demo CNN (1x8x8, 6 classes) and a 3-conv CNN on 12x12 digits trained
-here (5 classes). Both robust accuracies are judged on the same onnxruntime session.
+Models: the digits demo CNN (1x8x8, 6 classes), a 3-conv CNN and a ResNet-style residual
+CNN on 12x12 digits trained here (5 classes). Both robust accuracies are judged on the same
+onnxruntime session. The cascade runs as ``edgeward audit robustness --profile quick`` does
+(default attacks, 64-point shards) without its self-check shard; its time per attack is
+printed under each row (summed over epsilons and shards).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -74,16 +78,19 @@ def _compare(label, onnx_path, module, data_path, eps, n, seed, profile="quick")
                                self_checks=False, profile=profile)
     t_cascade = time.perf_counter() - t
     v = rep.variants[0]
-    per_family = {}
+    per_family: dict[str, float] = {}
     for r in v.attacks:
-        per_family[f"{r.family}/{r.attack}"] = round(per_family.get(f"{r.family}/{r.attack}", 0) + r.seconds, 2)
+        key = f"{r.family}/{r.attack}"
+        per_family[key] = round(per_family.get(key, 0) + r.seconds, 2)
+        per_family[f"{key} points"] = per_family.get(f"{key} points", 0) + r.attacked
     sess = make_session(onnx_path)
     x_adv, t_aa, ver = _standard_autoattack(_Logits(module).eval(), x, y, eps, int(info.num_classes), seed)
     x_adv = np.clip(np.clip(x_adv, x - eps, x + eps), 0.0, 1.0).astype(np.float32)
     aa = float(np.mean(predict_logits(sess, info, x_adv).argmax(1) == y))
     print(f"| {label} | {len(x)} | {eps:g} | {v.robust_at(eps).robust_accuracy:.3f} | {aa:.3f} | "
           f"{t_cascade:.1f} s | {t_aa:.1f} s | {t_aa / t_cascade:.1f}x |")
-    print(f"    cascade time by stage: {per_family}; torchattacks {ver}")
+    print(f"    cascade seconds (and points attacked) by stage: {per_family}; torchattacks {ver}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def main() -> None:
@@ -95,7 +102,7 @@ def main() -> None:
     ap.add_argument("--eps-extra", type=float, default=0.05,
                     help="also run the 12x12 CNN here (it has no robust point left at 0.1)")
     args = ap.parse_args()
-    from benchmarks._models import CNN3, cnn_data, export, train
+    from benchmarks._models import CNN3, ResidualCNN, cnn_data, export, train
     from hardening.demo import build_demo
     from hardening.torch_source import load_torch_source
 
@@ -112,6 +119,11 @@ def main() -> None:
     p = export(m, x, tmp / "cnn.onnx", "image", "out")
     for e in (args.eps, args.eps_extra):
         _compare("3-conv CNN (1x12x12, 5 classes)", str(p), m, str(tmp / "cnn.npz"), e, args.n, args.seed, args.profile)
+    r = train(ResidualCNN(), x, y)
+    p = export(r, x, tmp / "res.onnx", "image", "out")
+    for e in (args.eps, args.eps_extra):
+        _compare("residual CNN (1x12x12, 5 classes)", str(p), r, str(tmp / "cnn.npz"), e, args.n, args.seed,
+                 args.profile)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 # the models and training the benchmarks share (repo root on sys.path: pytest's pythonpath)
-from benchmarks._models import CNN3, STRound, cnn_data, export, train
+from benchmarks._models import CNN3, ResidualCNN, STRound, cnn_data, export, train
 
 __all__ = ["CNN3", "MLP", "Deployed", "ResidualCNN", "STRound", "cnn_data", "export", "mlp_data", "quantize",
            "reference_pgd", "train"]
@@ -50,28 +50,6 @@ class MLP(nn.Module):
         if self.sigmoid:
             return torch.sigmoid(z)
         return torch.softmax(z, dim=1) if self.softmax else z
-
-
-class ResidualCNN(nn.Module):
-    """A ResNet-style block (skip add), average pooling and global average pooling, 1x12x12, 5 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-        self.pool = nn.AvgPool2d(2)
-        self.wide = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(16, 5)
-        self.softmax, self.scale = False, 1.0
-
-    def logits(self, x):
-        h = self.stem(x)
-        h = torch.relu(h + self.block(h))
-        h = self.wide(self.pool(h))
-        return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
-
-    def forward(self, x):
-        return self.logits(x)
 
 
 def mlp_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -102,7 +102,7 @@ def test_float_audit_white_box_report(digits_demo):
             assert ex.norm <= ex.broken_at_eps + 1e-6 and ex.broken_by and ex.queries > 0
     assert v.gradient_check["zero"] == 0 and v.gradient_check["sanity"]["robust_accuracy"] <= 0.1
     assert not [f for f in rep.findings if f.severity == "high"], rep.findings
-    assert {r.attack for r in v.attacks} == {"fgsm", "pgd", "apgd-ce", "apgd-dlr", "deepfool", "square", "hsj"}
+    assert {r.attack for r in v.attacks} == {"fgsm", "pgd", "apgd-ce", "apgd-t", "square", "hsj"}
     d = json.loads(dumps(rep))
     assert d["variants"][0]["eps"][1]["eps"] == 0.2 and len(d["variants"][0]["examples"]) == 32
 

@@ -32,7 +32,8 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             None, "--torch-source", help="PyTorch source of the float model (enables white-box, BPDA and transfer)."
         ),
         eps: str | None = typer.Option(
-            None, "--eps", help="Comma-separated epsilons in input units (default 5/10/20% of the data range)."
+            None, "--eps", help="Comma-separated epsilons in input units (default: a grid that brackets where "
+            "robust accuracy falls, from a minimal-perturbation probe; the report's eps_choice says how)."
         ),
         norm: str = typer.Option("inf", "--norm", help="Threat model: inf (L-inf) or 2 (L2)."),
         n: int = typer.Option(200, "--n", help="Evaluation points (a seeded sample of x)."),

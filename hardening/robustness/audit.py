@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -36,29 +37,40 @@ from attacks.estimators import (
     torch_classifier,
     torch_logits,
 )
-from attacks.evasion import ATTACKS, DEFAULT_ATTACKS, check_attack_names, check_profile, parse_norm
+from attacks.evasion import (
+    ATTACKS,
+    DEFAULT_ATTACKS,
+    budget_factor,
+    check_attack_names,
+    check_profile,
+    craft,
+    parse_norm,
+    scale_budgets,
+)
+from attacks.onnx_torch import final_activation
 from attacks.outputs import OutputConvention
 from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import check_fits, load_model, make_session
 from hardening.robustness import checks
-from hardening.robustness.engine import Progress, Stage, Target
-from hardening.robustness.results import ExampleResult, Finding, RobustnessReport, VariantResult
+from hardening.robustness import eps_grid as grids
+from hardening.robustness.engine import Progress, Stage, Target, finite_or_clean
+from hardening.robustness.results import AttackRun, ExampleResult, Finding, RobustnessReport, VariantResult
 from hardening.robustness.routes import (
     batch_dependent,
     graph_route,
     logit_scale,
     same_outputs,
 )
-from hardening.robustness.stats import median_distance
+from hardening.robustness.stats import median_distance, perturbation_norms, project
 
-DEFAULT_EPS = {"inf": (0.05, 0.1, 0.2), "2": (0.5, 1.0, 2.0)}  # fractions of the data range
 SANITY_SUBSET = 16
 ITER_SUBSET = 16
 GRAD_SUBSET = 32
 AGREE_WARN = 0.9
 ESCALATE_ITER = 3  # Square iterations x3 and ...
 ESCALATE_RESTARTS = 2  # ... 2 restarts once zero/non-finite gradients are found
+ESCALATED_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square")  # iterative, epsilon-bounded
 FAMILY_ORDER = ("white-box", "bpda", "transfer", "black-box", "decision")
 
 
@@ -163,7 +175,10 @@ def run_robustness_audit(
 
     ``models``: ONNX paths, a ``variants.json`` or ``compression.Variant`` objects;
     ``torch_source``: the float model's PyTorch source (path or module). ``eps`` is in
-    input units (default: 5/10/20% of the data range for L-inf).
+    input units; when none is given the grid is chosen to bracket where robust accuracy
+    falls (``eps_grid.choose``: a cheap minimal-perturbation probe first), and
+    ``RobustnessReport.eps_choice`` says how. Square and HopSkipJump budgets scale with the
+    input dimension (``attacks.evasion.scale_budgets``), recorded per variant.
 
     The work runs as shards (``hardening.robustness.shards``: variant x ``shard_points``
     points) on ``executor`` (default in-process); with ``checkpoint_dir`` each finished
@@ -195,8 +210,7 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     clip = _clip_values(ds)
     dim = int(np.prod(ds.sample_shape))
-    width = clip[1] - clip[0]
-    eps_grid = _check_eps(list(eps) if eps else [f * width for f in DEFAULT_EPS[norm_key]], norm_key, clip, dim)
+    eps_grid = _check_eps(list(eps), norm_key, clip, dim) if eps else None
     specs = resolve_models(models, torch_source)
     infos = {}
     for s in specs:  # validate everything before the long part starts
@@ -223,6 +237,16 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
     results: list[VariantResult] = []
     torch_cache: dict = {}
     prepared = {s.name: _prepare(s, infos[s.name], x, y, settings, names, clip, torch_cache) for s in specs}
+    if eps_grid is None:  # probe the first variant a gradient route reaches (the float model, usually)
+        probe = next((prepared[s.name] for s in specs if prepared[s.name].routes.first is not None),
+                     prepared[specs[0].name])
+        if progress:
+            progress("choosing the epsilon grid (minimal-perturbation probe)", 0, 1)
+        choice = grids.choose(probe.target, x, y, norm_v, norm_key, tuple(ds.sample_shape), probe.settings, seed)
+        eps_grid = _check_eps(choice.eps, norm_key, clip, dim)
+        choice.eps = eps_grid
+    else:
+        choice = grids.given(eps_grid)
     local = {"prepared": prepared, "progress": _no_done(progress)} if in_process else None
     size = sh.DEFAULT_SHARD_POINTS if shard_points is None else shard_points
     plan = sh.plan(specs, x, y, eps_grid, norm_key, profile, names, clip, seed, self_checks, size, local)
@@ -240,7 +264,7 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
         points = [(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-points"]
         sc = next((sh.self_check_from(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-selfcheck"), None)
         out = sh.merge_points(points, len(x))
-        v, f = _finish(s, prepared[s.name], pick, x, y, out, eps_grid, norm_v, clip, sc, time.perf_counter())
+        v, f = _finish(s, prepared[s.name], pick, x, y, out, eps_grid, norm_v, clip, sc, time.perf_counter(), seed)
         v.seconds = round(sum(float(r.where.get("seconds") or 0) for r in mine), 3)
         if progress:
             progress(f"{s.name} done", 1, 1)
@@ -269,6 +293,7 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
         findings=findings,
         seconds=round(time.perf_counter() - t_start, 3),
         execution=execution,
+        eps_choice=choice.to_dict(),
     )
 
 
@@ -347,7 +372,11 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
     findings: list[Finding] = []
     nb = int(info.num_classes)
     shape = tuple(x.shape[1:])
+    settings = scale_budgets(settings, int(np.prod(shape)))
     convention = info.output_convention
+    if convention is OutputConvention.LOGITS:  # an int8 QLinearSoftmax/QLinearSigmoid ends in a dequantisation
+        act = final_activation(onnx.load(str(s.path), load_external_data=False), info.logits_output)
+        convention = OutputConvention.of_final_op(act)
     ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, convention=convention,
                        row_by_row=batch_dependent(s.path))
     module = _load_torch(s.torch_source, torch_cache)
@@ -401,7 +430,7 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
             grad_info["checked_route"] = first[0]
         if grad_findings:  # adaptive attack: straight-through gradients (BPDA) and a bigger Square budget
             restored = _restore(routes, src, ort_fn, role, x[ok], y[ok], s.name, grad_info)
-            settings = {**settings, "square": _escalate(settings["square"])}
+            settings = {**settings, "square": _escalate(settings["square"]), "hsj": {**settings["hsj"], "sentinel": 0}}
             grad_info["escalated"] = {"square": settings["square"]}
             grad_findings = [_masking_message(f, restored, routes, graph) for f in grad_findings]
     grad_info["restored_by"] = restored
@@ -418,7 +447,8 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
                     grad_findings, restored, settings, target, findings)
 
 
-def _finish(s, p: Prepared, pick, x, y, out, eps_grid, norm_v, clip, self_check, t0) -> tuple[VariantResult, list]:
+def _finish(s, p: Prepared, pick, x, y, out, eps_grid, norm_v, clip, self_check, t0,
+            seed: int = 0) -> tuple[VariantResult, list]:
     """The variant's result from its (merged) cascade and its self-check shard."""
     findings = list(p.findings)
     role, agreement, routes, graph, convention = p.role, p.agreement, p.routes, p.graph, p.convention
@@ -450,8 +480,18 @@ def _finish(s, p: Prepared, pick, x, y, out, eps_grid, norm_v, clip, self_check,
     )
     findings.extend(grad_findings)
     findings.extend(_route_findings(v, routes, graph, convention, p.source_probs))
+    dim = int(np.prod(x.shape[1:]))
+    v.budgets = {"dimension": dim, "factor": round(budget_factor(dim), 3),
+                 **{a: dict(p.settings[a]) for a in ("square", "hsj") if a in p.settings}}
     if self_check is not None:
         findings.extend(_apply_self_checks(v, self_check, x, norm_v))
+        mult = checks.escalation_multiplier(v.gradient_check.get("iterations", {}))
+        if mult > 1:
+            v.attacks.extend(_escalate_survivors(v, target, p.settings, mult, x, y, norm_v, clip, seed))
+            v.budgets["escalated"] = {"attack": v.gradient_check["iterations"]["attack"], "multiplier": mult}
+        checks.recount(v)
+        dist = np.array([np.inf if ex.min_distance is None else ex.min_distance for ex in v.examples if ex.correct])
+        v.median_distance, v.median_is_lower_bound = median_distance(dist)
     findings.extend(checks.check_family_gaps(v))
     masked = (first[0],) if grad_findings and first is not None else ()
     findings.extend(checks.check_losses(v, masked))
@@ -460,6 +500,40 @@ def _finish(s, p: Prepared, pick, x, y, out, eps_grid, norm_v, clip, self_check,
     v.upper_bound = v.upper_bound_reason is not None
     v.seconds = round(time.perf_counter() - t0, 3)
     return v, findings
+
+
+def _escalate_survivors(v: VariantResult, target: Target, settings, mult: int, x, y, norm_v, clip,
+                        seed: int) -> list[AttackRun]:
+    """Re-attack every point still standing at each epsilon with ``mult`` x the iterations of
+    every iterative attack of the checked family (the iteration check found its budget had
+    not converged), judged on the session."""
+    main = checks.main_iterative_stage(target)
+    lo, hi = clip
+    ort = target.ort_fn
+    runs = []
+    for k, (e, stage) in enumerate((e, st) for e in v.eps for st in target.stages
+                                   if st.family == main.family and st.attack in ESCALATED_ATTACKS):
+        s = checks.iteration_settings(stage, settings[stage.attack], mult)
+        idx = np.array([i for i, ex in enumerate(v.examples) if ex.correct
+                        and (ex.broken_at_eps is None or ex.broken_at_eps > e.eps * (1 + 1e-9))], dtype=np.int64)
+        t0, q0, s0 = time.perf_counter(), ort.counter.total, target.surrogate_counter.total
+        hit = np.zeros(0, dtype=bool)
+        if len(idx):
+            cand = finite_or_clean(craft(stage.attack, stage.estimator, x[idx], y[idx], e.eps, norm_v, s,
+                                         seed + 7919 + k), x[idx])
+            cand = project(cand, x[idx], e.eps, norm_v, lo, hi)
+            hit = ort.labels(cand) != y[idx]
+            dist = perturbation_norms(cand, x[idx], norm_v)
+            for j in np.flatnonzero(hit):
+                ex = v.examples[int(idx[j])]
+                ex.broken_at_eps, ex.broken_by, ex.norm = float(e.eps), f"escalated/{stage.attack}x{mult}", float(dist[j])
+                ex.robust_beyond = None
+                ex.min_distance = float(dist[j]) if ex.min_distance is None else min(ex.min_distance, float(dist[j]))
+        runs.append(AttackRun(attack=f"{stage.attack}-x{mult}", family=stage.family, eps=float(e.eps),
+                              attacked=int(len(idx)), broken=int(hit.sum()), queries=ort.counter.total - q0,
+                              surrogate_queries=target.surrogate_counter.total - s0,
+                              seconds=round(time.perf_counter() - t0, 4)))
+    return runs
 
 
 def _restore(routes: Routes, src, ort_fn, role, x, y, name, grad_info) -> str | None:
@@ -533,7 +607,8 @@ def _route_findings(v, routes: Routes, graph, convention, source_probs: bool) ->
 
 def _escalate(square: dict) -> dict:
     """Square budget when gradients are masked: the score-based search is all that works."""
-    return {**square, "max_iter": int(square["max_iter"]) * ESCALATE_ITER, "nb_restarts": ESCALATE_RESTARTS}
+    return {**square, "max_iter": int(square["max_iter"]) * ESCALATE_ITER, "nb_restarts": ESCALATE_RESTARTS,
+            "sentinel": 0}  # every survivor: the gradients cannot be trusted to have found the easy ones
 
 
 def _stages(routes: Routes, ort_fn, names, shape, nb, clip, surrogate) -> list[Stage]:

@@ -7,7 +7,8 @@
   (Athalye et al. 2018);
 * a compressed variant that looks more robust than its float parent only under gradient
   attacks is likely masking, not robust;
-* more iterations must not raise robust accuracy.
+* more iterations must not raise robust accuracy, and must have stopped lowering it
+  (else every surviving point is re-attacked with more, or the figure is an upper bound).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from attacks.estimators import margin_input_gradients
 from attacks.evasion import craft
 from hardening.robustness.engine import GRADIENT_FAMILIES, Target, finite_or_clean, run_cascade
 from hardening.robustness.results import Finding, VariantResult
-from hardening.robustness.stats import project
+from hardening.robustness.stats import project, wilson_interval
 
 SANITY_MAX_ROBUST = 0.1  # robust accuracy allowed at the sanity epsilon
 BEATS_MIN_FRACTION = 0.05  # share of all points a later family may add before we call it masking
@@ -65,45 +66,102 @@ def check_sanity(
     return info, []
 
 
+ITER_MULTS = (1, 2, 4)  # always run; then doubling continues while robust accuracy still falls
+ITER_MAX_MULT = 16
+
+
+def iteration_settings(stage, base: dict, mult: int) -> dict:
+    s = dict(base, max_iter=int(base["max_iter"]) * mult)
+    if stage.attack == "pgd":  # fixed step size: the longer run extends the shorter one
+        s.update(num_random_init=0, eps_step_ratio=2.5 / int(base["max_iter"]))
+    return s
+
+
+def main_iterative_stage(target: Target):
+    """The attack whose budget the iteration check doubles: the first of APGD-CE, PGD, Square."""
+    for attack in ("apgd-ce", "pgd", "square"):
+        stage = next((s for s in target.stages if s.attack == attack), None)
+        if stage is not None:
+            return stage
+    return None
+
+
 def check_iterations(
     target: Target, x: np.ndarray, y: np.ndarray, eps: float, norm: float, settings: dict, seed: int, name: str
 ) -> tuple[dict, list[Finding]]:
-    """Run the main iterative attack with k and 4k iterations; 4k must not do worse.
+    """Run the main iterative attack with 1x, 2x and 4x its iterations, then keep doubling
+    (up to ``ITER_MAX_MULT``) while robust accuracy still falls.
 
-    APGD keeps the best point it visits, so more iterations can only help; PGD keeps its
-    step size fixed so the longer run extends the shorter one. One point of slack absorbs
-    PGD returning its last (not best) iterate.
+    More iterations doing *worse* (beyond one point of slack: PGD returns its last, not
+    its best, iterate) means unstable or masked gradients. More iterations still doing
+    *better* means the budget had not converged: ``converged_at`` is the first multiplier
+    a doubling no longer improves on (the audit then re-attacks every surviving point with
+    it), and a run still falling at ``ITER_MAX_MULT`` makes the figure an upper bound.
     """
     lo, hi = target.clip_values
-    stage = None
-    for attack in ("apgd-ce", "pgd", "square"):
-        stage = stage or next((s for s in target.stages if s.attack == attack), None)
+    stage = main_iterative_stage(target)
     if stage is None:
         return {"skipped": "no apgd-ce, pgd or square stage"}, []
     base = settings[stage.attack]
-    robust = []
-    for mult in (1, 4):
-        s = dict(base, max_iter=int(base["max_iter"]) * mult)
-        if stage.attack == "pgd":
-            s.update(num_random_init=0, eps_step_ratio=2.5 / int(base["max_iter"]))
+    mults: list[int] = []
+    robust: list[float] = []
+    cand = x
+    mult = 1
+    while mult <= ITER_MAX_MULT:
+        s = iteration_settings(stage, base, mult)
         cand = finite_or_clean(craft(stage.attack, stage.estimator, x, y, eps, norm, s, seed), x)
         cand = project(cand, x, eps, norm, lo, hi)
         still = target.ort_fn.labels(cand) == y
+        mults.append(mult)
         robust.append(float(np.mean(still)))
-    info = {"attack": f"{stage.family}/{stage.attack}", "eps": eps, "points": len(x), "robust": robust,
-            "broken_by_long_run": np.flatnonzero(~still).tolist()}
-    info["_adversarial"] = cand  # the 4x run's points, for check_convergence (not serialised)
-    if robust[1] > robust[0] + 1.0 / len(x) + 1e-9:
-        return info, [
-            Finding(
-                "warning",
-                "MORE_ITERATIONS_WORSE",
-                f"{stage.attack} with 4x iterations left {robust[1]:.2f} robust vs {robust[0]:.2f}: "
-                "the optimisation is unstable (noisy or masked gradients)",
-                name,
-            )
-        ]
-    return info, []
+        if mult >= ITER_MULTS[-1] and robust[-1] >= robust[-2] - 1e-9:
+            break  # the last doubling found nothing more
+        mult *= 2
+    falling = [robust[i + 1] < robust[i] - 1e-9 for i in range(len(robust) - 1)]
+    last_fall = max((i for i, f in enumerate(falling) if f), default=-1)
+    converged_at = None if falling[-1] else mults[last_fall + 1]  # no doubling after it found more
+    info = {"attack": f"{stage.family}/{stage.attack}", "eps": eps, "points": len(x), "multipliers": mults,
+            "robust": robust, "max_iter": int(base["max_iter"]), "converged": converged_at is not None,
+            "converged_at": converged_at, "broken_by_long_run": np.flatnonzero(~still).tolist()}
+    info["_adversarial"] = cand  # the longest run's points, for check_convergence (not serialised)
+    out = []
+    if max(robust[1:]) > robust[0] + 1.0 / len(x) + 1e-9:
+        out.append(Finding(
+            "warning", "MORE_ITERATIONS_WORSE",
+            f"{stage.attack} with more iterations left up to {max(robust[1:]):.2f} robust vs {robust[0]:.2f}: "
+            "the optimisation is unstable (noisy or masked gradients)", name))
+    if converged_at is None:
+        out.append(Finding(
+            "high", "ITERATIONS_NOT_CONVERGED",
+            f"{info['attack']}: robust accuracy kept falling each time its {base['max_iter']} iterations were "
+            f"doubled, up to {mults[-1]}x ({' -> '.join(f'{r:.2f}' for r in robust)} on {len(x)} points at eps "
+            f"{eps:g}); every surviving point is re-attacked at {mults[-1]}x, and the figure is an upper bound",
+            name))
+    elif converged_at > 1:
+        out.append(Finding(
+            "warning", "ITERATIONS_ESCALATED",
+            f"{info['attack']}: robust accuracy still fell when its {base['max_iter']} iterations were doubled "
+            f"({' -> '.join(f'{r:.2f}' for r in robust)} at {'/'.join(f'{m}x' for m in mults)} on {len(x)} points "
+            f"at eps {eps:g}); it stopped falling at {converged_at}x, so every surviving point is re-attacked "
+            f"with {converged_at}x iterations", name))
+    return info, out
+
+
+def escalation_multiplier(info: dict) -> int:
+    """Iteration multiplier every surviving point must be re-attacked with (1: none)."""
+    if not info or "robust" not in info:
+        return 1
+    return int(info["converged_at"] or info["multipliers"][-1])
+
+
+def recount(v: VariantResult) -> None:
+    """Per-epsilon robust counts from the examples, after a check counted more points broken."""
+    for e in v.eps:
+        robust = sum(1 for ex in v.examples if ex.correct
+                     and (ex.broken_at_eps is None or ex.broken_at_eps > e.eps * (1 + 1e-9)))
+        if robust != e.robust:
+            e.robust, e.robust_accuracy = robust, robust / e.n
+            e.ci_low, e.ci_high = wilson_interval(robust, e.n)
 
 
 def check_convergence(v: VariantResult, rows: np.ndarray, info: dict, x: np.ndarray, norm: float) -> list[Finding]:
@@ -218,6 +276,8 @@ def upper_bound_reason(v: VariantResult, findings: list[Finding], has_gradient_r
         return "black-box attacks broke points every gradient route missed (gradient masking)"
     if "ATTACK_BROKEN" in mine:
         return "the attacks did not break the model at the sanity epsilon"
+    if "ITERATIONS_NOT_CONVERGED" in mine:
+        return "robust accuracy was still falling when the attack's iterations were doubled (not converged)"
     return None
 
 

@@ -108,11 +108,16 @@ def run_cascade(
             skipped = None
             hit = np.zeros(len(idx), dtype=bool)
             dist = np.zeros(len(idx))
+            sentinel = _sentinel(st, target.stages, idx, settings, seed + 1000 * ei + si)
             if len(idx):
                 try:
                     hit, dist, cand = _attack(
-                        st, spec, x, y, idx, eps, norm, settings, seed + 1000 * ei + si, lo, hi, ort, cache
+                        st, spec, x, y, sentinel if sentinel is not None else idx, eps, norm, settings,
+                        seed + 1000 * ei + si, lo, hi, ort, cache
                     )
+                    if sentinel is not None:
+                        hit, dist, cand, idx = _widen(hit, dist, cand, sentinel, st, spec, x, y, idx, eps, norm,
+                                                      settings, seed + 1000 * ei + si, lo, hi, ort, cache)
                 except SkipAttack as e:
                     skipped = str(e)
             for j, i in enumerate(idx[hit]):
@@ -163,6 +168,39 @@ def run_cascade(
         surrogate_queries=target.surrogate_counter.per_example.copy(),
         x_adv=x_adv,
     )
+
+
+SENTINEL_POINTS = 32  # black-box attacks after a gradient family first try this many survivors
+
+
+def _sentinel(st: Stage, stages: list[Stage], idx: np.ndarray, settings: dict, seed: int) -> np.ndarray | None:
+    """The survivors a score-/decision-based stage tries first, or None for all of them.
+
+    After a gradient family has run, Square and HopSkipJump are the masking check: on a
+    model whose gradients work they break (almost) nothing the gradient attacks left. So
+    they first attack a seeded sample of ``SENTINEL_POINTS`` survivors, and every other
+    survivor only if that sample lost a point (``_widen``): full coverage exactly where the
+    gradients were fooled, a fraction of the queries where they were not. Off when the
+    profile sets ``sentinel: 0`` for the stage (the thorough profile does)."""
+    if st.family not in ("black-box", "decision") or not any(s.family in GRADIENT_FAMILIES for s in stages):
+        return None
+    k = int(settings.get(st.attack, {}).get("sentinel", 0))
+    if k <= 0 or len(idx) <= k:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(idx, size=k, replace=False))
+
+
+def _widen(hit, dist, cand, sentinel, st, spec, x, y, idx, eps, norm, settings, seed, lo, hi, ort, cache):
+    """Sentinel results, widened to every survivor when the sentinel sample lost a point."""
+    if not hit.any():
+        return hit, dist, cand, sentinel
+    rest = np.setdiff1d(idx, sentinel)
+    h2, d2, c2 = _attack(st, spec, x, y, rest, eps, norm, settings, seed + 1, lo, hi, ort, cache)
+    order = np.argsort(np.concatenate([sentinel, rest]))
+    both = np.concatenate([sentinel, rest])[order]
+    return (np.concatenate([hit, h2])[order], np.concatenate([dist, d2])[order],
+            np.concatenate([cand, c2])[order], both)
 
 
 def _attack(st, spec, x, y, idx, eps, norm, settings, seed, lo, hi, ort, cache):

@@ -105,6 +105,7 @@ class VariantResult:
     gradient_routes: list[dict] = field(default_factory=list)  # [{family, gradients}] that actually ran
     upper_bound: bool = False  # True: masking or no gradient route; the figure is an unreliable upper bound
     upper_bound_reason: str | None = None
+    budgets: dict = field(default_factory=dict)  # input dimension, budget factor, the iteration budgets that ran
 
     def robust_at(self, eps: float) -> EpsResult:
         return min(self.eps, key=lambda e: abs(e.eps - eps))
@@ -126,6 +127,7 @@ class RobustnessReport:
     findings: list[Finding]
     seconds: float
     execution: dict = field(default_factory=dict)  # executor, workers, per-shard timing and where it ran
+    eps_choice: dict = field(default_factory=dict)  # how the epsilon grid was chosen (eps_grid.EpsChoice)
 
     @property
     def worst_severity(self) -> str | None:
