@@ -12,8 +12,10 @@ the wall time. One onnxruntime thread everywhere.
 Rows: ``plain_path`` (baseline) InferenceSession on the file; ``plain_bytes``
 InferenceSession on the file's bytes (what handing the plaintext over as bytes would
 cost); ``write_bundle`` sign + encrypt (publisher side); ``verify_bundle`` (signature,
-decryption, digests, admission; no session); ``guarded_load`` ``GuardedModel.load``
-(decrypt, admit, session, smoke run, plaintext freed).
+decryption, digests, admission; no session); ``in_memory_load`` decrypt, then
+``admission.load_session`` on the plaintext (onnxruntime copies the weights while the
+plaintext lives); ``guarded_load`` ``GuardedModel.load`` (decrypt, admit, free the
+plaintext, onnxruntime streams a second digest-checked decryption; smoke run).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ CHILD = r'''
 import json, os, sys, time
 import numpy as np
 import onnxruntime as ort
-from runtime_guard.bundle import load_kek, verify_bundle, write_bundle
+from runtime_guard.admission import load_session
+from runtime_guard.bundle import load_kek, open_bundle, verify_bundle, write_bundle
 from runtime_guard.guard import GuardedModel
 
 def status(key):
@@ -66,6 +69,10 @@ elif mode == "verify_bundle":
     with open(pub, "rb") as f:
         summary = verify_bundle(bundle, f.read(), load_kek(kek))
     s = None
+elif mode == "in_memory_load":
+    with open(pub, "rb") as f:
+        opened = open_bundle(bundle, f.read(), load_kek(kek))
+    s = load_session(opened.take_model())
 elif mode == "guarded_load":
     with open(pub, "rb") as f:
         guard = GuardedModel.load(bundle, f.read(), load_kek(kek))
@@ -113,7 +120,7 @@ def run_child(mode: str, work: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-MODES = ("plain_path", "plain_bytes", "write_bundle", "verify_bundle", "guarded_load")
+MODES = ("plain_path", "plain_bytes", "write_bundle", "verify_bundle", "in_memory_load", "guarded_load")
 
 
 def main() -> int:
