@@ -5,7 +5,8 @@ cached under ``--cache``), then runs the CLI exactly as a user would, one child 
 stage: ``edgeward audit`` (quick profile) with the TorchScript source and again ONNX-only,
 ``keygen``, ``package``, ``verify``, ``serve`` plus predictions as JSON and as
 ``application/x-npy``. Every stage must exit 0 or 1 (a check may fail); 2 or 3 for a valid
-model is a bug. Per stage it records wall time and peak RSS: the largest resident set of
+model is a bug. Per stage it records wall time, CPU time (user + system, from ``os.wait4``:
+what the stage would take on an idle core when the machine is shared) and peak RSS: the largest resident set of
 any process in the stage's tree (``os.wait4``'s ``ru_maxrss``) and the peak of the tree's
 summed RSS (psutil, sampled every 0.1 s).
 
@@ -45,6 +46,7 @@ class Stage:
     argv: list[str]
     exit_code: int | None = None
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + system of the stage's processes (wait4): load-independent
     peak_rss_mb: float = 0.0  # largest single process of the stage (wait4 ru_maxrss)
     peak_tree_rss_mb: float = 0.0  # peak of the summed RSS of the stage's process tree
     note: str = ""
@@ -111,6 +113,7 @@ def _reap(stage: Stage, proc: subprocess.Popen, sampler: _TreeSampler, t0: float
     proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     stage.wall_s = round(time.perf_counter() - t0, 1)
     stage.exit_code = proc.returncode
+    stage.cpu_s = round(usage.ru_utime + usage.ru_stime, 1)
     stage.peak_rss_mb = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
     stage.peak_tree_rss_mb = round(max(sampler.stop(), usage.ru_maxrss * 1024) / 2**20, 1)
     stage.stderr_tail = log.read_text(errors="replace")[-3000:]
@@ -214,7 +217,7 @@ def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path
     def add(stage: Stage) -> Stage:
         stages.append(stage)
         if log:
-            log(f"  {name:<20} {stage.name:<14} exit {stage.exit_code}  {stage.wall_s:7.1f} s  "
+            log(f"  {name:<20} {stage.name:<14} exit {stage.exit_code}  {stage.wall_s:7.1f} s  cpu {stage.cpu_s:7.1f} s  "
                 f"{stage.peak_rss_mb:7.0f} MB  {stage.note}")
         return stage
 
@@ -249,10 +252,10 @@ def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path
 
 
 def table(stages: list[Stage]) -> str:
-    rows = ["| model | stage | exit | wall s | peak RSS MB (largest process) | peak RSS MB (process tree) | note |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | stage | exit | wall s | CPU s | peak RSS MB (largest process) | peak RSS MB (process tree) | note |",
+            "|---|---|---|---|---|---|---|---|"]
     for s in stages:
-        rows.append(f"| {s.model} | {s.name} | {s.exit_code} | {s.wall_s} | {s.peak_rss_mb:.0f} | "
+        rows.append(f"| {s.model} | {s.name} | {s.exit_code} | {s.wall_s} | {s.cpu_s} | {s.peak_rss_mb:.0f} | "
                     f"{s.peak_tree_rss_mb:.0f} | {s.note} |")
     return "\n".join(rows)
 
