@@ -5,7 +5,7 @@ model through a pipe fed by a second, digest-checked decryption pass
 (``admission.load_session_streamed``, ``OpenedBundle.stream_model``). Checked: the session
 answers like a plain one; the second pass writes nothing that differs from what was
 admitted, and a bundle swapped in between yields a TamperError, never a session; peak and
-resident memory of a 48 MB model in fresh processes stay near a plain
+resident memory of a 52 MB model in fresh processes stay near a plain
 ``InferenceSession(path)`` (generous bounds, not timed).
 """
 
@@ -116,7 +116,7 @@ def _bench():
     return mod
 
 
-def test_guarded_load_keeps_no_second_copy_of_a_48mb_model(tmp_path):
+def test_guarded_load_keeps_no_second_copy_of_a_52mb_model(tmp_path):
     """Fresh processes, side by side: before this change the loader peaked at 2.4x a plain
     load and kept the plaintext resident next to onnxruntime's copy."""
     bench = _bench()
