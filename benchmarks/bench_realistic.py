@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -205,33 +206,22 @@ def _pick_variant(report: Path) -> str:
     return "int8_static" if "int8_static" in kinds else "float"
 
 
-def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path,
-             policy: Path | None = None, onnx_only: bool = True, n_predictions: int = 5,
-             log: "callable | None" = print) -> list[Stage]:
-    """Every command on one model; returns the stages in order (stops after a failed one
-    whose output the next needs)."""
-    work.mkdir(parents=True, exist_ok=True)
-    pol = ["--policy", str(policy)] if policy is not None else []
-    stages: list[Stage] = []
-
+def _logger(name: str, stages: list[Stage], log: "Callable[[str], object] | None") -> Callable[[Stage], Stage]:
     def add(stage: Stage) -> Stage:
         stages.append(stage)
         if log:
-            log(f"  {name:<20} {stage.name:<14} exit {stage.exit_code}  {stage.wall_s:7.1f} s  cpu {stage.cpu_s:7.1f} s  "
-                f"{stage.peak_rss_mb:7.0f} MB  {stage.note}")
+            log(f"  {name:<20} {stage.name:<17} exit {stage.exit_code}  {stage.wall_s:7.1f} s  "
+                f"cpu {stage.cpu_s:7.1f} s  {stage.peak_rss_mb:7.0f} MB  {stage.note}")
         return stage
+    return add
 
-    runs = []
-    if source is not None:
-        runs.append(("audit_torchscript", "review_ts", ["--torch-source", str(source)]))
-    if onnx_only or source is None:
-        runs.append(("audit_onnx_only", "review_onnx", []))
-    for stage_name, out, extra in runs:
-        add(run_stage(name, stage_name, ["audit", str(model), "--data", str(data), "--out", out,
-                                         "--profile", "quick", *extra, *pol], work))
-    report = work / runs[0][1] / "report.json"
-    if not report.exists():
-        return stages
+
+def release_flow(name: str, report: Path, data: Path, work: Path, n_predictions: int = 5,
+                 log: "Callable[[str], object] | None" = print) -> list[Stage]:
+    """keygen, package (int8_static if the review made one, else float), verify, serve +
+    predictions, from an audit's report.json."""
+    stages: list[Stage] = []
+    add = _logger(name, stages, log)
     if not (work / "keys" / "signing.pem").exists():
         add(run_stage(name, "keygen", ["keygen", "--out", "keys"], work))
     variant = _pick_variant(report)
@@ -248,6 +238,33 @@ def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path
     with np.load(data, allow_pickle=False) as z:
         x = np.asarray(z["x"][:n_predictions], dtype=np.float32)
     add(serve_and_predict(name, work / "serve.ewb", work / "keys", x, work, n_predictions))
+    return stages
+
+
+def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path,
+             policy: Path | None = None, onnx_only: bool = True, n_predictions: int = 5,
+             log: "Callable[[str], object] | None" = print) -> list[Stage]:
+    """Every command on one model, in the order a user needs them: the audit (with the
+    TorchScript source when there is one), the release commands on its report, then the
+    ONNX-only audit. Returns the stages in order (stops where the next stage lacks its input)."""
+    work.mkdir(parents=True, exist_ok=True)
+    pol = ["--policy", str(policy)] if policy is not None else []
+    stages: list[Stage] = []
+    add = _logger(name, stages, log)
+
+    def audit(stage_name: str, out: str, extra: list[str]) -> Path:
+        add(run_stage(name, stage_name, ["audit", str(model), "--data", str(data), "--out", out,
+                                         "--profile", "quick", *extra, *pol], work))
+        return work / out / "report.json"
+
+    if source is not None:
+        report = audit("audit_torchscript", "review_ts", ["--torch-source", str(source)])
+    else:
+        report = audit("audit_onnx_only", "review_onnx", [])
+    if report.exists():
+        stages += release_flow(name, report, data, work, n_predictions, log=log)
+    if source is not None and onnx_only:
+        audit("audit_onnx_only", "review_onnx", [])
     return stages
 
 
@@ -272,6 +289,9 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=None, help="reference models (default OUT/models)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-onnx-only", action="store_true", help="skip the ONNX-only audit")
+    ap.add_argument("--release-only", action="store_true",
+                    help="only keygen/package/verify/serve, on OUT/<model>/review_ts/report.json "
+                         "(waits up to an hour for it: an audit started earlier)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cache = args.cache or args.out / "models"
@@ -290,14 +310,23 @@ def main() -> int:
         ref = json.loads((ref_dir / "reference.json").read_text())
         print(f"{name}: {ref['parameters']:,} parameters, test accuracy {ref['test_accuracy']:.3f}", flush=True)
         work = args.out / name
+        if args.release_only:
+            report = work / "review_ts" / "report.json"
+            deadline = time.time() + 3600
+            while not report.exists() and time.time() < deadline:
+                time.sleep(10)
+            time.sleep(10)  # the audit writes report.html and junit.xml after it
+            all_stages += release_flow(name, report, Path(ref["data_path"]), work)
+            continue
         shutil.rmtree(work, ignore_errors=True)
         all_stages += run_flow(name, Path(ref["model_path"]), Path(ref["data_path"]),
                                Path(ref["torchscript_path"]), work, onnx_only=not args.no_onnx_only)
     load1 = os.getloadavg()
     md = table(all_stages)
     md += f"\n\nLoad average (1 min) at start {load0[0]:.1f}, at end {load1[0]:.1f}, on {os.cpu_count()} CPUs.\n"
-    (args.out / "realistic.md").write_text(md)
-    (args.out / "realistic.json").write_text(json.dumps(
+    tag = "-release" if args.release_only else ""
+    (args.out / f"realistic{tag}.md").write_text(md)
+    (args.out / f"realistic{tag}.json").write_text(json.dumps(
         [{**asdict(s), "stderr_tail": s.stderr_tail[-500:]} for s in all_stages], indent=2))
     print(md)
     bad = [s for s in all_stages if not s.ok]
