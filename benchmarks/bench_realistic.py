@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -243,10 +243,12 @@ def release_flow(name: str, report: Path, data: Path, work: Path, n_predictions:
 
 def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path,
              policy: Path | None = None, onnx_only: bool = True, n_predictions: int = 5,
-             log: "Callable[[str], object] | None" = print) -> list[Stage]:
+             log: "Callable[[str], object] | None" = print, audit_args: Sequence[str] = ()) -> list[Stage]:
     """Every command on one model, in the order a user needs them: the audit (with the
     TorchScript source when there is one), the release commands on its report, then the
-    ONNX-only audit. Returns the stages in order (stops where the next stage lacks its input)."""
+    ONNX-only audit. Returns the stages in order (stops where the next stage lacks its input).
+    ``audit_args`` go to both audits (e.g. ``--areas profiling --allow-skipped`` for a
+    partial review when only the release commands are under test)."""
     work.mkdir(parents=True, exist_ok=True)
     pol = ["--policy", str(policy)] if policy is not None else []
     stages: list[Stage] = []
@@ -254,7 +256,7 @@ def run_flow(name: str, model: Path, data: Path, source: Path | None, work: Path
 
     def audit(stage_name: str, out: str, extra: list[str]) -> Path:
         add(run_stage(name, stage_name, ["audit", str(model), "--data", str(data), "--out", out,
-                                         "--profile", "quick", *extra, *pol], work))
+                                         "--profile", "quick", *extra, *pol, *audit_args], work))
         return work / out / "report.json"
 
     if source is not None:
@@ -289,6 +291,8 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=None, help="reference models (default OUT/models)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-onnx-only", action="store_true", help="skip the ONNX-only audit")
+    ap.add_argument("--audit-args", default="", help="extra audit options, e.g. "
+                    "'--areas profiling --kinds float,int8_static --allow-skipped' (a partial review)")
     ap.add_argument("--release-only", action="store_true",
                     help="only keygen/package/verify/serve, on OUT/<model>/review_ts/report.json "
                          "(waits up to an hour for it: an audit started earlier)")
@@ -320,7 +324,8 @@ def main() -> int:
             continue
         shutil.rmtree(work, ignore_errors=True)
         all_stages += run_flow(name, Path(ref["model_path"]), Path(ref["data_path"]),
-                               Path(ref["torchscript_path"]), work, onnx_only=not args.no_onnx_only)
+                               Path(ref["torchscript_path"]), work, onnx_only=not args.no_onnx_only,
+                               audit_args=args.audit_args.split())
     load1 = os.getloadavg()
     md = table(all_stages)
     md += f"\n\nLoad average (1 min) at start {load0[0]:.1f}, at end {load1[0]:.1f}, on {os.cpu_count()} CPUs.\n"
