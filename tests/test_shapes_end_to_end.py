@@ -165,3 +165,20 @@ def test_realistic_flow_small(tmp_path):
     assert not bad, "\n".join(bad)
     serve = stages[-2]
     assert "same answer" in serve.note and "UNEXPECTED" not in serve.note, serve.note
+
+
+def test_image_thief_stem_scales_with_the_input():
+    """The default image thief's first block is strided for large inputs (its training cost
+    was most of a 3x96x96 quick audit) and unchanged for small ones."""
+    from attacks.architectures import ImageCNN
+    from attacks.extraction import thief_spec_for
+
+    assert thief_spec_for((3, 16, 16), 4).kwargs["stem_stride"] == 1
+    assert thief_spec_for((3, 32, 32), 10).kwargs["stem_stride"] == 1
+    assert thief_spec_for((3, 224, 224), 10).kwargs["stem_stride"] == 4
+    spec = thief_spec_for((3, 96, 96), 10)
+    assert spec.arch == "image_cnn" and spec.kwargs["stem_stride"] == 2
+    model = ImageCNN(**spec.kwargs)
+    assert model.blocks[0](torch.zeros(2, 3, 96, 96)).shape == (2, 16, 48, 48)
+    logits, features = model(torch.zeros(2, 3, 96, 96))
+    assert logits.shape == (2, 10) and features.shape == (2, 64)
