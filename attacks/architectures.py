@@ -48,13 +48,16 @@ class TabularMLP(nn.Module):
 class ImageCNN(nn.Module):
     """Small CNN for NCHW images of any channel count and size: three strided conv blocks and
     global average pooling, so the head does not depend on H x W. The default thief for
-    image victims that are not the 1x8x8 demo (a few hundred thousand parameters at most)."""
+    image victims that are not the 1x8x8 demo (a few hundred thousand parameters at most).
+    ``stem_stride`` > 1 makes the first block strided too, for large inputs (the thief's
+    training cost then stops growing with H x W; ``attacks.extraction.stem_stride_for``)."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, feature_dim: int = 64) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, feature_dim: int = 64,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         chans = [in_channels, width, 2 * width, 4 * width]
         self.blocks = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1),
+            nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, stride=stem_stride if i == 0 else 2, padding=1),
                           nn.BatchNorm2d(chans[i + 1]), nn.ReLU())
             for i in range(3)
         ])

@@ -27,11 +27,11 @@ what is not scanned is exactly what the walker saw as opaque weight bytes.
 
 from __future__ import annotations
 
+import os
 import sys
-import weakref
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
@@ -41,7 +41,8 @@ from onnx import helper, numpy_helper
 from .config import GuardConfigError
 from .errors import ModelRejected
 
-__all__ = ["AdmissionLimits", "admit_model", "load_session", "open_session", "session_options"]
+__all__ = ["AdmissionLimits", "admit_model", "load_session", "load_session_streamed", "open_session",
+           "session_options"]
 
 ORT_MEM_ADDR_MARKER = b"_ORT_MEM_ADDR_"
 MAX_THREADS = 64
@@ -432,7 +433,7 @@ def open_session(model_bytes: bytes, intra_op_threads: int = 1,
     return _session(bytes(model_bytes), session_options(intra_op_threads, inter_op_threads))
 
 
-def _session(data: bytes, so: ort.SessionOptions) -> ort.InferenceSession:
+def _session(data: bytes | str, so: ort.SessionOptions) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -454,9 +455,12 @@ def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.O
     """(skeleton bytes, names, OrtValues viewing the weights inside ``model_bytes``), or
     None when the model has no stripped weights or one of a type we do not map.
 
-    The skeleton marks each such initializer as external data with an *empty*
-    location: onnxruntime takes the supplied value for it and refuses an empty
-    location outright, so no name can ever fall back to reading a file.
+    The views are never copied, aligned or not: onnxruntime copies every external
+    initializer into its own graph while the session loads (``AddExternalInitializers``:
+    "the user provided buffers can then be deallocated"), a byte copy that does not care
+    where protobuf put the raw_data. The skeleton marks each such initializer as
+    external data with an *empty* location: onnxruntime takes the supplied value for it
+    and refuses an empty location outright, so no name can ever fall back to reading a file.
     """
     if not admitted.stripped or sys.byteorder != "little":
         return None
@@ -473,8 +477,6 @@ def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.O
         dtype = np.dtype(code)
         arr = np.frombuffer(admitted.model_bytes, dtype=dtype, count=length // dtype.itemsize,
                             offset=offset).reshape(tuple(t.dims))
-        if not arr.flags.aligned:  # raw_data sits wherever protobuf put it
-            arr = arr.copy()
         names.append(t.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(arr))
         t.data_location = onnx.TensorProto.EXTERNAL
@@ -487,14 +489,14 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
                  inter_op_threads: int = 1) -> ort.InferenceSession:
     """Admission checks, then a locked-down CPU session: the one way the runtime loads a model.
 
-    Large weights are not copied: onnxruntime gets the small skeleton plus
-    OrtValues that view the weight bytes inside ``model_bytes`` (the decrypted
-    payload), instead of parsing a second copy of every weight out of the
-    protobuf (for a 51 MB model that copy, with its page faults, costs more
-    than decryption and hashing together). ``_WEIGHTS`` keeps those buffers
-    alive for as long as the session exists (a weak key: no attribute on onnxruntime's object). Models under
-    ``limits.strip_min_model_bytes`` go to onnxruntime as plain bytes, which is
-    faster at that size.
+    Large weights are not parsed out of the protobuf a second time: onnxruntime gets the
+    small skeleton plus OrtValues that view the weight bytes inside ``model_bytes`` (the
+    decrypted payload) and copies them once into memory it owns. Nothing here keeps
+    ``model_bytes`` alive afterwards, so a caller that drops its last reference frees the
+    plaintext as soon as the session exists (``GuardedModel.load`` does): peak memory is
+    the plaintext plus onnxruntime's copy, steady state onnxruntime's copy alone
+    (benchmarks/bench_bundle_memory.py). Models under ``limits.strip_min_model_bytes`` go
+    to onnxruntime as plain bytes, which is faster at that size.
     """
     admitted = _admit(model_bytes, limits or AdmissionLimits())
     in_place = _weights_in_place(admitted)
@@ -503,9 +505,67 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     skeleton, names, values = in_place
     so = session_options(intra_op_threads, inter_op_threads)
     so.add_external_initializers(names, values)
-    sess = _session(skeleton, so)
-    _WEIGHTS[sess] = (values, admitted.model_bytes)  # onnxruntime reads these for its lifetime
+    return _session(skeleton, so)
+
+
+_FD_DIR = "/proc/self/fd"
+
+
+def load_session_streamed(take_model: Callable[[], bytes],
+                          stream_model: Callable[[Callable[[memoryview], object]], None],
+                          limits: AdmissionLimits | None = None, intra_op_threads: int = 1,
+                          inter_op_threads: int = 1) -> ort.InferenceSession:
+    """Like ``load_session``, but the plaintext is freed before onnxruntime reads the model.
+
+    ``take_model()`` hands over the only reference to the decrypted bytes; they are admitted
+    and dropped. onnxruntime then parses the model from a pipe (``/proc/self/fd/N``: no file,
+    nothing on disk) that a thread fills with ``stream_model(write)``, which decrypts the
+    payload again batch by batch and writes a batch only if it is byte-for-byte what was
+    admitted (``OpenedBundle.stream_model``). Peak memory is thus the larger of the plaintext
+    and onnxruntime's own load of the model, not their sum (benchmarks/bench_bundle_memory.py).
+    A failure of the stream (tampering in between) is raised instead of any session built from
+    it. Small models (under ``limits.strip_min_model_bytes``), and systems without
+    ``/proc/self/fd``, load from memory as ``load_session`` does.
+    """
+    limits = limits or AdmissionLimits()
+    model = take_model()
+    if len(model) < limits.strip_min_model_bytes or not os.path.isdir(_FD_DIR):
+        return load_session(model, limits, intra_op_threads, inter_op_threads)
+    _admit(model, limits)  # raises ModelRejected; keeps no reference
+    del model
+    so = session_options(intra_op_threads, inter_op_threads)
+    failed: list[BaseException] = []
+    r, w = os.pipe()
+
+    def feed() -> None:
+        def write(piece: memoryview) -> None:
+            while piece:
+                piece = piece[os.write(w, piece):]
+        try:
+            stream_model(write)
+        except BrokenPipeError:  # onnxruntime stopped reading: its own error is raised
+            pass
+        except BaseException as exc:  # surfaced below, on the loading thread
+            failed.append(exc.with_traceback(None))
+        finally:
+            os.close(w)
+
+    feeder = threading.Thread(target=feed, name="model-stream", daemon=True)
+    feeder.start()
+    try:
+        sess = _session(f"{_FD_DIR}/{r}", so)
+    except ModelRejected:
+        os.close(r)
+        r = -1
+        feeder.join()
+        if failed:
+            raise failed[0] from None
+        raise
+    finally:
+        if r >= 0:
+            os.close(r)
+        feeder.join()
+    if failed:  # the stream broke after onnxruntime had a complete-looking model: never use it
+        del sess
+        raise failed[0] from None
     return sess
-
-
-_WEIGHTS: weakref.WeakKeyDictionary[ort.InferenceSession, tuple[Any, bytes]] = weakref.WeakKeyDictionary()

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 NONBLOCK_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -40,15 +41,20 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> tuple[byt
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to a temp file beside ``path`` (created with ``mode``), fsync, rename, fsync the folder."""
+def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+    """Write ``data`` (bytes, or an iterable of pieces written as they come) to a temp
+    file beside ``path`` (created with ``mode``), fsync, rename, fsync the folder."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
-            f.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                for piece in data:
+                    f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

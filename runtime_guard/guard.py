@@ -215,8 +215,12 @@ class GuardedModel:
                     f"'{DETECTORS_PAYLOAD}' or runtime.anomaly.detector_meta"
                 )
             scorer = AnomalyScorer.from_bytes(opened.payloads[DETECTORS_PAYLOAD], config.anomaly.detector_meta)
+        from .admission import load_session_streamed
+
+        # The plaintext is admitted and freed before onnxruntime streams the model in again.
+        session = load_session_streamed(opened.take_model, opened.stream_model, admission_limits, threads, 1)
         guard = cls(
-            opened.model_bytes, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads,
+            session, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads,
             deadline=deadline,
         )
         guard.manifest = opened.manifest

@@ -2,8 +2,9 @@
 the (decrypted) model bytes, not as a second parsed copy.
 
 Checked: outputs equal a plain session's for aligned and misaligned weights and
-several element types; no copy for aligned weights; the buffers outlive every
-other reference; an external-data entry is never resolved as a file; models
+several element types; no copy on our side, aligned or not; onnxruntime owns its
+copy once the session exists (the plaintext may be overwritten or freed); an
+external-data entry is never resolved as a file; models
 whose weights cannot be mapped, and models under
 ``AdmissionLimits.strip_min_model_bytes``, take the plain path; admission still
 refuses what it refused before. The small models here take the in-place path
@@ -21,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime_guard.admission import _WEIGHTS, AdmissionLimits, _admit, _weights_in_place, load_session
+from runtime_guard.admission import AdmissionLimits, _admit, _weights_in_place, load_session
 from runtime_guard.errors import ModelRejected
 
 D = 160  # 160*160*4 B = 100 KiB > checker_strip_bytes (64 KiB): W is stripped
@@ -40,9 +41,8 @@ def gemm(doc: str = "", dtype=np.float32, seed: int = 0) -> bytes:
     else:
         nodes.insert(0, helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, D])], [w, b],
-                          doc_string=doc)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, D])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], doc_string=doc)  # before the graph
     m.ir_version = 8
     return m.SerializeToString()
 
@@ -64,8 +64,8 @@ def test_outputs_equal_plain_session_aligned_or_not(shift):
     model = gemm(doc="d" * shift)
     admitted = _admit(model, STRIP)
     (offset, length), = admitted.stripped.values()
+    assert _weights_in_place(admitted) is not None  # the in-place path is taken
     sess = load_session(model, STRIP)
-    assert sess in _WEIGHTS  # the in-place path was taken
     np.testing.assert_array_equal(sess.run(None, {"x": X})[0], plain_run(model, X))
     assert length == D * D * 4 and model[offset:offset + 16] == np.asarray(
         numpy_helper.to_array(onnx.load_from_string(model).graph.initializer[0])).tobytes()[:16]
@@ -74,30 +74,39 @@ def test_outputs_equal_plain_session_aligned_or_not(shift):
 @pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int8, np.int32])
 def test_other_element_types(dtype):
     model = gemm(dtype=dtype)
+    assert _weights_in_place(_admit(model, STRIP)) is not None
     sess = load_session(model, STRIP)
-    assert sess in _WEIGHTS
     x = x_for(model)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], plain_run(model, x))
 
 
-def test_aligned_weights_are_views_not_copies():
-    for shift in range(4):
-        model = gemm(doc="d" * shift)
-        admitted = _admit(model, STRIP)
-        (offset, _), = admitted.stripped.values()
-        if offset % 4 == 0:
-            break
+@pytest.mark.parametrize("shift", range(4))
+def test_weights_are_views_not_copies_aligned_or_not(shift):
+    admitted = _admit(gemm(doc="d" * shift), STRIP)
+    (offset, _), = admitted.stripped.values()
+    assert len({_admit(gemm(doc="d" * k), STRIP).stripped[0][0] % 4 for k in range(4)}) == 4
     _, names, values = _weights_in_place(admitted)
     base = np.frombuffer(admitted.model_bytes, np.uint8).ctypes.data
     assert names == ["W"] and values[0].data_ptr() == base + offset
 
 
-def test_buffers_outlive_every_other_reference():
-    model = bytearray(gemm(seed=3))  # a private copy whose only owner ends up being the session
-    want = plain_run(bytes(model), X)
-    sess = load_session(bytes(model), STRIP)
-    assert sess in _WEIGHTS
-    del model
+@pytest.mark.parametrize("shift", range(4))
+def test_the_session_owns_its_weights_once_loaded(shift):
+    """onnxruntime copies external initializers while the session loads, so the
+    plaintext can be overwritten (here) or freed (GuardedModel.load) right after."""
+    model = gemm(seed=3)
+    want = plain_run(model, X)
+    buf = bytearray(shift) + bytearray(model)  # a writable plaintext at every alignment
+    admitted = _admit(model, STRIP)
+    (offset, length), = admitted.stripped.values()
+    skeleton, names, _ = _weights_in_place(admitted)
+    arr = np.frombuffer(buf, "<f4", count=length // 4, offset=offset + shift).reshape(D, D)
+    assert arr.flags.aligned == (shift == (-offset) % 4)
+    so = ort.SessionOptions()
+    so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arr)])
+    sess = ort.InferenceSession(skeleton, so, providers=["CPUExecutionProvider"])
+    np.frombuffer(buf, np.uint8)[:] = 0x7F  # the plaintext is gone
+    del buf, arr, so
     gc.collect()
     np.frombuffer(os.urandom(D * D * 8), np.uint8).copy()  # churn the allocator
     np.testing.assert_array_equal(sess.run(None, {"x": X})[0], want)
@@ -132,12 +141,12 @@ def test_unmappable_weights_fall_back_to_plain_bytes():
     assert list(admitted.stripped) == [0] and _weights_in_place(admitted) is None
     sess = load_session(model, STRIP)
     x = np.ones((1, 2), np.float32)
-    assert sess not in _WEIGHTS and np.array_equal(sess.run(None, {"x": x})[0], x)
+    assert np.array_equal(sess.run(None, {"x": x})[0], x)
 
 
 def test_small_weights_go_as_plain_bytes_large_ones_in_place():
     small = gemm()
-    assert load_session(small) not in _WEIGHTS
+    assert not _admit(small, AdmissionLimits()).stripped  # checked whole, plain bytes
     d = 736  # 736*736*4 B = 2.07 MiB, just over the default strip_min_model_bytes
     w = numpy_helper.from_array(np.random.default_rng(2).standard_normal((d, d)).astype(np.float32), "W")
     g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
@@ -147,8 +156,8 @@ def test_small_weights_go_as_plain_bytes_large_ones_in_place():
     m.ir_version = 8
     large = m.SerializeToString()
     assert len(large) >= AdmissionLimits().strip_min_model_bytes
+    assert _weights_in_place(_admit(large, AdmissionLimits())) is not None
     sess = load_session(large)
-    assert sess in _WEIGHTS
     x = x_for(large)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], plain_run(large, x))
 

@@ -140,3 +140,45 @@ def test_release_flow_on_models_of_other_shapes(kind, tmp_path):
         assert r.status_code in (200, 422), r.text  # 422: the gate may reject an input
         meta = requests.get(srv.url + "/v1/model", timeout=5).json()
         assert meta["input"]["sample_shape"] == list(x.shape[1:])
+
+
+@pytest.mark.slow
+def test_realistic_flow_small(tmp_path):
+    """benchmarks/bench_realistic.py's run_flow (every command, as a user runs them) on a
+    MobileNetV3-small at 3x32x32: audit with the TorchScript source and ONNX-only, package,
+    verify, serve + JSON and npy predictions; every stage exits 0 or 1."""
+    import importlib.util
+
+    from hardening.reference_models import build_reference
+
+    torch.set_num_threads(1)
+    ref = build_reference("mobilenet_v3_small", tmp_path / "ref", size=32, epochs=2)
+    spec = importlib.util.spec_from_file_location(
+        "bench_realistic", Path(__file__).resolve().parent.parent / "benchmarks" / "bench_realistic.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stages = bench.run_flow("mobilenet_3x32x32", Path(ref.model_path), Path(ref.data_path),
+                            Path(ref.torchscript_path), tmp_path / "flow", log=None)
+    assert [s.name for s in stages] == ["audit_torchscript", "keygen", "package", "verify", "serve",
+                                        "audit_onnx_only"], bench.table(stages)
+    bad = [f"{s.name} exited {s.exit_code}: {s.note}\n{s.stderr_tail}" for s in stages if not s.ok]
+    assert not bad, "\n".join(bad)
+    serve = stages[-2]
+    assert "same answer" in serve.note and "UNEXPECTED" not in serve.note, serve.note
+
+
+def test_image_thief_stem_scales_with_the_input():
+    """The default image thief's first block is strided for large inputs (its training cost
+    was most of a 3x96x96 quick audit) and unchanged for small ones."""
+    from attacks.architectures import ImageCNN
+    from attacks.extraction import thief_spec_for
+
+    assert thief_spec_for((3, 16, 16), 4).kwargs["stem_stride"] == 1
+    assert thief_spec_for((3, 32, 32), 10).kwargs["stem_stride"] == 1
+    assert thief_spec_for((3, 224, 224), 10).kwargs["stem_stride"] == 4
+    spec = thief_spec_for((3, 96, 96), 10)
+    assert spec.arch == "image_cnn" and spec.kwargs["stem_stride"] == 2
+    model = ImageCNN(**spec.kwargs)
+    assert model.blocks[0](torch.zeros(2, 3, 96, 96)).shape == (2, 16, 48, 48)
+    logits, features = model(torch.zeros(2, 3, 96, 96))
+    assert logits.shape == (2, 10) and features.shape == (2, 64)

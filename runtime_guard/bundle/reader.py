@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from cryptography.exceptions import InvalidSignature
 
@@ -33,7 +33,7 @@ from .format import (
 from .keys import KekLike, coerce_public_key, unwrap_data_key
 from .manifest import manifest_digest, parse_manifest
 from .rollback import RollbackState
-from .stream import decrypt_payload, derive_payload_key, payload_aad
+from .stream import decrypt_payload, derive_payload_key, payload_aad, stream_payload
 
 if TYPE_CHECKING:
     import onnx
@@ -56,6 +56,7 @@ class OpenedBundle:
     payloads: dict[str, bytes] = field(repr=False)
     manifest_sha256: str
     _rollback: RollbackState | None = field(default=None, repr=False)
+    _sealed_model: "_SealedPayload | None" = field(default=None, repr=False)
 
     @property
     def version(self) -> int:
@@ -67,6 +68,26 @@ class OpenedBundle:
             return self.payloads[MODEL_PAYLOAD]
         except KeyError:
             raise FormatError("bundle has no 'model' payload", check="manifest-fields") from None
+
+    def take_model(self) -> bytes:
+        """The model payload, removed from ``payloads``: the caller's reference is then the
+        last one, so the plaintext is freed as soon as the caller drops it (onnxruntime
+        keeps its own copy of the weights; see admission.load_session)."""
+        data = self.model_bytes
+        del self.payloads[MODEL_PAYLOAD]
+        return data
+
+    def stream_model(self, write: Callable[[memoryview], object]) -> None:
+        """Decrypt the model payload again from the bundle, handing it to ``write`` batch by
+        batch; each batch is checked against the digests taken when the bundle was opened
+        (stream.stream_payload), so ``write`` sees exactly the bytes verified then. Lets a
+        caller drop the plaintext (``take_model``) before onnxruntime reads the model."""
+        sealed = self._sealed_model
+        if sealed is None:
+            raise FormatError("bundle has no 'model' payload", check="manifest-fields")
+        with Source(sealed.source) as src:
+            stream_payload(sealed.key, sealed.aad, src.readinto, sealed.offset, sealed.size,
+                           sealed.chunk_size, sealed.sha256, sealed.batch_digests, MODEL_PAYLOAD, write)
 
     def accept(self, now: int | None = None) -> None:
         """Commit this version to the anti-rollback state (no-op without state)."""
@@ -85,6 +106,20 @@ class OpenedBundle:
         (admission.load_session: large weights are handed over without a copy)."""
         from ..admission import load_session
         return load_session(self.model_bytes, limits, intra_op_threads, inter_op_threads)
+
+
+@dataclass(frozen=True)
+class _SealedPayload:
+    """Where one verified payload's ciphertext is and what its plaintext hashed to."""
+
+    source: BundleInput
+    key: bytes
+    aad: bytes
+    offset: int
+    size: int
+    chunk_size: int
+    sha256: bytes
+    batch_digests: list[bytes]
 
 
 @dataclass(frozen=True)
@@ -156,15 +191,19 @@ def open_bundle(
         salt = bytes.fromhex(v.manifest["crypto"]["salt"])
         cs = v.manifest["crypto"]["chunk_size"]
         payloads: dict[str, bytes] = {}
+        sealed: _SealedPayload | None = None
         off = v.header.payload_offset
         for p in v.manifest["payloads"]:
             name = p["name"]
             key = derive_payload_key(data_key, salt, name)
-            payloads[name] = decrypt_payload(key, payload_aad(v.digest, name), None, off,
-                                             p["size"], cs, bytes.fromhex(p["sha256"]), name,
-                                             readinto=src.readinto)
+            aad, sha = payload_aad(v.digest, name), bytes.fromhex(p["sha256"])
+            digests: list[bytes] | None = [] if name == MODEL_PAYLOAD else None
+            payloads[name] = decrypt_payload(key, aad, None, off, p["size"], cs, sha, name,
+                                             readinto=src.readinto, batch_digests=digests)
+            if digests is not None:
+                sealed = _SealedPayload(path_or_bytes, key, aad, off, p["size"], cs, sha, digests)
             off += ciphertext_len(p["size"], cs)
-    return OpenedBundle(v.manifest, payloads, v.digest.hex(), state)
+    return OpenedBundle(v.manifest, payloads, v.digest.hex(), state, sealed)
 
 
 def verify_bundle(

@@ -93,10 +93,12 @@ class _Pipeline:
     """
 
     def __init__(self, readinto: ReadInto, view: memoryview, offset: int,
-                 batches: list[tuple[int, int]], threaded: bool) -> None:
+                 batches: list[tuple[int, int]], threaded: bool,
+                 batch_digests: list[bytes] | None = None) -> None:
         self._readinto, self._view, self._offset = readinto, view, offset
         self._batches = batches  # (start in buffer, length) of each batch's ciphertext
         self._h = hashlib.sha256()
+        self._batch_digests = batch_digests  # SHA-256 of each batch's plaintext, if asked for
         self._stop: threading.Event | None = None
         self._threads: list[threading.Thread] = []
         self._reads: "queue.SimpleQueue[int | BaseException] | None" = None
@@ -130,7 +132,12 @@ class _Pipeline:
         assert self._hashq is not None
         view = self._view
         while (item := self._hashq.get()) is not None:
-            self._h.update(view[item[0]:item[1]])
+            self._update(view[item[0]:item[1]])
+
+    def _update(self, piece: memoryview) -> None:
+        self._h.update(piece)
+        if self._batch_digests is not None:
+            self._batch_digests.append(hashlib.sha256(piece).digest())
 
     def read(self, index: int) -> int:
         """Bytes of ciphertext available for batch ``index`` (all of it unless short)."""
@@ -143,7 +150,7 @@ class _Pipeline:
 
     def hash(self, start: int, end: int) -> None:
         if self._hashq is None:
-            self._h.update(self._view[start:end])
+            self._update(self._view[start:end])
         else:
             self._hashq.put((start, end))
 
@@ -163,6 +170,20 @@ class _Pipeline:
         self._hashq = None
 
 
+def _batches(size: int, chunk_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """(whole chunks per read, [(ciphertext offset in the payload, length)] per read)."""
+    n = chunk_count(size, chunk_size)
+    per_read = max(1, READ_BATCH // (chunk_size + TAG_LEN))
+    batches, pos = [], 0
+    for first in range(0, n, per_read):
+        last = min(n, first + per_read)
+        length = sum(min(chunk_size, size - i * chunk_size) for i in range(first, last))
+        length += TAG_LEN * (last - first)
+        batches.append((pos, length))
+        pos += length
+    return per_read, batches
+
+
 def decrypt_payload(
     key: bytes,
     aad: bytes,
@@ -174,6 +195,7 @@ def decrypt_payload(
     name: str,
     *,
     readinto: ReadInto | None = None,
+    batch_digests: list[bytes] | None = None,
 ) -> bytes:
     """Authenticate and decrypt one payload chunk by chunk into one ``bytes``.
 
@@ -193,17 +215,14 @@ def decrypt_payload(
     every view is released (CPython's copy-on-write BytesIO; if an interpreter
     copied instead, only speed would change). On any failure the plaintext
     written so far and the slot are zeroed before the exception propagates.
+
+    ``batch_digests``, if given, receives the SHA-256 of each batch's plaintext (one per
+    ``READ_BATCH`` of ciphertext), which ``stream_payload`` checks when it decrypts the
+    payload a second time.
     """
     n = chunk_count(size, chunk_size)
-    per_read = max(1, READ_BATCH // (chunk_size + TAG_LEN))  # whole chunks per read
-    batches, pos = [], 0
-    for first in range(0, n, per_read):
-        last = min(n, first + per_read)
-        length = sum(min(chunk_size, size - i * chunk_size) for i in range(first, last))
-        length += TAG_LEN * (last - first)
-        batches.append((pos, length))
-        pos += length
-    ct_len = pos
+    per_read, batches = _batches(size, chunk_size)
+    ct_len = sum(length for _, length in batches)
     if readinto is None:
         if read is None:
             raise TypeError("decrypt_payload needs read or readinto")
@@ -212,7 +231,8 @@ def decrypt_payload(
     out = io.BytesIO(bytes(ct_len))  # sole reference: BytesIO adopts it, no copy
     view = out.getbuffer()
     slot = memoryview(bytearray(min(chunk_size, max(size, 1))))
-    pipe = _Pipeline(readinto, view, offset, batches, threaded=len(batches) >= THREADED_MIN_BATCHES)
+    pipe = _Pipeline(readinto, view, offset, batches, threaded=len(batches) >= THREADED_MIN_BATCHES,
+                     batch_digests=batch_digests)
     src = dst = 0  # next ciphertext byte to decrypt / next plaintext byte to write
     try:
         for b, (_, blen) in enumerate(batches):
@@ -248,3 +268,60 @@ def decrypt_payload(
     view.release()  # no views left: the buffer may be resized and handed over
     out.truncate(size)
     return out.getvalue()
+
+
+def stream_payload(
+    key: bytes,
+    aad: bytes,
+    readinto: ReadInto,
+    offset: int,
+    size: int,
+    chunk_size: int,
+    expected_sha256: bytes,
+    batch_digests: list[bytes],
+    name: str,
+    write: Callable[[memoryview], object],
+) -> None:
+    """Decrypt a payload that ``decrypt_payload`` already verified a second time, handing
+    its plaintext to ``write`` one batch at a time (memory: one batch, never the payload).
+
+    A batch reaches ``write`` only after its SHA-256 equals the one recorded on the first
+    pass (``batch_digests``), so the consumer sees exactly the bytes that were verified and
+    admitted then, even if the file was replaced in between by someone holding the KEK
+    (AEAD alone cannot tell: the key is symmetric). Any difference is a TamperError, raised
+    before the batch that differs is written. The reused buffers are zeroed at the end.
+    """
+    n = chunk_count(size, chunk_size)
+    per_read, batches = _batches(size, chunk_size)
+    if len(batches) != len(batch_digests):
+        raise TamperError(f"payload {name!r} changed since it was verified", check="digest")
+    aead = AESGCM(key)
+    longest = max(length for _, length in batches)
+    ct = memoryview(bytearray(longest))
+    pt = memoryview(bytearray(max(1, min(size, per_read * chunk_size))))
+    h = hashlib.sha256()
+    try:
+        for b, (start, blen) in enumerate(batches):
+            if readinto(offset + start, ct[:blen]) != blen:
+                raise TamperError(f"payload {name!r}: ciphertext is truncated", check="truncated")
+            src = dst = 0
+            for i in range(b * per_read, min(n, (b + 1) * per_read)):
+                plen = min(chunk_size, size - i * chunk_size)
+                try:
+                    aead.decrypt_into(chunk_nonce(i, i == n - 1), ct[src:src + plen + TAG_LEN], aad,
+                                      pt[dst:dst + plen])
+                except InvalidTag:
+                    raise TamperError(
+                        f"payload {name!r}: chunk {i} failed authentication", check="chunk-auth"
+                    ) from None
+                src += plen + TAG_LEN
+                dst += plen
+            piece = pt[:dst]
+            if not hmac.compare_digest(hashlib.sha256(piece).digest(), batch_digests[b]):
+                raise TamperError(f"payload {name!r} changed since it was verified", check="digest")
+            h.update(piece)
+            write(piece)
+        if not hmac.compare_digest(h.digest(), expected_sha256):
+            raise TamperError(f"payload {name!r}: SHA-256 does not match manifest", check="digest")
+    finally:
+        _zero(pt, len(pt))

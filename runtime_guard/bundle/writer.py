@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any, Union
 
 from cryptography.hazmat.primitives import serialization
@@ -35,19 +36,20 @@ def _signing_key(key: Union[Ed25519PrivateKey, bytes]) -> Ed25519PrivateKey:
     return obj
 
 
-def build_bundle(
+def _bundle_parts(
     payloads: dict[str, bytes],
     manifest_fields: dict[str, Any],
     signing_key: Union[Ed25519PrivateKey, bytes],
     kek: KekLike,
     version: int,
-    expires_in_s: int | None = None,
+    expires_in_s: int | None,
     *,
     now: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     scrypt_log2n: int = DEFAULT_SCRYPT_LOG2N,
-) -> tuple[bytes, dict[str, Any]]:
-    """Build a bundle in memory; returns (bundle bytes, manifest)."""
+) -> tuple[Iterator[bytes], dict[str, Any]]:
+    """(the bundle's bytes as a lazy sequence of pieces: signed head, signature, sealed
+    chunks; the manifest). Everything is validated and signed before it returns."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise ValueError("version must be a non-negative integer")
     if expires_in_s is not None and (not isinstance(expires_in_s, int) or expires_in_s <= 0):
@@ -72,13 +74,33 @@ def build_bundle(
     kek_block = wrap_data_key(kek, data_key, prefix, scrypt_log2n).pack()
     signed = prefix + kek_block + MLEN.pack(len(mbytes)) + mbytes
     signature = _signing_key(signing_key).sign(SIG_CONTEXT + signed)
-
     digest = manifest_digest(mbytes)
-    parts = [signed, signature]
-    for n in names:
-        key = derive_payload_key(data_key, salt, n)
-        parts.extend(encrypt_chunks(key, payload_aad(digest, n), payloads[n], chunk_size))
-    return b"".join(parts), manifest
+
+    def pieces() -> Iterator[bytes]:
+        yield signed
+        yield signature
+        for n in names:
+            key = derive_payload_key(data_key, salt, n)
+            yield from encrypt_chunks(key, payload_aad(digest, n), payloads[n], chunk_size)
+
+    return pieces(), manifest
+
+
+def build_bundle(
+    payloads: dict[str, bytes],
+    manifest_fields: dict[str, Any],
+    signing_key: Union[Ed25519PrivateKey, bytes],
+    kek: KekLike,
+    version: int,
+    expires_in_s: int | None = None,
+    **options: Any,
+) -> tuple[bytes, dict[str, Any]]:
+    """Build a bundle in memory; returns (bundle bytes, manifest).
+
+    Options: ``now``, ``chunk_size``, ``scrypt_log2n``."""
+    pieces, manifest = _bundle_parts(payloads, manifest_fields, signing_key, kek, version,
+                                     expires_in_s, **options)
+    return b"".join(pieces), manifest
 
 
 def write_bundle(
@@ -94,9 +116,10 @@ def write_bundle(
     """Build and atomically write a bundle; returns the signed manifest.
 
     Options: ``now``, ``chunk_size``, ``scrypt_log2n`` (see build_bundle).
-    Only ciphertext touches the disk.
+    Only ciphertext touches the disk, one sealed chunk at a time: memory beyond the
+    payloads themselves stays at one chunk, not a second copy of the bundle.
     """
-    blob, manifest = build_bundle(payloads, manifest_fields, signing_key, kek, version,
-                                  expires_in_s, **options)
-    atomic_write(out_path, blob, mode=0o644)  # ciphertext + public metadata only
+    pieces, manifest = _bundle_parts(payloads, manifest_fields, signing_key, kek, version,
+                                     expires_in_s, **options)
+    atomic_write(out_path, pieces, mode=0o644)  # ciphertext + public metadata only
     return manifest
