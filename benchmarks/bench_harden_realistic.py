@@ -55,11 +55,13 @@ def run(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from hardening.compression import load_variants
+    from hardening.compression import Variant, load_variants
     from hardening.data import load_dataset
     from hardening.harden import harden
+    from hardening.harden.base import parameters
     from hardening.profiling import profile_variants
     from hardening.robustness import run_robustness_audit
+    from hardening.torch_source import load_torch_source
 
     torch.set_num_threads(1)
     for name in ("onnxscript", "onnx_ir"):  # the exporter's per-pass INFO lines
@@ -83,6 +85,13 @@ def run(args: argparse.Namespace) -> dict:
                progress=progress)
     timings["harden"] = time.perf_counter() - t0
     variants = load_variants(out / "variants.json")
+    for name in filter(None, (args.also or "").split(",")):  # an earlier run's variants in the same OUT
+        rec_file = out / f"{name}.recipe.json"
+        rec = json.loads(rec_file.read_text()) if rec_file.is_file() else {
+            "recipe": name, "parameters": parameters(load_torch_source(out / f"{name}.pt"))}
+        variants.append(Variant(name, str(out / f"{name}.onnx"), name, "float", rec, "", str(out / f"{name}.pt")))
+    for v in variants:  # what --also reads back
+        (out / f"{v.name}.recipe.json").write_text(json.dumps(v.recipe, indent=2))
     for b in bits[1:]:
         extra = [r for r in args.quant_recipes.split(",") if r in QUANT]
         sub = out / f"bits-{b}"
@@ -100,24 +109,30 @@ def run(args: argparse.Namespace) -> dict:
     print(f"auditing (load {_load()})", flush=True)
     t0 = time.perf_counter()
     attacks = args.attacks.split(",") if args.attacks else None
-    audited = [v for v in variants if not args.audit_variants or v.name in args.audit_variants.split(",")]
-    rob = run_robustness_audit(audited, ds, eps=[args.eps], n=args.n, seed=args.seed, attacks=attacks,
-                               progress=None) if args.n else None
+    by_rob = {}  # name -> {clean_accuracy, robust_accuracy, upper_bound, families}
+    if args.audit_from:  # an earlier audit with the same settings (the cascade runs per variant)
+        for r in json.loads(Path(args.audit_from).read_text())["variants"]:
+            by_rob[r["name"]] = r
+    audited = [v for v in variants if (not args.audit_variants or v.name in args.audit_variants.split(","))
+               and v.name not in by_rob]
+    if args.n and audited:
+        rob = run_robustness_audit(audited, ds, eps=[args.eps], n=args.n, seed=args.seed, attacks=attacks)
+        (out / f"audit-{int(time.time())}.json").write_text(json.dumps(rob.to_dict(), indent=2, default=str))
+        by_rob.update({v.name: v.to_dict() for v in rob.variants})
     timings["audit"] = time.perf_counter() - t0
     rows = []
-    by_prof = {p.name: p for p in prof.profiles}
-    by_rob = {v.name: v for v in rob.variants} if rob else {}
+    by_prof = {p.name: p for p in prof.variants}
     for v in variants:
         p = by_prof[v.name]
         b1 = next(s for s in p.latency if s.batch == 1)
         r = by_rob.get(v.name)
-        e = r.robust_at(args.eps) if r else None
+        e = min(r["eps"], key=lambda e: abs(e["eps"] - args.eps)) if r else None
         rows.append({
             "variant": v.name, "recipe": v.recipe.get("recipe", "float"),
             "bits": v.recipe.get("bits"), "parameters": v.recipe.get("parameters"),
-            "accuracy_all_x": p.accuracy, "clean_accuracy_audit": r.clean_accuracy if r else None,
-            "robust_accuracy": e.robust_accuracy if e else None, "upper_bound": r.upper_bound if r else None,
-            "families": r.families if r else None, "size_kib": p.size_bytes / 1024,
+            "accuracy_all_x": p.accuracy, "clean_accuracy_audit": r["clean_accuracy"] if r else None,
+            "robust_accuracy": e["robust_accuracy"] if e else None, "upper_bound": r["upper_bound"] if r else None,
+            "families": r["families"] if r else None, "size_kib": p.size_bytes / 1024,
             "p50_ms": b1.p50_ms, "p95_ms": b1.p95_ms, "train_seconds": v.recipe.get("train_seconds"),
         })
     base = rows[0]
@@ -158,6 +173,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="audit points (0: no robustness audit)")
     ap.add_argument("--runs", type=int, default=200, help="profile runs per batch size")
     ap.add_argument("--attacks", default=None, help="comma-separated audit attacks (default: the quick cascade)")
+    ap.add_argument("--also", default=None, help="comma-separated variants an earlier run left in OUT "
+                    "(NAME.onnx, NAME.pt, NAME.recipe.json), profiled and audited with this run's")
+    ap.add_argument("--audit-from", default=None, help="robustness report JSON of an earlier audit run with the "
+                    "same --n/--eps/--seed/--attacks: its variants are not audited again")
     ap.add_argument("--audit-variants", default=None, help="comma-separated variants to audit (default: all)")
     ap.add_argument("--quant-recipes", default="ptq,qat,mixed", help="re-run at each further --quant-bits")
     ap.add_argument("--seed", type=int, default=0)

@@ -104,7 +104,9 @@ def test_pruning_a_torchscript_mobilenet_removes_channels_and_keeps_the_input_na
 @pytest.mark.slow
 def test_recipes_on_mobilenet_v3_small_at_3x96x96(tmp_path_factory):
     """The realistic model: every recipe family at ``--profile large`` on MobileNetV3-small
-    (3x96x96, TorchScript source). Structure and accuracy only; speed is the benchmark's."""
+    (3x96x96, TorchScript source). Structure, accuracy and trusted (not upper-bound) robust
+    figures; speed is the benchmark's, and so is the finding that this CPU budget buys no
+    robustness at L-inf 0.1 here (BENCHMARKS.md)."""
     from hardening.harden import harden
     from hardening.reference_models import build_reference
     from hardening.robustness import run_robustness_audit
@@ -123,7 +125,8 @@ def test_recipes_on_mobilenet_v3_small_at_3x96x96(tmp_path_factory):
     assert vs["distill"].recipe["parameter_ratio"] <= 0.5
     assert vs["ptq"].recipe["size_bytes"] * 2.5 <= f["size_bytes"]
     rep = run_robustness_audit([str(out / "variants.json")], ref.data_path, eps=[0.1], n=40, seed=0,
-                               attacks=["pgd", "square"])
+                               attacks=["fgsm", "pgd", "apgd-ce", "square"])
     rob = {v.name: v for v in rep.variants}
-    assert not rob["adv_pgd"].upper_bound
-    assert rob["adv_pgd"].robust_at(0.1).robust_accuracy >= rob["float"].robust_at(0.1).robust_accuracy + 0.2
+    for name in ("float", "adv_pgd", "prune_structured", "ptq"):
+        assert not rob[name].upper_bound, name
+        assert rob[name].robust_at(0.1).robust_accuracy <= rob[name].clean_accuracy
