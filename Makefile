@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 LOCK := requirements.lock
 # Where this machine keeps torch's CPU wheel (pip's find-links); the lock is resolved against it.
 TORCH_WHEELS ?= /opt/wheels
-EXTRAS := audit,test,redis,dev,fleet,provenance,grpc,ray
+EXTRAS := audit,test,redis,dev,fleet,provenance,grpc,ray,pt2e
 PYTEST_ARGS ?=
 # Tests run in a random order (pytest-randomly); the seed is printed, `make test SEED=N` repeats one.
 ifeq ($(origin SEED), undefined)
@@ -30,7 +30,7 @@ install: $(STAMP)
 # Deliberate bumps only: regenerate, review the diff, commit it.
 lock: $(STAMP)
 	echo '$(TORCH)+cpu' > $(VENV)/torch-cpu.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra audit --extra test --extra redis --extra dev --extra fleet --extra provenance --extra grpc --extra ray \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra audit --extra test --extra redis --extra dev --extra fleet --extra provenance --extra grpc --extra ray --extra pt2e \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --find-links $(TORCH_WHEELS) -c $(VENV)/torch-cpu.txt --no-emit-package torch \
 	  --no-header --quiet -o $(LOCK)

@@ -89,17 +89,25 @@ _MNV3_SMALL = [
 
 
 class MobileNetV3Small(nn.Module):
-    """torchvision's ``mobilenet_v3_small`` (width 1.0): 1.5 M parameters at 10 classes."""
+    """torchvision's ``mobilenet_v3_small``: 1.5 M parameters at 10 classes and width 1.0;
+    ``width_mult`` scales every channel count as torchvision's does (0.5: the half-width
+    student ``edgeward harden`` distils into)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> None:
         super().__init__()
-        layers: list[nn.Module] = [_ConvBNAct(in_channels, 16, 3, 2, act=nn.Hardswish)]
-        layers += [_InvertedResidual(*cfg) for cfg in _MNV3_SMALL]
-        layers.append(_ConvBNAct(96, 576, 1, act=nn.Hardswish))
+
+        def w(c: int) -> int:
+            return c if width_mult == 1.0 else _divisible(c * width_mult)
+
+        cfgs = [(w(cin), k, w(exp), w(cout), se, hs, st) for cin, k, exp, cout, se, hs, st in _MNV3_SMALL]
+        last_in = cfgs[-1][3]
+        layers: list[nn.Module] = [_ConvBNAct(in_channels, cfgs[0][0], 3, 2, act=nn.Hardswish)]
+        layers += [_InvertedResidual(*cfg) for cfg in cfgs]
+        layers.append(_ConvBNAct(last_in, 6 * last_in, 1, act=nn.Hardswish))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2),
-                                        nn.Linear(1024, num_classes))
+        self.classifier = nn.Sequential(nn.Linear(6 * last_in, w(1024)), nn.Hardswish(), nn.Dropout(0.2),
+                                        nn.Linear(w(1024), num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")

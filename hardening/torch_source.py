@@ -57,21 +57,24 @@ def save_state_dict(model: nn.Module, path: str | Path, arch: str, kwargs: dict)
     Path(path).with_suffix(".json").write_text(json.dumps({"arch": arch, "kwargs": kwargs}, indent=2))
 
 
-def export_onnx(model: nn.Module, sample: torch.Tensor, path: str | Path) -> None:
-    """Export with a dynamic batch and outputs ``logits`` and ``features``."""
+def export_onnx(model: nn.Module, sample: torch.Tensor, path: str | Path, input_name: str = "input") -> None:
+    """Export with a dynamic batch and outputs ``logits`` and ``features`` (``logits`` alone
+    for a model that returns one tensor)."""
     import logging
     import warnings
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        two = isinstance(model(sample), (tuple, list))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             model,
             (sample,),
-            input_names=["input"],
-            output_names=["logits", "features"],
+            input_names=[input_name],
+            output_names=["logits", "features"] if two else ["logits"],
             dynamic_shapes=({0: batch},),
             dynamo=True,
             external_data=False,

@@ -116,3 +116,27 @@ def test_cli_quant_bits_w8a8_json(digits_demo, tmp_path):
     rows = {x["name"]: x for x in json.loads(r.stdout)}
     assert rows["ptq"]["recipe"]["weight_bits"] == 8 and rows["ptq"]["recipe"]["activation_bits"] == 8
     assert np.isclose(rows["ptq"]["recipe"]["accuracy"], rows["float"]["recipe"]["accuracy"], atol=0.01)
+
+
+def test_qat_pt2e_trains_in_torchs_pt2e_flow_and_ships_its_own_qdq_graph(digits_demo, tmp_path):
+    """torchao's PT2E QAT (extra ``pt2e``): the converted graph's quantize/dequantize ops become
+    the ONNX QDQ graph; its accuracy stays within a point of float and its source reloads."""
+    import onnx
+
+    from hardening.harden import harden
+    from hardening.torch_source import load_torch_source
+
+    vs = {v.name: v for v in harden(digits_demo.model_path, digits_demo.torch_path, digits_demo.data_path,
+                                    "qat_pt2e", tmp_path, seed=0, quant_bits="w8a8")}
+    rec = vs["qat_pt2e"].recipe
+    assert rec["tool"].startswith("torchao 0.18") and rec["bits"] == "w8a8"
+    assert rec["export"]["top1_agreement_with_torch_graph"] >= 0.95
+    assert rec["accuracy"] >= vs["float"].recipe["accuracy"] - 0.01, rec["accuracy"]
+    ops = {n.op_type for n in onnx.load(vs["qat_pt2e"].path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert rec["size_bytes"] < 0.5 * vs["float"].recipe["size_bytes"]  # int8 weights
+    load_torch_source(vs["qat_pt2e"].torch_source)  # the float latent weights, a zoo state dict
+    r = runner.invoke(app, ["harden", digits_demo.model_path, "--torch-source", digits_demo.torch_path, "--data",
+                            digits_demo.data_path, "--recipe", "qat_pt2e", "--quant-bits", "w4a8",
+                            "--out", str(tmp_path / "w4")])
+    assert r.exit_code == 2 and "int8 only" in r.output, r.output

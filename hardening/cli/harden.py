@@ -1,4 +1,4 @@
-"""``edgeward harden``: adversarial fine-tuning, distillation and structured pruning from a PyTorch source."""
+"""``edgeward harden``: adversarial fine-tuning, distillation, pruning and quantization from a PyTorch source."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
 def harden_cmd(
     model: Path = typer.Argument(..., help="Float ONNX model."),
     torch_source: Path = typer.Option(..., "--torch-source", help="The model's PyTorch source: a state dict of a "
-                                      "hardening/zoo.py architecture with its .json sidecar."),
+                                      "hardening/zoo.py or reference architecture with its .json sidecar, or TorchScript "
+                                      "of a reference architecture (MobileNetV3-small, ResNet-18)."),
     data: Path = typer.Option(..., "--data", help=".npz with x, y (evaluation) and x_train, y_train (training)."),
-    recipe: str = typer.Option(..., "--recipe", help="Comma-separated: adv_pgd, trades, distill, prune_structured, int4, ptq, qat, mixed."),
+    recipe: str = typer.Option(..., "--recipe", help="Comma-separated: adv_pgd, trades, distill, adv_distill, prune_structured, int4, ptq, "
+                          "qat, mixed."),
     out: Path = typer.Option(..., "--out", help="Folder for the variants, their sources and variants.json."),
-    profile: str = typer.Option("quick", "--profile", help="quick (seconds on the demo) or thorough (longer training)."),
+    profile: str = typer.Option("quick", "--profile", help="quick (seconds on the demo), thorough (longer training) or large "
+                            "(CPU budgets for MobileNet/ResNet-class models)."),
     eps: float = typer.Option(None, "--eps", help="L-inf budget of the adversarial recipes, in input units "
                               "(default 10% of the data range)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batch order and PGD starts."),

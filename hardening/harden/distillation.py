@@ -1,5 +1,8 @@
-"""Knowledge distillation (Hinton et al.) into a smaller student of the same zoo family:
-every width argument halved, so the student has at most half the teacher's parameters."""
+"""Knowledge distillation (Hinton et al.) into a smaller student: for a zoo network the same
+family with every width argument halved; for a reference network the student in
+``REFERENCE_STUDENTS`` at the teacher's channels and classes (MobileNetV3-small at half
+width; ResNet-18 into the zoo's ``image_cnn``). Refused unless the student has at most half
+the teacher's parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +13,22 @@ from torch import nn
 
 from hardening.errors import InputError
 from hardening.harden.base import Context, Result, Timer, batches, logits, parameters, pgd
+from hardening.reference_models import REFERENCE_ARCHITECTURES
 from hardening.zoo import ARCHITECTURES, WIDTH_KWARGS
+
+# Student of each reference network, as (architecture, width arguments): MobileNetV3-small at
+# width 0.5 (0.27x the parameters, fewer MACs too); ResNet-18 into three strided conv blocks
+# with global pooling (1% of its parameters, a zoo architecture, so a plain state dict).
+REFERENCE_STUDENTS = {"mobilenet_v3_small": ("mobilenet_v3_small", {"width_mult": 0.5}),
+                      "resnet18": ("image_cnn", {"width": 32, "feature_dim": 128})}
+
+
+def student_of(arch: str, kwargs: dict) -> tuple[str, dict]:
+    """The student's zoo architecture and constructor arguments."""
+    if arch in REFERENCE_ARCHITECTURES:
+        name, widths = REFERENCE_STUDENTS[arch]
+        return name, {"in_channels": kwargs["in_channels"], "num_classes": kwargs["num_classes"], **widths}
+    return arch, student_kwargs(arch, kwargs)
 
 
 def student_kwargs(arch: str, kwargs: dict) -> dict:
@@ -24,15 +42,15 @@ def student_kwargs(arch: str, kwargs: dict) -> dict:
     return out
 
 
-def _student(ctx: Context) -> tuple[nn.Module, dict, int, int]:
-    kw = student_kwargs(ctx.arch, ctx.kwargs)
+def _student(ctx: Context) -> tuple[nn.Module, str, dict, int, int]:
+    arch, kw = student_of(ctx.arch, ctx.kwargs)
     torch.manual_seed(ctx.seed)
-    student = ARCHITECTURES[ctx.arch](**kw).train()
+    student = (ARCHITECTURES.get(arch) or REFERENCE_ARCHITECTURES[arch])(**kw).train()
     teacher_params, student_params = parameters(ctx.teacher), parameters(student)
     if 2 * student_params > teacher_params:
         raise InputError(f"distill: the student has {student_params} parameters, more than half the "
                          f"teacher's {teacher_params}")
-    return student, kw, teacher_params, student_params
+    return student, arch, kw, teacher_params, student_params
 
 
 class _Distillation:
@@ -42,7 +60,7 @@ class _Distillation:
     def __init__(self, ctx: Context, recipe: str) -> None:
         self.budget = b = ctx.budget(recipe)
         self.T, self.alpha = b["temperature"], b["alpha"]
-        self.student, self.kw, self.teacher_params, self.student_params = _student(ctx)
+        self.student, self.arch, self.kw, self.teacher_params, self.student_params = _student(ctx)
         self.g = torch.Generator().manual_seed(ctx.seed)
         self.x, self.y = ctx.x_train, ctx.y_train
         with torch.no_grad():
@@ -74,7 +92,7 @@ def adv_distill(ctx: Context) -> Result:
     recipe = {
         "tool": "torch adversarially robust distillation (plain loop)",
         "method": "ARD (Goldblum et al. 2020): KL(teacher(x) || student(PGD(x))) at temperature T + hard-label CE",
-        "teacher": "the --torch-source model", "student_arch": ctx.arch, "student_kwargs": kw,
+        "teacher": "the --torch-source model", "student_arch": d.arch, "student_kwargs": kw,
         "student_parameters": student_params, "teacher_parameters": teacher_params,
         "parameter_ratio": student_params / teacher_params, "temperature": T, "soft_loss_weight": alpha,
         "hard_loss_weight": 1 - alpha, "norm": "inf", "eps": ctx.eps, "train_eps": train_eps,
@@ -83,7 +101,7 @@ def adv_distill(ctx: Context) -> Result:
         "optimizer": "Adam", "lr": b["lr"], "init": f"random (seed {ctx.seed})", "train_samples": int(len(x)),
         "seed": ctx.seed, "train_seconds": t.seconds,
     }
-    return Result(student.eval(), ctx.arch, kw, recipe)
+    return Result(student.eval(), d.arch, kw, recipe)
 
 
 def distill(ctx: Context) -> Result:
@@ -103,11 +121,11 @@ def distill(ctx: Context) -> Result:
     recipe = {
         "tool": "torch knowledge distillation (plain loop)",
         "method": "Hinton et al. 2015: soft teacher targets at temperature T plus hard-label cross-entropy",
-        "student_arch": ctx.arch, "student_kwargs": kw, "student_parameters": student_params,
+        "student_arch": d.arch, "student_kwargs": kw, "student_parameters": student_params,
         "teacher_parameters": teacher_params, "parameter_ratio": student_params / teacher_params,
         "temperature": T, "soft_loss_weight": alpha, "hard_loss_weight": 1 - alpha,
         "epochs": b["epochs"], "batch": b["batch"], "optimizer": "Adam", "lr": b["lr"],
         "init": f"random (seed {ctx.seed})", "train_samples": int(len(x)), "seed": ctx.seed,
         "train_seconds": t.seconds,
     }
-    return Result(student.eval(), ctx.arch, kw, recipe)
+    return Result(student.eval(), d.arch, kw, recipe)

@@ -13,11 +13,12 @@ import torch
 from hardening.compression import VARIANTS_FILE, Variant, _drop_unused_opsets, _stored
 from hardening.data import load_dataset
 from hardening.errors import InputError, ModelError
-from hardening.harden.base import PROFILES, Context, Timer, check_training_data, parameters, source_arch
+from hardening.harden.base import PROFILES, Context, Timer, check_training_data, parameters
 from hardening.harden.quantization import parse_bits
 from hardening.harden.registry import parse_recipes
+from hardening.harden.source import load_source, save_source
 from hardening.intake import check_fits, load_model, make_session, sha256_file
-from hardening.torch_source import export_onnx, load_torch_source, save_state_dict
+from hardening.torch_source import export_onnx, load_torch_source
 
 DEFAULT_EPS_FRACTION = 0.1  # of the data range: L-inf 0.1 on [0, 1] inputs
 TRAIN_THREADS = 1
@@ -50,12 +51,12 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
     chosen = parse_recipes(recipes)
     parse_bits(quant_bits)
     model_path, src = Path(model_path), Path(torch_source)
-    arch = source_arch(src)
+    source = load_source(src)
     info = load_model(model_path)
     ds = load_dataset(data_path)
     check_fits(info, ds)
     check_training_data(ds)
-    teacher = load_torch_source(src, arch)
+    teacher = source.module
     _check_source_matches(teacher, model_path, ds.x[:64], src)
     lo = float(min(a.min() for a in (ds.x, ds.x_train)))
     hi = float(max(a.max() for a in (ds.x, ds.x_train)))
@@ -64,21 +65,26 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
         raise InputError(f"--eps {eps_v:g} must be in (0, {hi - lo:g}] (the data range)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(teacher=teacher, arch=arch["arch"], kwargs=dict(arch.get("kwargs", {})), ds=ds, clip=(lo, hi),
+    ctx = Context(teacher=teacher, arch=source.arch, kwargs=dict(source.kwargs), ds=ds, clip=(lo, hi),
                   eps=eps_v, seed=seed, profile=profile, out=out, quant_bits=quant_bits)
 
     float_onnx, float_pt = out / "float.onnx", out / "float.pt"
-    for a, b in ((model_path, float_onnx), (src, float_pt)):
-        if a.resolve() != b.resolve():
-            shutil.copyfile(a, b)
-    float_pt.with_suffix(".json").write_text(json.dumps(arch, indent=2))
+    sample = torch.from_numpy(ds.x[:2])
+    if model_path.resolve() != float_onnx.resolve():
+        shutil.copyfile(model_path, float_onnx)
+    if source.is_zoo or source.torchscript:  # the user's own file, readable by every audit as is
+        if src.resolve() != float_pt.resolve():
+            shutil.copyfile(src, float_pt)
+        if source.is_zoo:
+            float_pt.with_suffix(".json").write_text(json.dumps(source.sidecar(), indent=2))
+    else:  # a reference network's state dict: the audits read TorchScript of it
+        save_source(teacher, float_pt, source.arch, source.kwargs, sample)
     float_acc = onnx_accuracy(float_onnx, ds.x, ds.y)
     variants = [Variant("float", str(float_onnx), "float", None,
                         {"tool": "copy", "source": str(model_path.resolve()), "torch_source": str(src.resolve()),
                          "parameters": parameters(teacher), "accuracy": float_acc,
                          "size_bytes": float_onnx.stat().st_size},
                         sha256_file(float_onnx), str(float_pt))]
-    sample = torch.from_numpy(ds.x[:2])
     torch_state = torch.get_rng_state()
     threads = torch.get_num_threads()
     # One thread: same reduction order, so a seed gives the same weights on any machine (the
@@ -102,20 +108,21 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
                 continue
             with Timer() as t:
                 res = r.run(ctx)
-            save_state_dict(res.model, pt_path, res.arch, res.kwargs)
+            source_format = save_source(res.model, pt_path, res.arch, res.kwargs, sample)
             exported = out / f"{r.name}.float.onnx" if r.post else onnx_path
-            export_onnx(res.model, sample, exported)
+            export_onnx(res.model, sample, exported, input_name=info.input_name)
             load_model(exported)  # every variant passes intake itself
             check = load_torch_source(pt_path)  # and its source reloads with weights_only=True
             _check_source_matches(check, exported, ds.x[:64], pt_path)
             extra: dict = {}
             if r.post:  # e.g. QAT: the trained float graph becomes QDQ; its source is the float latent weights
-                extra = r.post(ctx, exported, onnx_path)
+                extra = r.post(ctx, res, exported, onnx_path)
                 exported.unlink()
                 _drop_unused_opsets(onnx_path)
                 load_model(onnx_path)
             recipe = {**res.recipe, **extra, "recipe": r.name, "family": r.family, "profile": profile,
-                      "arch": res.arch, "kwargs": res.kwargs, "parameters": parameters(res.model),
+                      "arch": res.arch, "kwargs": res.kwargs, "source_format": source_format,
+                      "parameters": parameters(res.model),
                       "accuracy": onnx_accuracy(onnx_path, ds.x, ds.y), "parent_accuracy": float_acc,
                       "size_bytes": onnx_path.stat().st_size, "parent_size_bytes": float_onnx.stat().st_size,
                       "torch_threads": TRAIN_THREADS, "seconds": t.seconds}

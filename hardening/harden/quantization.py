@@ -182,7 +182,7 @@ def qat(ctx: Context) -> Result:
     return Result(model.eval(), ctx.arch, dict(ctx.kwargs), recipe)
 
 
-def qat_export(ctx: Context, float_export: Path, dst: Path) -> dict:
+def qat_export(ctx: Context, res: Result, float_export: Path, dst: Path) -> dict:
     """The QAT-trained float graph -> QDQ at the bits it was trained for."""
     from hardening.intake import load_model
 
@@ -202,7 +202,10 @@ def mixed(ctx: Context, float_onnx: Path, dst: Path) -> dict:
     """Quantize at ``ctx.quant_bits`` but keep in float the nodes where quantization costs the
     most: one-at-a-time sensitivity (only that node quantized, the rest excluded through
     ``nodes_to_exclude``), then the most sensitive kept in float until the whole graph is within
-    ``tolerance`` of float accuracy. Selection is on the training split, never on ``x``."""
+    ``tolerance`` of float accuracy. Selection is on the training split, never on ``x``.
+    When the fully quantized graph is already within ``tolerance`` nothing needs to stay float,
+    and the per-node pass (one quantization per Conv/MatMul/Gemm: minutes on a MobileNet) is
+    skipped."""
     from hardening.compression import _pre_processed
     from hardening.intake import load_model
 
@@ -216,17 +219,20 @@ def mixed(ctx: Context, float_onnx: Path, dst: Path) -> dict:
         nodes = quantizable_nodes(pre)
         base = _accuracy(float_onnx, xs, ys)
         sens: dict[str, float] = {}
-        for n in nodes:
+        qdq_static(float_onnx, tmp_p / "all.onnx", name, x_cal, ctx.quant_bits, pre_processed=pre)
+        whole = _accuracy(tmp_p / "all.onnx", xs, ys)
+        for n in nodes if base - whole > b["tolerance"] else ():
             qdq_static(float_onnx, tmp_p / "one.onnx", name, x_cal, ctx.quant_bits,
                        exclude=tuple(m for m in nodes if m != n), pre_processed=pre)
             sens[n] = round(base - _accuracy(tmp_p / "one.onnx", xs, ys), 6)
-        order = sorted(nodes, key=lambda n: (-sens[n], nodes.index(n)))
+        order = sorted(nodes, key=lambda n: (-sens.get(n, 0.0), nodes.index(n)))
         kept: list[str] = []
         trail = []
         while True:
-            qdq_static(float_onnx, tmp_p / "try.onnx", name, x_cal, ctx.quant_bits, exclude=tuple(kept),
-                       pre_processed=pre)
-            acc = _accuracy(tmp_p / "try.onnx", xs, ys)
+            if kept:
+                qdq_static(float_onnx, tmp_p / "try.onnx", name, x_cal, ctx.quant_bits, exclude=tuple(kept),
+                           pre_processed=pre)
+            acc = _accuracy(tmp_p / "try.onnx", xs, ys) if kept else whole
             trail.append({"nodes_in_float": list(kept), "selection_accuracy": acc})
             if base - acc <= b["tolerance"] or len(kept) == len(nodes) - 1:
                 break
@@ -234,4 +240,4 @@ def mixed(ctx: Context, float_onnx: Path, dst: Path) -> dict:
         rec = qdq_static(float_onnx, dst, name, x_cal, ctx.quant_bits, exclude=tuple(kept), pre_processed=pre)
     return {**rec, "method": "mixed precision: most int-sensitive nodes kept in float (one-at-a-time sensitivity)",
             "tolerance": b["tolerance"], "selection_split": "x_train", "selection_float_accuracy": base,
-            "sensitivity": sens, "greedy_trail": trail, "retrained": False, "seed": ctx.seed}
+            "sensitivity": sens, "sensitivity_skipped": not sens, "greedy_trail": trail, "retrained": False, "seed": ctx.seed}

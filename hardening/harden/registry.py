@@ -15,11 +15,11 @@ class Recipe:
     summary: str
     run: Callable  # (Context) -> Result; onnx_level: (Context, float_onnx, dst) -> recipe dict
     onnx_level: bool = False  # works on the float ONNX graph; the source stays the parent's
-    post: Callable | None = None  # (Context, float export, dst) -> recipe dict: rewrites the trained export
+    post: Callable | None = None  # (Context, Result, float export, dst) -> recipe dict: writes the variant's ONNX
 
 
 def _recipes() -> dict[str, Recipe]:
-    from hardening.harden import adversarial, distillation, lowbit, pruning, quantization
+    from hardening.harden import adversarial, distillation, lowbit, pruning, pt2e, quantization
 
     return {r.name: r for r in (
         Recipe("adv_pgd", "adversarial", "PGD adversarial fine-tuning (L-inf) from the source's weights", adversarial.adv_pgd),
@@ -33,12 +33,15 @@ def _recipes() -> dict[str, Recipe]:
                onnx_level=True),
         Recipe("qat", "quantization", "quantization-aware fine-tuning, QDQ at --quant-bits", quantization.qat,
                post=quantization.qat_export),
+        Recipe("qat_pt2e", "quantization", "quantization-aware fine-tuning in torch's PT2E flow (torchao), "
+               "int8 QDQ written by torch.onnx", pt2e.qat_pt2e, post=pt2e.export_qdq),
         Recipe("mixed", "quantization", "QDQ at --quant-bits, most sensitive nodes kept in float", quantization.mixed,
                onnx_level=True),
     )}
 
 
-RECIPE_NAMES = ("adv_pgd", "trades", "distill", "adv_distill", "prune_structured", "int4", "ptq", "qat", "mixed")
+RECIPE_NAMES = ("adv_pgd", "trades", "distill", "adv_distill", "prune_structured", "int4", "ptq", "qat", "qat_pt2e",
+                "mixed")
 
 
 def parse_recipes(text: str) -> list[Recipe]:
