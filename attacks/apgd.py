@@ -97,7 +97,7 @@ def _grad(model, x, y, loss, target):
         z = z[0]
     lv = _loss(z, y, loss, target)
     (grad,) = torch.autograd.grad(lv.sum(), x)
-    return lv.detach(), grad.detach(), z.detach().argmax(1) != y
+    return lv.detach(), grad.detach().contiguous(), z.detach().argmax(1) != y  # an expanded grad cannot be written into
 
 
 def _run(model, x, y, target, eps, norm, n_iter, lo, hi, loss, checks, g):  # noqa: C901 - the algorithm
