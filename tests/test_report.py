@@ -274,3 +274,16 @@ def test_ood_family_shards_merge_to_the_unsharded_ood_audit(audit, digits_demo, 
     shards = [s for s in rep["provenance"]["ood_shards"] if s["label"].startswith(f"{name} ood ")]
     assert len(shards) == len({m["family"] for m in whole["metrics"]}) and not any(s["resumed"] for s in shards)
     assert len(got["plots"]) == len(shards) and all((out / p).is_file() for p in got["plots"])
+
+
+@pytest.mark.slow
+def test_thorough_review_measures_adaptive_thieves_in_the_defence_table(digits_demo, tmp_path):
+    res = run_full_audit(digits_demo.model_path, digits_demo.data_path, tmp_path, torch_source=digits_demo.torch_path,
+                         kinds=("float",), areas=("extraction",), policy=small_policy(), profile="thorough",
+                         sizes={"extraction_budgets": (50, 200)}, allow_skipped=True)
+    rep = res.report
+    rows = [r for r in rep["defences"] if r["threat"] == "extraction" and r["adaptive"]]
+    assert rows and all(r["measured"] for r in rows)
+    assert any(r["attacker"].startswith("mixup_30_seeds") and r["defence"] == "anomaly gate + PRADA monitor"
+               for r in rows)  # the seeded thief that passes the guard is shown, not averaged away
+    assert ("adaptive-extraction", "float") in [(s["stage"], s["variant"]) for s in rep["provenance"]["stages"]]

@@ -63,7 +63,7 @@ def defence_table(summary: dict, policy: dict) -> list[dict]:
     else:
         rows.append(_row("anomaly gate + PRADA monitor", "adaptive thieves (mixup of real seeds, JBDA, active "
                          "learning, data-free)", "extraction", True, ref, "fidelity", None, None, None, None,
-                         "not measured in this audit; run hardening.thief_matrix (docs/extraction.md)"))
+                         "not measured in the quick profile; the thorough profile runs them (docs/extraction.md)"))
     return rows
 
 
