@@ -156,8 +156,7 @@ def generate_admin_token() -> str:
 
 def presented_token(req: Request) -> str | None:
     """``Authorization: Bearer <token>`` or ``X-API-Key: <token>``."""
-    env = req.environ  # the WSGI names of the two headers: no header-object lookups per request
-    auth = env.get("HTTP_AUTHORIZATION", "")
+    auth = req.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
-    return env.get("HTTP_X_API_KEY") or None
+    return req.headers.get("X-API-Key") or None
