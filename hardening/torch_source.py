@@ -33,13 +33,7 @@ def load_torch_source(path: str | Path, arch: dict | None = None) -> nn.Module:
         except RuntimeError as e:
             raise ModelError(f"{path}: TorchScript load failed: {str(e).splitlines()[0]}") from None
     if arch is None:
-        sidecar = path.with_suffix(".json")
-        if not sidecar.is_file():
-            raise ModelError(f"{path}: state dict needs {sidecar.name} naming its architecture")
-        try:
-            arch = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{sidecar}: invalid JSON ({e})") from None
+        arch = read_sidecar(path)
     name = arch.get("arch")
     if name not in ARCHITECTURES:
         raise ModelError(f"{path}: unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
@@ -55,6 +49,18 @@ def load_torch_source(path: str | Path, arch: dict | None = None) -> nn.Module:
 def save_state_dict(model: nn.Module, path: str | Path, arch: str, kwargs: dict) -> None:
     torch.save(model.state_dict(), path)
     Path(path).with_suffix(".json").write_text(json.dumps({"arch": arch, "kwargs": kwargs}, indent=2))
+
+
+def read_sidecar(path: Path) -> dict:
+    """The ``<state dict>.json`` naming a state dict's architecture and its kwargs."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise ModelError(f"{path}: state dict needs {sidecar.name} naming its architecture")
+    try:
+        spec: dict = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{sidecar}: invalid JSON ({e})") from None
+    return spec
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: str | Path, input_name: str = "input") -> None:

@@ -15,7 +15,6 @@ TorchScript, which ``hardening.torch_source.load_torch_source`` reads back as is
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from hardening.errors import ModelError
 from hardening.reference_models import REFERENCE_ARCHITECTURES
-from hardening.torch_source import save_state_dict
+from hardening.torch_source import read_sidecar, save_state_dict
 from hardening.zoo import ARCHITECTURES
 
 WIDTH_MULTS = (1.0, 0.5, 0.75, 0.35, 0.25)
@@ -121,13 +120,7 @@ def load_source(path: str | Path) -> Source:
         raise ModelError(f"{path}: not a PyTorch file (expected a TorchScript or state-dict zip)")
     if is_torchscript(path):
         return _from_torchscript(path)
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        raise ModelError(f"{path}: state dict needs {sidecar.name} naming its architecture")
-    try:
-        spec = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{sidecar}: invalid JSON ({e})") from None
+    spec = read_sidecar(path)
     arch, kwargs = spec.get("arch"), dict(spec.get("kwargs", {}))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
