@@ -138,12 +138,12 @@ def _ood_reference(sess: Any, info: ModelInfo, x_cal: np.ndarray, logits: np.nda
 
 
 def _calibrated_monitor(model: Path, info: ModelInfo, ds: Dataset, meta: dict | None, npz: bytes | None,
-                        target: float) -> dict:
+                        target: float, space: str) -> dict:
     """PRADA + gate-rejection + label-entropy thresholds calibrated for the model and gate that ship."""
     from runtime_guard.anomaly import AnomalyScorer
 
     scorer = AnomalyScorer.from_bytes(npz, meta) if meta is not None and npz is not None else None
-    cal = calibrate_model_monitor(make_session(model), info, ds, scorer, target=target)
+    cal = calibrate_model_monitor(make_session(model), info, ds, scorer, target=target, space=space)
     return monitor_section(cal.config)
 
 
@@ -204,13 +204,15 @@ def package_variant(
     model_signing_key: str | Path | None = None,
     monitor_config: dict | None = None,
     calibrate_monitor: float | None = None,
+    monitor_space: str | None = None,
 ) -> PackageResult:
     """Write a signed, encrypted bundle for one reviewed variant; see the module doc for the rules.
 
     The extraction monitor ships calibrated when asked: ``monitor_config`` is the output of
     ``edgeward calibrate-monitor`` for this model (or a bare monitor section);
     ``calibrate_monitor`` = a false-flag target calibrates it here, on the data and the
-    shipped gate. Either replaces the fixed PRADA defaults in the signed ``runtime.extraction``.
+    shipped gate, with PRADA distances in ``monitor_space`` (default ``standardized``). Either
+    replaces the fixed PRADA defaults in the signed ``runtime.extraction``.
 
     Raises ``CheckFailed`` (exit 1) for a variant that failed the policy without ``force``,
     ``InputError``/``ModelError`` (exit 2) for anything that does not match the report.
@@ -278,11 +280,14 @@ def package_variant(
             payloads["model"] = model.read_bytes()
         if monitor_config is not None and calibrate_monitor is not None:
             raise InputError("give either a monitor config or a calibration target, not both")
+        if monitor_space is not None and calibrate_monitor is None:
+            raise InputError("a monitor space needs a calibration target (--calibrate-monitor)")
         section = None
         if monitor_config is not None:
             section = monitor_section(monitor_config, v["sha256"])
         elif calibrate_monitor is not None:
-            section = _calibrated_monitor(model, info, ds, meta, payloads.get("detectors.npz"), calibrate_monitor)
+            section = _calibrated_monitor(model, info, ds, meta, payloads.get("detectors.npz"), calibrate_monitor,
+                                          monitor_space or "standardized")
         if section is not None:
             extra = dict(runtime_overrides or {})
             extra["extraction"] = {**(extra.get("extraction") or {}), **section}

@@ -248,6 +248,10 @@ def test_calibrated_monitor_ships_in_the_bundle_and_the_served_guard_uses_it(rev
 
     both = _package(report, keys, tmp_path / "x.ewb", "--monitor-config", str(cal), "--calibrate-monitor", "0.05")
     assert both.exit_code == 2, both.output
+    space_alone = _package(report, keys, tmp_path / "s.ewb", "--monitor-space", "features")
+    assert space_alone.exit_code == 2 and "--calibrate-monitor" in space_alone.output, space_alone.output
+    bad_space = _package(report, keys, tmp_path / "b.ewb", "--calibrate-monitor", "0.05", "--monitor-space", "pixels")
+    assert bad_space.exit_code == 2 and "space must be one of" in bad_space.output, bad_space.output
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**doc, "model_sha256": "0" * 64}))
     assert _package(report, keys, tmp_path / "y.ewb", "--monitor-config", str(other)).exit_code == 2
@@ -283,3 +287,10 @@ def test_package_can_calibrate_the_monitor_itself(reviewed, tmp_path):
     r = runner.invoke(app, ["inspect", str(bundle), "--json"])
     ext = json.loads(r.stdout)["manifest"]["runtime"]["extraction"]
     assert len(ext["center"]) == 64 and ext["delta"] != 0.90 and ext["max_rejection_rate"] is not None
+    feats = tmp_path / "f.ewb"
+    r = _package(report, keys, feats, "--calibrate-monitor", "0.05", "--monitor-space", "features")
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", str(feats), "--json"])
+    ext_f = json.loads(r.stdout)["manifest"]["runtime"]["extraction"]
+    assert ext_f["space"] == "features" and ext["space"] == "input", (ext_f["space"], ext["space"])
+    assert len(ext_f["center"]) != 64  # penultimate features, not the 8x8 input

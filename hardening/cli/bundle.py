@@ -98,6 +98,8 @@ def package(
     calibrate_monitor: Optional[float] = typer.Option(None, "--calibrate-monitor", help="Calibrate the extraction "
                                                       "monitor here on --data and the shipped gate, for this honest "
                                                       "false-flag target (e.g. 0.01)."),
+    monitor_space: Optional[str] = typer.Option(None, "--monitor-space", help="With --calibrate-monitor: PRADA "
+                                                "distances on standardized (default), input or features."),
     force: bool = typer.Option(False, "--force", help="Package a variant that failed the policy (manifest records forced=true)."),
     model_signature: Optional[Path] = typer.Option(None, "--model-signature", help="OpenSSF model-signing signature of the model (key-based, offline); refused unless it verifies."),
     model_signing_key: Optional[Path] = typer.Option(None, "--model-signing-key", help="Model publisher's EC public key (PEM) for --model-signature."),
@@ -132,6 +134,7 @@ def package(
         rate_limit=None if rate_limit.lower() == "none" else rate_limit, runtime_overrides=overrides,
         model_signature=model_signature, model_signing_key=model_signing_key,
         monitor_config=read_monitor_config(monitor_config), calibrate_monitor=calibrate_monitor,
+        monitor_space=monitor_space,
     )
     if json_out:
         print_json({k: v for k, v in res.to_dict().items() if k != "manifest"} | {"version": version})
