@@ -234,13 +234,22 @@ class GuardedVictim(Victim):
         super().__init__(nb_classes, sample_shape)
         self.guarded = guarded
 
+    def _predict_one(self, row: np.ndarray) -> Any:
+        """The guard's result for one (1, ...) row; None when the query was never answered
+        (counted ``rate_limited``, as the runtime counts a refusal)."""
+        return self.guarded.predict(row, self.client_id)
+
     def _answer(self, x: np.ndarray) -> Answer:
         scores = np.zeros((len(x), self.nb_classes), np.float32)
         labels = np.zeros(len(x), np.int64)
         decisions: list[str] = []
         flags: list[bool] = []
         for i in range(len(x)):
-            r = self.guarded.predict(x[i : i + 1], self.client_id)
+            r = self._predict_one(x[i : i + 1])
+            if r is None:
+                decisions.append("rate_limited")
+                flags.append(False)
+                continue
             d = r.verdict.decision.value
             decisions.append(d)
             flags.append(Reason.EXTRACTION in r.verdict.reasons)

@@ -29,7 +29,7 @@ import numpy as np
 from attacks.adaptive_thieves import ADAPTIVE_ATTACKS, steal_adaptive
 from attacks.extraction import steal, thief_spec_for
 from attacks.thief_data import make_pool
-from attacks.victims import Answer, Victim
+from attacks.victims import GuardedVictim
 from hardening.data import Dataset, load_dataset
 from hardening.errors import InputError
 from hardening.extraction_audit import (
@@ -49,15 +49,13 @@ from runtime_guard.verdict import Reason
 ACTIONS = ("flag", "throttle")
 
 
-class WallClockVictim(Victim):
+class WallClockVictim(GuardedVictim):
     """The in-process guarded runtime on a simulated clock, queried at ``rate_qps`` for ``seconds``."""
-
-    name = "guarded"
 
     def __init__(self, guarded: Any, nb_classes: int, sample_shape: tuple[int, ...], rate_qps: float,
                  seconds: float, clock: list[float]):
-        super().__init__(nb_classes, sample_shape)
-        self.guarded, self.rate_qps, self.seconds, self.clock = guarded, rate_qps, seconds, clock
+        super().__init__(guarded, nb_classes, sample_shape)
+        self.rate_qps, self.seconds, self.clock = rate_qps, seconds, clock
         self.throttled = 0  # queries that had to wait out a throttle refusal at least once
         self.timed_out = 0  # queries the wall-clock budget did not leave time for
 
@@ -65,38 +63,21 @@ class WallClockVictim(Victim):
         super().new_attacker(client_id)
         self.throttled = self.timed_out = 0
 
-    def _answer(self, x: np.ndarray) -> Answer:
-        scores = np.zeros((len(x), self.nb_classes), np.float32)
-        labels = np.zeros(len(x), np.int64)
-        decisions: list[str] = []
-        flags: list[bool] = []
-        for i in range(len(x)):
-            waited = False
-            while True:
-                if self.clock[0] >= self.seconds:
-                    r = None
-                    break
-                r = self.guarded.predict(x[i:i + 1], self.client_id)
-                if Reason.EXTRACTION_THROTTLED in r.verdict.reasons:
-                    waited = True
-                    self.clock[0] += float(r.retry_after or 1.0)
-                    continue
-                self.clock[0] += 1.0 / self.rate_qps
-                break
-            self.throttled += waited
-            if r is None:
-                self.timed_out += 1
-                decisions.append("rate_limited")
-                flags.append(False)
+    def _predict_one(self, row: np.ndarray) -> Any:
+        """Wait out throttle refusals on the clock; None once the budget has no time left."""
+        waited = False
+        while self.clock[0] < self.seconds:
+            r = self.guarded.predict(row, self.client_id)
+            if Reason.EXTRACTION_THROTTLED in r.verdict.reasons:
+                waited = True
+                self.clock[0] += float(r.retry_after or 1.0)
                 continue
-            d = r.verdict.decision.value
-            decisions.append(d)
-            flags.append(Reason.EXTRACTION in r.verdict.reasons)
-            if r.labels is not None:
-                labels[i] = int(r.labels[0])
-                if r.scores is not None:
-                    scores[i] = np.asarray(r.scores[0], np.float32)
-        return Answer(scores, decisions, labels, flags)
+            self.clock[0] += 1.0 / self.rate_qps
+            self.throttled += waited
+            return r
+        self.throttled += waited
+        self.timed_out += 1
+        return None
 
 
 @dataclass
