@@ -107,8 +107,10 @@ def main() -> None:
     else:
         model_path, data_path = base_dir / "model.onnx", base_dir / "data.npz"
     with np.load(data_path, allow_pickle=False) as d:
-        xs = [np.ascontiguousarray(d["x"][i : i + 1], dtype=np.float32) for i in range(min(len(d["x"]), args.inputs))]
-        lo, hi = float(min(d["x"].min(), 0.0)), float(max(d["x"].max(), 1.0))
+        x_all = d["x"]  # read once: each d["x"] decodes the array anew
+        # copies: a one-row view would keep the whole array alive, once per row
+        xs = [np.array(x_all[i : i + 1], dtype=np.float32) for i in range(min(len(x_all), args.inputs))]
+        lo, hi = float(min(x_all.min(), 0.0)), float(max(x_all.max(), 1.0))
 
     ood_dir = args.ood_dir or (args.demo_dir / "ood" if args.demo_dir is not None else None)
     from hardening.data import load_dataset  # setup only: the gate as `edgeward fit-ood` fits it
