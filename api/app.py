@@ -23,7 +23,7 @@ from .metrics import ApiMetrics
 from .problems import register_error_handlers
 from .reload import DirectoryWatcher, ModelHolder
 from .service import make_loader, smoke_test
-from .state import EXT, ApiState
+from .state import EXT, ApiState, current_request
 
 
 def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
@@ -133,8 +133,9 @@ def _observe_requests(app: Flask, metrics: ApiMetrics, access_log: AccessLog) ->
     def finish(response: Response) -> Response:
         record: RequestRecord = g.access
         latency = time.perf_counter() - record.t0
-        rule = request.url_rule
-        route, method, code = ("unmatched" if rule is None else rule.rule), request.method, response.status_code
+        req = current_request()
+        rule = req.url_rule
+        route, method, code = ("unmatched" if rule is None else rule.rule), req.method, response.status_code
         observe(route, method, code, latency)
         access_log.write(rid=record.rid, transport="http", route=route, method=method[:16], status=code,
                          latency_s=latency, notes=record.notes)
