@@ -119,6 +119,6 @@ def timed_predict(st: "ApiState", dep: "Deployment", x: Any, client_id: str, not
         notes["decision"] = decision_of(exc)
         raise
     finally:
-        st.metrics.compute.labels(transport).observe(time.perf_counter() - t0)
+        st.metrics.observe_compute(transport, time.perf_counter() - t0)
     notes["decision"] = ans.decision
     return ans
