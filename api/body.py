@@ -8,8 +8,9 @@ Two encodings:
   any allocation (numeric dtype, declared size equals the bytes sent) and the
   array is read with ``np.load(allow_pickle=False)`` from memory.
 
-Size is capped per request through Flask's ``request.max_content_length`` (the app's
-``MAX_CONTENT_LENGTH`` unless a route asks for less), declared and chunked bodies alike.
+Size is capped per request (the app's ``MAX_CONTENT_LENGTH`` unless a route asks for less),
+declared and chunked bodies alike: a declared length is checked before anything is read,
+a chunked body through Werkzeug's ``request.max_content_length`` (``read_body``).
 """
 
 from __future__ import annotations
