@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Request, current_app, request
+from flask import Request, current_app
 
 from runtime_guard.ratelimit import StorageUnavailable
 
@@ -114,12 +114,3 @@ class ApiState:
 def state() -> ApiState:
     st: ApiState = current_app.extensions[EXT]
     return st
-
-
-def current_request() -> Request:
-    """The request object behind Flask's ``request`` proxy, for code that reads it many
-    times: every attribute read through the proxy is a context lookup (~0.7 us, a dozen
-    per predict request), so routes and hooks unwrap it once with
-    ``_get_current_object()``, Flask's documented way to reach the proxied object."""
-    req: Request = request._get_current_object()  # type: ignore[attr-defined]
-    return req

@@ -88,3 +88,20 @@ def test_client_hash_is_keyed_stable_and_bounded():
     for i in range(CLIENT_HASH_CACHE + 100):
         a.client_hash(f"addr:{i}")
     assert a._hash.cache_info().currsize == CLIENT_HASH_CACHE
+
+
+def test_every_request_carries_its_own_access_record(app):
+    """The record is made with the request (no before_request hook), so even requests that
+    never reach a view (404, 405) get an id, a latency and their log line fields."""
+    from api.access import ObservedRequest, current_request
+
+    assert app.request_class is ObservedRequest
+    with app.test_request_context("/v1/predict", method="POST", headers={"X-Request-ID": "rec-1"}):
+        req = current_request()
+        assert isinstance(req, ObservedRequest) and req.access.rid == "rec-1" and req.access.notes == {}
+        assert req.access.t0 > 0
+    c = app.test_client()
+    for r in (c.get("/no/such/path"), c.delete("/v1/predict", headers={"X-Request-ID": "rec-2"})):
+        assert r.status_code in (404, 405) and re.fullmatch(r"[0-9a-f]{32}|rec-2", r.headers["X-Request-ID"])
+    text = c.get("/metrics").get_data(as_text=True)
+    assert 'edgeward_request_latency_seconds_count{endpoint="unmatched"}' in text

@@ -6,10 +6,10 @@ import json
 
 from flask import Blueprint, Response, jsonify
 
-from ..access import request_notes, timed_predict
+from ..access import current_request, timed_predict
 from ..body import parse_predict_body
 from ..service import describe
-from ..state import current_request, state
+from ..state import state
 
 bp = Blueprint("predict", __name__, url_prefix="/v1")
 
@@ -20,7 +20,7 @@ def predict() -> Response:
     client_id = st.client_id(req)
     dep = st.require_model()  # this request stays on this deployment to the end
     x = parse_predict_body(req, st.config.max_body_bytes)
-    ans = timed_predict(st, dep, x, client_id, request_notes(), "http")
+    ans = timed_predict(st, dep, x, client_id, req.access.notes, "http")
     body = json.dumps({"model": {"name": dep.name, "version": dep.version}, "decision": ans.decision,
                        "reasons": ans.reasons, "labels": ans.labels, "scores": ans.scores})
     return Response(body, 200, headers=ans.headers, content_type="application/json")
