@@ -14,9 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response
 
-from .access import AccessLog, RequestRecord, request_id
+from .access import AccessLog, ObservedRequest, current_request
 from .auth import AdminToken, KeyStore
 from .config import ApiConfig
 from .metrics import ApiMetrics
@@ -29,6 +29,7 @@ from .state import EXT, ApiState
 def create_app(config: ApiConfig | Mapping[str, Any]) -> Flask:
     cfg = config if isinstance(config, ApiConfig) else ApiConfig(**dict(config))
     app = Flask("edgeward-api")
+    app.request_class = ObservedRequest  # each request carries its start time, id and log notes
     app.config.update(MAX_CONTENT_LENGTH=cfg.max_body_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
@@ -122,19 +123,16 @@ SECURITY_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "n
 def _observe_requests(app: Flask, metrics: ApiMetrics, access_log: AccessLog) -> None:
     """Per-request metrics, the access-log line, the request id and the security headers
     on every response (Flask runs ``after_request`` for error responses too). Latency
-    runs from the first ``before_request`` hook to the response being ready."""
+    runs from Flask building the request (``ObservedRequest``) to the response being ready."""
     observe = metrics.observe_request
-
-    @app.before_request
-    def start() -> None:
-        g.access = RequestRecord(time.perf_counter(), request_id(request.headers.get("X-Request-ID")))
 
     @app.after_request
     def finish(response: Response) -> Response:
-        record: RequestRecord = g.access
+        req = current_request()
+        record = req.access
         latency = time.perf_counter() - record.t0
-        rule = request.url_rule
-        route, method, code = ("unmatched" if rule is None else rule.rule), request.method, response.status_code
+        rule = req.url_rule
+        route, method, code = ("unmatched" if rule is None else rule.rule), req.method, response.status_code
         observe(route, method, code, latency)
         access_log.write(rid=record.rid, transport="http", route=route, method=method[:16], status=code,
                          latency_s=latency, notes=record.notes)

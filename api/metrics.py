@@ -150,6 +150,10 @@ class ApiMetrics:
         self._child(self.requests, endpoint, bounded(method, METHODS), bounded(str(status), STATUSES)).inc()
         self._child(self.latency, endpoint).observe(seconds)
 
+    def observe_compute(self, transport: str, seconds: float) -> None:
+        """Time inside the guarded predict (``edgeward_inference_compute_seconds``)."""
+        self._child(self.compute, transport).observe(seconds)
+
     def observe_verdict(self, verdict: Verdict) -> None:
         self.observe_decision(verdict.decision.value, [r.value for r in verdict.reasons])
 

@@ -24,7 +24,7 @@ from .output_policy import OutputPolicy
 from .ratelimit import RateLimiter, RateLimitStatus
 from .sanitizer import Sanitizer, SanitizerError
 from .telemetry import Telemetry
-from .verdict import Decision, Reason, Stage, Verdict
+from .verdict import ACCEPTED, Decision, Reason, Stage, Verdict
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -40,7 +40,7 @@ _clock = time.perf_counter
 DETECTORS_PAYLOAD = "detectors.npz"
 
 
-@dataclass
+@dataclass(slots=True)
 class PredictionResult:
     """Outcome of one guarded request: its ``verdict`` and, if answered, the answer.
 
@@ -284,7 +284,7 @@ class GuardedModel:
 
         outs = self.session.run(self._run_names, {self.input_name: arr})
         logits = outs[0]
-        if not math.isfinite(float(logits.sum())):  # NaN/Inf propagate through the sum
+        if not math.isfinite(logits.sum()):  # NaN/Inf propagate through the sum
             return self._finish(t0, PredictionResult(Verdict.refused(Decision.REJECTED, Reason.OUTPUT_NON_FINITE)))
         raw_labels = logits.argmax(axis=1)
         reasons: list[Reason] = []
@@ -308,7 +308,7 @@ class GuardedModel:
             res = PredictionResult(verdict, None, None, ood_scores, logits=logits)
         else:
             labels, scores = self.policy.apply_labelled(logits, ood, raw_labels)
-            verdict = Verdict(Decision.FLAGGED if reasons else Decision.ACCEPTED, tuple(reasons))
+            verdict = Verdict(Decision.FLAGGED, tuple(reasons)) if reasons else ACCEPTED
             res = PredictionResult(verdict, labels, scores, ood_scores, logits=logits)
         res.latency_s = latency = _clock() - t0
         self.telemetry.record(verdict, latency, raw_labels, ood_scores)

@@ -69,8 +69,9 @@ class Telemetry:
     def reset(self) -> None:
         with self._lock:
             self.requests = 0
-            self.decisions: dict[str, int] = dict.fromkeys(DECISIONS, 0)
-            self.reasons: dict[str, int] = dict.fromkeys(REASON_CODES, 0)
+            # keyed by the enum members (no ``.value`` lookups per request); wire strings in snapshot()
+            self._decisions: dict[Decision, int] = dict.fromkeys(Decision, 0)
+            self._reasons: dict[Reason, int] = dict.fromkeys(Reason, 0)
             self.latency = [0] * (len(self._lat_edges) + 1)  # last bucket: above the top edge
             self.latency_sum = 0.0
             self.classes = [0] * self.num_classes
@@ -87,9 +88,9 @@ class Telemetry:
         oods = ood_scores.tolist() if ood_scores is not None and self.ood is not None else ()
         with self._lock:
             self.requests += 1
-            self.decisions[verdict.decision.value] += 1
+            self._decisions[verdict.decision] += 1
             for r in verdict.reasons:
-                self.reasons[r.value] += 1
+                self._reasons[r] += 1
             self.latency[bisect.bisect_left(self._lat_edges, latency_s)] += 1
             self.latency_sum += latency_s
             for c in lab:
@@ -103,8 +104,8 @@ class Telemetry:
         with self._lock:
             raw: dict[str, Any] = {
                 "requests": self.requests,
-                "decisions": dict(self.decisions),
-                "reasons": dict(self.reasons),
+                "decisions": {d.value: n for d, n in self._decisions.items()},
+                "reasons": {r.value: n for r, n in self._reasons.items()},
                 "latency": list(self.latency),
                 "classes": list(self.classes),
                 "ood": list(self.ood) if self.ood is not None else None,

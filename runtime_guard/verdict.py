@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Decision", "Stage", "Reason", "Verdict", "ANSWERED"]
+__all__ = ["Decision", "Stage", "Reason", "Verdict", "ANSWERED", "ACCEPTED"]
 
 
 class Decision(str, Enum):
@@ -100,3 +100,7 @@ class Verdict:
     @property
     def answered(self) -> bool:
         return self.decision in ANSWERED
+
+
+# The common answer, built once: verdicts are immutable, so every plain acceptance shares it.
+ACCEPTED = Verdict(Decision.ACCEPTED)
