@@ -133,15 +133,38 @@ class InputView:
     matrix: np.ndarray | None = field(default=None, repr=False)  # projection: (D, m)
 
     def __post_init__(self) -> None:
+        self._blocks: tuple[int, int] | None = None
         if self.kind == "avgpool":
             assert self.shape is not None and self.out is not None
             _, h, w = self.shape
-            self._rows = pool_matrix(h, self.out[0]).astype(_F32)
-            self._cols_t = np.ascontiguousarray(pool_matrix(w, self.out[1]).T.astype(_F32))
+            (oh, ow) = self.out
+            if h % oh == 0 and w % ow == 0:  # equal bins: sum each row's fw-blocks (one gemv), then fh rows (one gemm)
+                fh, fw = h // oh, w // ow
+                self._blocks = (fh, fw)
+                self._w1 = np.full(fw, 1.0 / (fh * fw), _F32)
+                self._k2 = np.ascontiguousarray(np.tile(np.eye(ow, dtype=_F32), (fh, 1)))
+            else:
+                self._rows = pool_matrix(h, oh).astype(_F32)
+                self._cols_t = np.ascontiguousarray(pool_matrix(w, ow).T.astype(_F32))
         elif self.kind == "projection":
             assert self.matrix is not None
             self._m32 = np.ascontiguousarray(self.matrix, _F32)
         self.size = None if self.shape is None else math.prod(self.shape)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per sample of ``apply`` (0 for ``flatten``)."""
+        if self.kind == "avgpool":
+            assert self.shape is not None and self.out is not None
+            c, h, w = self.shape
+            oh, ow = self.out
+            if self._blocks is not None:
+                return c * h * w + c * oh * self._blocks[0] * ow * ow
+            return c * oh * h * w + c * oh * w * ow
+        if self.kind == "projection":
+            assert self.matrix is not None
+            return int(self.matrix.size)
+        return 0
 
     @property
     def width(self) -> int | None:
@@ -161,13 +184,18 @@ class InputView:
             raise AnomalyInputError(f"input has {x.size // max(n, 1)} values per sample, the detectors "
                                     f"were fitted on {self.size} ({'x'.join(map(str, self.shape or ()))})")
         if self.kind == "avgpool":
-            assert self.shape is not None
-            pooled = self._rows @ x.reshape(n, *self.shape).astype(_F32, copy=False) @ self._cols_t
+            assert self.shape is not None and self.out is not None
+            x32 = x.astype(_F32, copy=False)
+            if self._blocks is not None:  # (n, C, oh, fh, ow, fw): mean over fw, then over fh
+                rows = (x32.reshape(-1, self._blocks[1]) @ self._w1).reshape(-1, self._blocks[0] * self.out[1])
+                res: np.ndarray = (rows @ self._k2).reshape(n, -1)
+                return res
+            pooled = self._rows @ x32.reshape(n, *self.shape) @ self._cols_t
             return pooled.reshape(n, -1)
         flat = x.reshape(n, -1).astype(_F32, copy=False)
         if self.kind == "projection":
-            res: np.ndarray = flat @ self._m32
-            return res
+            proj: np.ndarray = flat @ self._m32
+            return proj
         return flat
 
     def to_meta(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -209,10 +237,11 @@ class InputView:
 
 @dataclass
 class Detector:
-    """One exported detector: its view, normalisation and threshold; ``columns`` and
-    ``finish`` are its maths (module docstring)."""
+    """One exported detector: its view, normalisation and threshold; ``columns``/``offsets``
+    and ``finish`` are its maths (module docstring)."""
 
     kinds: ClassVar[tuple[str, ...]] = ()
+    propagates_non_finite: ClassVar[bool] = True  # a NaN/Inf in the view makes the score NaN/Inf
     name: str
     view: str
     mean: float
@@ -224,17 +253,25 @@ class Detector:
         """(width, k) linear part, stacked with the other detectors of the view (None: none)."""
         return None
 
+    def offsets(self) -> np.ndarray | None:
+        """(k,) constants added to ``v @ columns()`` (None: zeros)."""
+        return None
+
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Scores from the view ``v`` (n, width) float32, its squared row norms ``sq``
-        and ``p = v @ columns()`` (both float32): float64, higher = more anomalous."""
+        and ``p = v @ columns() + offsets()`` (both float32); higher = more anomalous.
+        Unless ``propagates_non_finite`` is False, a NaN/Inf anywhere in ``v`` makes the score
+        NaN/Inf (``AnomalyScorer`` checks the scores, not every view)."""
         raise NotImplementedError
 
     def raw(self, v: np.ndarray) -> np.ndarray:
         """Score per row of ``v`` (n, width), float64; higher = more anomalous."""
         v32 = np.asarray(v).astype(_F32, copy=False)
-        cols = self.columns()
+        cols, off = self.columns(), self.offsets()
         p = v32[:, :0] if cols is None else v32 @ cols
-        return self.finish(v32, _sq(v32), p)
+        if off is not None:
+            p = p + off
+        return np.asarray(self.finish(v32, _sq(v32), p), np.float64)
 
 
 def _sq(v: np.ndarray) -> np.ndarray:
@@ -247,6 +284,7 @@ class Softmax(Detector):
     """``msp`` and ``energy`` on logits."""
 
     kinds = ("msp", "energy")
+    propagates_non_finite = False  # a -inf logit leaves both finite
     kind: str = "msp"
     temperature: float = 1.0
 
@@ -270,17 +308,20 @@ class Mahalanobis(Detector):
 
     def __post_init__(self) -> None:
         w = self.factor.astype(_F32)
-        # [W | -2 W m^T]: v W and -2 (v W) . m_c in the one product
+        # |s - m_c|^2 = |s|^2 + (-2 s.m_c + |m_c|^2) with s = v W: [W | -2 W m^T] and offsets [0 | |m_c|^2]
         self._cols = np.ascontiguousarray(np.concatenate([w, -2.0 * (w.astype(np.float64) @ self.centers.T).astype(_F32)], axis=1))
+        self._off = np.concatenate([np.zeros(w.shape[1]), (self.centers * self.centers).sum(axis=1)]).astype(_F32)
         self._r = w.shape[1]
-        self._m_sq = (self.centers * self.centers).sum(axis=1)
 
     def columns(self) -> np.ndarray:
         return self._cols
 
+    def offsets(self) -> np.ndarray:
+        return self._off
+
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
         s = p[:, : self._r]
-        res: np.ndarray = (p[:, self._r :] + self._m_sq).min(axis=1) + np.vecdot(s, s)
+        res: np.ndarray = p[:, self._r :].min(axis=1) + np.vecdot(s, s)
         return res
 
 
@@ -292,29 +333,33 @@ class Knn(Detector):
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        b = self.bank.astype(_F32)
-        self._cols = np.ascontiguousarray(-2.0 * b.T)
-        self._bank_sq = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+        b = self.bank.astype(np.float64)
+        if self.normalize:  # the bank is stored unit-norm; renormalised here so |b|^2 = 1 exactly
+            b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+            self.bank = b
+        self._cols = np.ascontiguousarray((-2.0 * b.T).astype(_F32))
+        self._off = None if self.normalize else np.einsum("ij,ij->i", b, b).astype(_F32)
 
     def columns(self) -> np.ndarray:
         return self._cols
 
+    def offsets(self) -> np.ndarray | None:
+        return self._off
+
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        # |u - b|^2 = |u|^2 - 2 u.b + |b|^2 with u = v / max(|v|, 1e-12) when normalizing;
-        # |u|^2 is added after the selection: it shifts a whole row and cannot change the order
-        if self.normalize:
-            inv = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
-            part = p * inv[:, None] + self._bank_sq
-            u_sq = sq * inv * inv
-        else:
-            part = p + self._bank_sq
-            u_sq = sq
+        # |u - b|^2 = |u|^2 - 2 u.b + |b|^2: p = -2 v.b (+ |b|^2 unnormalised); normalising scales
+        # a whole row by 1/|v| > 0, so it commutes with the selection and is applied after it
         k = self.n_neighbors
         if k == 1:
-            kth = part.min(axis=1)
+            kth = p.min(axis=1)
         else:
-            kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
-        res: np.ndarray = np.sqrt(np.maximum(kth + u_sq, 0.0))
+            kth = np.partition(p, k - 1, axis=1)[:, k - 1] if k < p.shape[1] else p.max(axis=1)
+        if self.normalize:  # u = v / max(|v|, 1e-12), |b| = 1
+            inv = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
+            d2 = (sq * inv + kth) * inv + 1.0
+        else:
+            d2 = kth + sq
+        res: np.ndarray = np.sqrt(np.maximum(d2, 0.0))
         return res
 
 
@@ -325,24 +370,36 @@ class Pca(Detector):
     components: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
 
     def __post_init__(self) -> None:
-        # c = v - m, s = c W^T: |r|^2 = |c|^2 - 2|s|^2 + s (W W^T) s^T = |c|^2 - s (2I - G) s^T
-        w = self.components.astype(_F32)
-        m = self.center.astype(_F32)
-        self._cols = np.ascontiguousarray(np.concatenate([w.T, -2.0 * m[:, None]], axis=1))
-        w64 = w.astype(np.float64)
-        self._s0 = m.astype(np.float64) @ w64.T  # m W^T
-        self._h = 2.0 * np.eye(len(w64)) - w64 @ w64.T
-        self._m_sq = float(m.astype(np.float64) @ m.astype(np.float64))
-        self._r = len(w64)
+        # c = v - m, s = c W^T: |r|^2 = |c|^2 - 2|s|^2 + s G s^T = |c|^2 - s H s^T, H = 2I - W W^T.
+        # H = A A^T - B B^T (its eigenvalues split by sign; A = I for orthonormal rows, as PCA
+        # gives), so |r|^2 = |c|^2 - |s A|^2 + |s B|^2: columns [W^T A | W^T B | -2 m], offsets
+        # [-m W^T A | -m W^T B | |m|^2] and the finish is two sums of squares, no second product
+        w = self.components.astype(_F32).astype(np.float64)
+        m = self.center.astype(_F32).astype(np.float64)
+        e, q = np.linalg.eigh(2.0 * np.eye(len(w)) - w @ w.T)
+        pos = e > 0
+        a, b = q[:, pos] * np.sqrt(e[pos]), q[:, ~pos] * np.sqrt(-e[~pos])
+        if np.allclose(a @ a.T, np.eye(len(w)), atol=1e-6) and not b.size:
+            a = np.eye(len(w))  # orthonormal rows: s itself
+        lin = np.concatenate([w.T @ a, w.T @ b], axis=1)
+        self._cols = np.ascontiguousarray(np.concatenate([lin, -2.0 * m[:, None]], axis=1).astype(_F32))
+        self._off = np.concatenate([-(m @ lin), [m @ m]]).astype(_F32)
+        self._ra, self._r = a.shape[1], lin.shape[1]
 
     def columns(self) -> np.ndarray:
         return self._cols
 
+    def offsets(self) -> np.ndarray:
+        return self._off
+
     def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        s = p[:, : self._r] - self._s0
-        c_sq = sq + p[:, self._r] + self._m_sq
-        res: np.ndarray = np.maximum(c_sq - np.vecdot(s @ self._h, s), 0.0)
-        return res
+        sa, c_sq = p[:, : self._ra], sq + p[:, self._r]
+        res = c_sq - np.vecdot(sa, sa)
+        if self._r > self._ra:
+            sb = p[:, self._ra : self._r]
+            res += np.vecdot(sb, sb)
+        out: np.ndarray = np.maximum(res, 0.0)
+        return out
 
 
 def _precision_factor(precision: np.ndarray) -> np.ndarray:
@@ -409,16 +466,19 @@ def build_detector(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detec
 
 @dataclass
 class _ViewPlan:
-    """One view's detectors with their column blocks stacked into one float32 matrix."""
+    """One view's detectors with their column blocks stacked into one float32 matrix and
+    their offsets into one vector: a view costs one product and one addition per request."""
 
     view: str
     dets: list[Detector]
     matrix: np.ndarray | None = None
+    offsets: np.ndarray | None = None
     slices: list[slice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.width = next((d.width for d in self.dets if d.width is not None), None)  # one per view (load checks)
-        blocks, at = [], 0
+        self.check = not all(d.propagates_non_finite for d in self.dets)  # the view needs its own finiteness check
+        blocks, offs, at = [], [], 0
         for d in self.dets:
             c = d.columns()
             k = 0 if c is None else c.shape[1]
@@ -426,8 +486,17 @@ class _ViewPlan:
             at += k
             if c is not None:
                 blocks.append(c)
+                o = d.offsets()
+                offs.append(np.zeros(k, _F32) if o is None else o)
         if blocks:
             self.matrix = np.ascontiguousarray(np.concatenate(blocks, axis=1), _F32)
+            off = np.concatenate(offs).astype(_F32)
+            self.offsets = off if off.any() else None
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per sample of the view's product."""
+        return 0 if self.matrix is None else int(self.matrix.size)
 
     def scores(self, v: np.ndarray, out: np.ndarray, cols: list[int]) -> None:
         """Write each detector's score on ``v`` (n, width) float32 into ``out[:, cols[i]]``."""
@@ -435,6 +504,8 @@ class _ViewPlan:
             p, sq = v[:, :0], v[:, 0]
         else:
             p, sq = v @ self.matrix, _sq(v)
+            if self.offsets is not None:
+                p += self.offsets
         for d, sl, c in zip(self.dets, self.slices, cols):
             out[:, c] = d.finish(v, sq, p[:, sl])
 
@@ -450,8 +521,11 @@ class AnomalyScorer:
         self.rule = rule
         self.input_view = input_view or InputView()
         self._fused = [d for d in dets if d.name in members]
-        self._norm_mean = np.array([d.mean for d in self._fused])
-        self._norm_std = np.array([d.std for d in self._fused])
+        # fuse_z on z = (s - mean) / std, folded into one product (mean rules) or one affine map (max)
+        self._mean = np.array([d.mean for d in self._fused])
+        self._inv_std = np.array([1.0 / d.std for d in self._fused])
+        self._weights = self._inv_std / len(self._fused)
+        self._offset = float(self._mean @ self._weights)
         self.threshold: float = _threshold(meta.get("threshold"), "threshold")
         alpha = meta.get("alpha")
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
@@ -519,10 +593,8 @@ class AnomalyScorer:
         return d
 
     # ---- scoring -------------------------------------------------------
-    def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
-                    needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
-        """Each needed view once, as the detectors read it: (n, width) float32 (the input
-        through ``input_view``), finite, same n everywhere."""
+    def _views(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
+               needed: tuple[str, ...]) -> dict[str, np.ndarray]:
         raw = {"input": x, "logits": logits, "features": features}
         out: dict[str, np.ndarray] = {}
         n = None
@@ -531,7 +603,8 @@ class AnomalyScorer:
             if arr is None:
                 who = next((d.name for d in self.detectors if d.view == view), view)
                 raise AnomalyInputError(f"detector '{who}' needs the {view!r} array")
-            arr = np.asarray(arr)
+            if type(arr) is not np.ndarray:
+                arr = np.asarray(arr)
             if arr.ndim < 2:
                 raise AnomalyInputError(f"{view} must be batched (n, ...), got shape {arr.shape}")
             if arr.dtype.kind not in "fiub":
@@ -539,30 +612,48 @@ class AnomalyScorer:
             if n is not None and len(arr) != n:
                 raise AnomalyInputError(f"{view} has {len(arr)} samples, other arrays have {n}")
             n = len(arr)
-            # the finiteness check reads the view: average pooling and projections keep a NaN/Inf
-            # (every raw value has a positive weight, and inf * 0 is NaN), and so does a sum
-            # (a float32 overflow of the sum is refused too: such values are no valid input)
-            v = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
-            if not math.isfinite(v.sum()):
-                raise AnomalyInputError(f"{view} holds NaN/Inf values")
-            out[view] = v
+            out[view] = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
         return out
 
-    def _run(self, plans: list[tuple[_ViewPlan, list[int]]], dets: list[Detector], x: np.ndarray | None,
+    @staticmethod
+    def _non_finite(views: dict[str, np.ndarray]) -> AnomalyInputError:
+        bad = next((v for v, a in views.items() if not math.isfinite(a.sum())), None)
+        if bad is None:
+            return AnomalyInputError("the detector scores overflow: the arrays hold values far outside any valid input")
+        return AnomalyInputError(f"{bad} holds NaN/Inf values")
+
+    def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
+                    needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
+        """Each needed view once, as the detectors read it: (n, width) float32 (the input
+        through ``input_view``), finite, same n everywhere."""
+        views = self._views(x, logits, features, needed)
+        for a in views.values():
+            # average pooling and projections keep a NaN/Inf (every raw value has a positive
+            # weight, and inf * 0 is NaN), and so does a sum (a float32 overflow is refused too)
+            if not math.isfinite(a.sum()):
+                raise self._non_finite(views)
+        return views
+
+    def _run(self, plans: list[tuple[_ViewPlan, list[int]]], n_dets: int, x: np.ndarray | None,
              logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
-        views = self.view_arrays(x, logits, features, tuple(p.view for p, _ in plans))
-        out = np.empty((len(next(iter(views.values()))), len(dets)))
+        views = self._views(x, logits, features, tuple(p.view for p, _ in plans))
+        out = np.empty((len(next(iter(views.values()))), n_dets))
         for plan, cols in plans:
             v = views[plan.view]
             if plan.width is not None and v.shape[1] != plan.width:
                 who = next(d.name for d in plan.dets if d.width is not None)
                 raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
+            if plan.check and not math.isfinite(v.sum()):  # softmax scores can stay finite on a -inf logit
+                raise self._non_finite(views)
             plan.scores(v, out, cols)
+        # every other detector's score is NaN/Inf when its view is (``Detector.finish``): one check for all
+        if not math.isfinite(out.sum()):
+            raise self._non_finite(views)
         return out
 
     def scores_by_detector(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> dict[str, np.ndarray]:
         """Raw score of every detector (float64, one per sample); ``x`` is the raw model input."""
-        s = self._run(self._plans_all, self.detectors, x, logits, features)
+        s = self._run(self._plans_all, len(self.detectors), x, logits, features)
         return {d.name: s[:, i] for i, d in enumerate(self.detectors)}
 
     def fuse(self, scores: dict[str, np.ndarray]) -> np.ndarray:
@@ -572,11 +663,25 @@ class AnomalyScorer:
 
     def score(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
         """Fused score per sample (float64); only the fused detectors run. Compare with ``threshold``.
-        ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit."""
-        z = self._run(self._plans_fused, self._fused, x, logits, features)
-        z -= self._norm_mean
-        z /= self._norm_std
-        return fuse_z(z, self.rule)
+        ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit or
+        hold NaN/Inf (numpy may warn about the invalid values it met before the refusal)."""
+        s = self._run(self._plans_fused, len(self._fused), x, logits, features)
+        res: np.ndarray
+        if self.rule == "mean_pos_z":  # max(z, 0) = (max(s, mean) - mean) / std
+            res = np.maximum(s, self._mean) @ self._weights - self._offset
+        elif self.rule == "mean_z":
+            res = s @ self._weights - self._offset
+        else:
+            res = fuse_z((s - self._mean) * self._inv_std, self.rule)
+        return res
+
+    @property
+    def work(self) -> dict[str, int]:
+        """Per-sample cost of ``score`` in multiply-adds: the input view, each view's product."""
+        view = self.input_view.macs if any(p.view == "input" for p, _ in self._plans_fused) else 0
+        products = {p.view: p.macs for p, _ in self._plans_fused if p.macs}
+        return {"input_view": view, **{f"{v}_product": m for v, m in products.items()},
+                "total": view + sum(products.values())}
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
         res: np.ndarray = np.asarray(scores, dtype=np.float64) > self.threshold

@@ -24,13 +24,14 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 
 from hardening.errors import DataError
+from hardening.ood.budget import GateBudget
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, conformal_threshold
 from runtime_guard import anomaly as runtime
 
-# Size budget of one detector's exported matrix (values): a bank of B rows of width D has
-# B*D, a Mahalanobis factor D*r, PCA components r*D. It bounds the batch-1 cost of the
-# gate (one float32 matrix product per view) and the bundle size whatever the model.
-MAX_MATRIX_VALUES = 2**17
+# Size budget of one detector's exported matrix (values, ``GateBudget.matrix_values``): a bank
+# of B rows of width D has B*D, a Mahalanobis factor D*r, PCA components r*D. It bounds the
+# batch-1 cost of the gate (one float32 matrix product per view) and the bundle size whatever the model.
+MAX_MATRIX_VALUES = GateBudget().matrix_values
 
 
 def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
@@ -255,6 +256,10 @@ DETECTORS: dict[str, type[Detector]] = {
 }
 
 
-def default_detectors() -> dict[str, Detector]:
-    """One of each kind, with the settings the docs justify."""
-    return {kind: cls() for kind, cls in DETECTORS.items()}
+def default_detectors(budget: GateBudget | None = None) -> dict[str, Detector]:
+    """One of each kind, with the settings the docs justify; matrices within ``budget``."""
+    dets = {kind: cls() for kind, cls in DETECTORS.items()}
+    for det in dets.values():
+        if "max_values" in det.get_params():
+            det.set_params(max_values=(budget or GateBudget()).matrix_values)
+    return dets
