@@ -58,8 +58,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--previous-budget", action="store_true", help="fit at the previous release's gate budget "
                     "(1024 input values, 2^17 per matrix) instead of GateBudget()'s defaults")
+    ap.add_argument("--input-values", type=int, help="GateBudget.input_values (overrides the budget's)")
+    ap.add_argument("--matrix-values", type=int, help="GateBudget.matrix_values (overrides the budget's)")
     args = ap.parse_args()
     budget = PREVIOUS if args.previous_budget else GateBudget()
+    budget = GateBudget(args.input_values or budget.input_values, args.matrix_values or budget.matrix_values)
     model, data, torch_src = _demo(args.demo_dir)
     work = Path(tempfile.mkdtemp(prefix="bench_ood_out_"))
 
