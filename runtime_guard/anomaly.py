@@ -15,7 +15,8 @@ differentiable copy of the gate mirrors these formulas):
   scales with the model, not with the input: ``flatten`` (the raw values, inputs of at most
   ``max_values``), ``avgpool`` (an NCHW image average-pooled to ``out`` = (h, w) over
   adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``),
-  or ``projection`` (``x @ matrix``, a fitted random projection of a flat input). Files of
+  (equal bins, ``H % h == W % w == 0``: one gemv and one small product), or ``projection``
+  (``x @ matrix``, a fitted random projection of a flat input). Files of
   format ``edgeward-ood/1`` have no ``input_view``: ``flatten``.
 * Detector scores ``s`` on one view ``v`` (a row; views: input, logits, features):
 
@@ -27,7 +28,8 @@ differentiable copy of the gate mirrors these formulas):
     exact factor of ``P``
   - ``knn`` / ``input_knn``: Euclidean distance to the k-th nearest bank row
     (``v`` scaled to unit norm first when ``normalize``, the ``knn`` default)
-  - ``pca``:         ``|r|^2`` with ``r = (v - m) - ((v - m) W^T) W`` (reconstruction error)
+  - ``pca``:         ``|r|^2`` with ``r = (v - m) - ((v - m) W^T) W`` (reconstruction error;
+    computed as ``|v - m|^2 - s H s^T``, ``s = (v - m) W^T``, ``H = 2I - W W^T``, split by sign)
 * Normalisation per detector: ``z = (s - mean) / std`` (in-distribution statistics).
 * Fusion over the ``members`` (``fusion.rule``):
 
@@ -36,13 +38,22 @@ differentiable copy of the gate mirrors these formulas):
   - ``mean_pos_z``: ``mean_i max(z_i, 0)`` (one-sided: a detector can only add evidence)
   - ``max_z``:      ``max_i z_i``
 
-Every detector has one vectorised implementation below: its linear part is a block of
-columns (``columns``), and the scorer stacks the blocks of all detectors reading a view
-into one float32 matrix, so each view costs one matrix product per request, then each
-detector finishes its score from its block (``finish``). ``Detector.raw`` is the same two
-steps for one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
-(``score_samples``) and the tests all score through them. Arrays are float32 (products in
-float32, the rest in float64): scores agree across batch sizes to float32 rounding.
+Every detector's maths is declared once, below, not coded per call path: column blocks of
+its view's product (with constant offsets), the per-row *terms* its score is a linear
+combination of (a block's minimum or k-th smallest entry, a block's squared norm, one
+column, ``|v|^2``, logsumexp/max of the logits) and a post map (none, ``max(., 0)``,
+``sqrt(max(., 0))``, ``1 - exp``). One program scores any set of detectors: per view one
+float32 product with every block stacked and one offset addition, one reduction per block
+kind into a term matrix ``T``, then ``post(T @ A + c)`` for all detectors at once and one
+finiteness check on ``T`` (a NaN/Inf in a view makes its ``|v|^2`` and block reductions
+NaN/Inf; the logits, whose softmax terms stay finite on a -inf, are checked themselves).
+The fused score folds the z-normalisation into one product (``mean_z``, ``mean_pos_z``:
+``max(z, 0) = (max(s, mean) - mean) / std``). ``Detector.raw`` runs the same program for
+one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
+(``score_samples``) and the tests all score through it. Products are float32, the term
+matrix and the fusion float64: scores agree across batch sizes to float32 rounding. The
+per-request work (``AnomalyScorer.work``, multiply-adds) is fixed at fit time by
+``hardening.ood.budget.GateBudget`` and recorded in ``detectors.json`` (``budget``).
 """
 
 from __future__ import annotations

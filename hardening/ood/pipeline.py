@@ -101,6 +101,7 @@ class FitReport:
     features_output: str
     features_tensor: str | None
     out_dir: str
+    budget: dict = field(default_factory=dict)  # GateBudget and the per-request work it gave (detectors.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +175,8 @@ def fit_ood(
     pm = prepare_model(model_path, ds, features_tensor, max_input_values=budget.input_values)
     ens, report, _ = fit_ensemble(pm, ds, alpha, seed, slack, delta, budget)
     npz, meta = export_detectors(ens, model=pm.model_meta())
-    meta["fit"] = {k: v for k, v in report.to_dict().items() if k not in ("out_dir",)}
+    report.budget = meta["budget"]
+    meta["fit"] = {k: v for k, v in report.to_dict().items() if k not in ("out_dir", "budget")}
     report.out_dir = str(AnomalyScorer.from_bytes(npz, meta).save(out_dir))
     return report
 
