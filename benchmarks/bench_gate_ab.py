@@ -1,6 +1,6 @@
 """Guard overhead and gate score of two checkouts side by side: the same benchmark, alternated.
 
-Runs ``bench_guard_overhead.py`` (this checkout's copy, which uses only public APIs) once per
+Runs ``bench_guard_overhead.py --only target`` (this checkout's copy, which uses only public APIs) once per
 round for each ``--tree NAME=PATH[,OOD_DIR]`` with ``PYTHONPATH=PATH``, in alternation, with
 the same interpreter, model and inputs, and prints the median over rounds of: the bare
 batch-1 inference, the target row (limit + fitted gate + policy) added p50 (wall and
@@ -29,7 +29,7 @@ GATE = "fitted 5-detector gate score (fused)"
 
 
 def _run(path: str, ood: str | None, model_dir: str, n: int) -> dict[str, float]:
-    cmd = [sys.executable, str(BENCH), "--model-dir", model_dir, "-n", str(n), "--json"]
+    cmd = [sys.executable, str(BENCH), "--model-dir", model_dir, "-n", str(n), "--json", "--only", "target"]
     if ood:
         cmd += ["--ood-dir", ood]
     env = {**os.environ, "PYTHONPATH": str(Path(path).resolve()), "OMP_NUM_THREADS": "1"}

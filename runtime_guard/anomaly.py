@@ -593,6 +593,7 @@ class _Program:
             self.plans.append(plan)
             at = plan.t_end
         self.n_terms = at
+        self.views = tuple(p.view for p in self.plans)
         self.a = np.zeros((at, len(dets)))
         for plan in self.plans:
             for c, i, coef in plan.coefs:
@@ -751,7 +752,7 @@ class AnomalyScorer:
 
     def _run(self, prog: _Program, x: np.ndarray | None, logits: np.ndarray | None,
              features: np.ndarray | None) -> np.ndarray:
-        return prog.run(self._views(x, logits, features, tuple(p.view for p in prog.plans)))
+        return prog.run(self._views(x, logits, features, prog.views))
 
     def scores_by_detector(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> dict[str, np.ndarray]:
         """Raw score of every detector (float64, one per sample); ``x`` is the raw model input."""
