@@ -4,7 +4,8 @@ Runs ``bench_guard_overhead.py --only target`` (this checkout's copy, which uses
 round for each ``--tree NAME=PATH[,OOD_DIR]`` with ``PYTHONPATH=PATH``, in alternation, with
 the same interpreter, model and inputs, and prints the median over rounds of: the bare
 batch-1 inference, the target row (limit + fitted gate + policy) added p50 (wall and
-thread CPU), its ratio to the bare inference, and the fitted gate's score alone.
+thread CPU), its ratio to the bare inference, the fitted gate's score alone, and inside the
+target's requests the gate (score + verdict) and every other guard stage.
 ``OOD_DIR`` is the tree's own ``fit-ood`` output (omitted: the benchmark fits the gate with
 that tree's code).
 
@@ -37,7 +38,9 @@ def _run(path: str, ood: str | None, model_dir: str, n: int) -> dict[str, float]
     row = next(r for r in out["end_to_end"] if r["variant"] == TARGET)
     return {"bare_p50_us": row["bare_p50_us"], "added_p50_us": row["added_p50_us"],
             "added_cpu_p50_us": row["added_cpu_p50_us"], "added_pct_of_bare": 100 * row["added_p50_us"] / row["bare_p50_us"],
-            "gate_score_p50_us": out["components_p50_us"][GATE]}
+            "gate_score_p50_us": out["components_p50_us"][GATE],
+            "in_context_gate_us": out["components_p50_us"]["in context: fitted gate score + verdict"],
+            "in_context_other_stages_us": out["components_p50_us"]["in context: all guard stages but the gate"]}
 
 
 def main() -> None:
