@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from hardening.data import load_dataset  # noqa: E402
 from hardening.ood import fit_ood  # noqa: E402
+from hardening.ood.budget import PREVIOUS, GateBudget  # noqa: E402
 from hardening.ood.evaluate import family_metrics  # noqa: E402
 from hardening.ood.families import build_families  # noqa: E402
 from hardening.ood.pipeline import prepare_model  # noqa: E402
@@ -30,7 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo-dir", help="folder with model.onnx, data.npz, model.pt or model.ts (default: build the digits demo)")
     ap.add_argument("--adv-eps", type=float, default=0.3)
+    ap.add_argument("--previous-budget", action="store_true", help="fit at the previous release's gate budget "
+                    "(1024 input values, 2^17 per matrix) instead of GateBudget()'s defaults")
+    ap.add_argument("--input-values", type=int, help="GateBudget.input_values (overrides the budget's)")
+    ap.add_argument("--matrix-values", type=int, help="GateBudget.matrix_values (overrides the budget's)")
     args = ap.parse_args()
+    budget = PREVIOUS if args.previous_budget else GateBudget()
+    budget = GateBudget(args.input_values or budget.input_values, args.matrix_values or budget.matrix_values)
     if args.demo_dir:
         d = Path(args.demo_dir)
     else:
@@ -41,7 +48,7 @@ def main() -> None:
     src = d / "model.pt" if (d / "model.pt").exists() else d / "model.ts"
     model, data, torch_src = str(d / "model.onnx"), str(d / "data.npz"), str(src)
     work = Path(tempfile.mkdtemp(prefix="bench_fusion_out_"))
-    fit_ood(model, data, work / "det", alpha=0.05)
+    fit_ood(model, data, work / "det", alpha=0.05, budget=budget)
     scorer = AnomalyScorer.load(work / "det")
     ds = load_dataset(data)
     pm = prepare_model(model, ds)
@@ -60,6 +67,7 @@ def main() -> None:
         id_s = scorer.fuse(id_raw)
         table[rule] = {f: family_metrics(f, rule, id_s, scorer.fuse(s), np.inf).auroc for f, s in fam_raw.items()}
     members = ", ".join(d.name for d in scorer.detectors if d.name in scorer.meta["fusion"]["members"])
+    print(f"gate budget: {scorer.meta.get('budget')}; input view: {scorer.meta.get('input_view')}\n")
     print(f"## Fused-gate AUROC per family and fusion rule (members: {members})\n")
     print("| family | n | " + " | ".join(FUSION_RULES) + " |")
     print("|---|---|" + "---|" * len(FUSION_RULES))

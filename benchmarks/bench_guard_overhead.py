@@ -174,9 +174,10 @@ def main() -> None:
     parts = {}
     if "+ gate on + PRADA monitor" in guards:
         parts = _components(guards["+ gate on + PRADA monitor"], xs, args.n // 4)
-    if "+ gate on" in guards:
-        parts.update(_fitted_component(fitted, guards["+ gate on"], xs, args.n // 4))
     target = next((g for k, g in guards.items() if k.startswith("target")), None)
+    gated = guards.get("+ gate on", target)  # any guard on the session with the features output
+    if gated is not None:
+        parts.update(_fitted_component(fitted, gated, xs, args.n // 4))
     if target is not None:
         parts.update(_in_context(target, xs, args.n // 2))
     if args.json:

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from hardening.data import load_dataset  # noqa: E402
 from hardening.ood import audit_ood, fit_ood  # noqa: E402
+from hardening.ood.budget import PREVIOUS, GateBudget  # noqa: E402
 from hardening.ood.calibration import CalibrationTooSmall  # noqa: E402
 from hardening.ood.pipeline import prepare_model  # noqa: E402
 from runtime_guard.anomaly import AnomalyScorer  # noqa: E402
@@ -55,16 +56,23 @@ def main() -> None:
     ap.add_argument("--demo-dir", help="Folder with model.onnx, data.npz, model.pt or model.ts (default: build the digits "
                     "demo; e.g. build_reference's MobileNetV3-small)")
     ap.add_argument("--runs", type=int, default=2000)
+    ap.add_argument("--previous-budget", action="store_true", help="fit at the previous release's gate budget "
+                    "(1024 input values, 2^17 per matrix) instead of GateBudget()'s defaults")
+    ap.add_argument("--input-values", type=int, help="GateBudget.input_values (overrides the budget's)")
+    ap.add_argument("--matrix-values", type=int, help="GateBudget.matrix_values (overrides the budget's)")
     args = ap.parse_args()
+    budget = PREVIOUS if args.previous_budget else GateBudget()
+    budget = GateBudget(args.input_values or budget.input_values, args.matrix_values or budget.matrix_values)
     model, data, torch_src = _demo(args.demo_dir)
     work = Path(tempfile.mkdtemp(prefix="bench_ood_out_"))
 
+    print(f"gate budget: {budget}\n")
     print(f"## Achieved false-rejection rate on held-out x ({model})\n")
     print("| target alpha | threshold | k / n (conformal) | achieved FRR | distance to target |")
     print("|---|---|---|---|---|")
     for alpha in (0.01, 0.05, 0.10):
         try:
-            r = fit_ood(model, data, work / f"det_{alpha}", alpha=alpha)
+            r = fit_ood(model, data, work / f"det_{alpha}", alpha=alpha, budget=budget)
         except CalibrationTooSmall as e:  # the demo's calibration half is too small for 1%
             print(f"| {alpha:.2f} | refused (exit 2) | {e} | | |")
             continue
@@ -94,7 +102,7 @@ def main() -> None:
     ds = load_dataset(data)
     scorer = AnomalyScorer.load(work / "det_0.05")
     pm = prepare_model(model, ds, input_view=scorer.input_view)
-    print(f"\ninput view: {scorer.meta.get('input_view')}")
+    print(f"\ninput view: {scorer.meta.get('input_view')}; budget: {scorer.meta.get('budget')}")
 
     def fused(x: np.ndarray) -> np.ndarray:
         v = pm.outputs(x)  # raw inputs: the runtime scorer applies the compact view itself

@@ -15,7 +15,8 @@ differentiable copy of the gate mirrors these formulas):
   scales with the model, not with the input: ``flatten`` (the raw values, inputs of at most
   ``max_values``), ``avgpool`` (an NCHW image average-pooled to ``out`` = (h, w) over
   adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``),
-  or ``projection`` (``x @ matrix``, a fitted random projection of a flat input). Files of
+  (equal bins, ``H % h == W % w == 0``: one gemv and one small product), or ``projection``
+  (``x @ matrix``, a fitted random projection of a flat input). Files of
   format ``edgeward-ood/1`` have no ``input_view``: ``flatten``.
 * Detector scores ``s`` on one view ``v`` (a row; views: input, logits, features):
 
@@ -27,7 +28,8 @@ differentiable copy of the gate mirrors these formulas):
     exact factor of ``P``
   - ``knn`` / ``input_knn``: Euclidean distance to the k-th nearest bank row
     (``v`` scaled to unit norm first when ``normalize``, the ``knn`` default)
-  - ``pca``:         ``|r|^2`` with ``r = (v - m) - ((v - m) W^T) W`` (reconstruction error)
+  - ``pca``:         ``|r|^2`` with ``r = (v - m) - ((v - m) W^T) W`` (reconstruction error;
+    computed as ``|v - m|^2 - s H s^T``, ``s = (v - m) W^T``, ``H = 2I - W W^T``, split by sign)
 * Normalisation per detector: ``z = (s - mean) / std`` (in-distribution statistics).
 * Fusion over the ``members`` (``fusion.rule``):
 
@@ -36,13 +38,22 @@ differentiable copy of the gate mirrors these formulas):
   - ``mean_pos_z``: ``mean_i max(z_i, 0)`` (one-sided: a detector can only add evidence)
   - ``max_z``:      ``max_i z_i``
 
-Every detector has one vectorised implementation below: its linear part is a block of
-columns (``columns``), and the scorer stacks the blocks of all detectors reading a view
-into one float32 matrix, so each view costs one matrix product per request, then each
-detector finishes its score from its block (``finish``). ``Detector.raw`` is the same two
-steps for one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
-(``score_samples``) and the tests all score through them. Arrays are float32 (products in
-float32, the rest in float64): scores agree across batch sizes to float32 rounding.
+Every detector's maths is declared once, below, not coded per call path: column blocks of
+its view's product (with constant offsets), the per-row *terms* its score is a linear
+combination of (a block's minimum or k-th smallest entry, a block's squared norm, one
+column, ``|v|^2``, logsumexp/max of the logits) and a post map (none, ``max(., 0)``,
+``sqrt(max(., 0))``, ``1 - exp``). One program scores any set of detectors: per view one
+float32 product with every block stacked and one offset addition, one reduction per block
+kind into a term matrix ``T``, then ``post(T @ A + c)`` for all detectors at once and one
+finiteness check on ``T`` (a NaN/Inf in a view makes its ``|v|^2`` and block reductions
+NaN/Inf; the logits, whose softmax terms stay finite on a -inf, are checked themselves).
+The fused score folds the z-normalisation into one product (``mean_z``, ``mean_pos_z``:
+``max(z, 0) = (max(s, mean) - mean) / std``). ``Detector.raw`` runs the same program for
+one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
+(``score_samples``) and the tests all score through it. Products are float32, the term
+matrix and the fusion float64: scores agree across batch sizes to float32 rounding. The
+per-request work (``AnomalyScorer.work``, multiply-adds) is fixed at fit time by
+``hardening.ood.budget.GateBudget`` and recorded in ``detectors.json`` (``budget``).
 """
 
 from __future__ import annotations
@@ -133,15 +144,38 @@ class InputView:
     matrix: np.ndarray | None = field(default=None, repr=False)  # projection: (D, m)
 
     def __post_init__(self) -> None:
+        self._blocks: tuple[int, int] | None = None
         if self.kind == "avgpool":
             assert self.shape is not None and self.out is not None
             _, h, w = self.shape
-            self._rows = pool_matrix(h, self.out[0]).astype(_F32)
-            self._cols_t = np.ascontiguousarray(pool_matrix(w, self.out[1]).T.astype(_F32))
+            (oh, ow) = self.out
+            if h % oh == 0 and w % ow == 0:  # equal bins: sum each row's fw-blocks (one gemv), then fh rows (one gemm)
+                fh, fw = h // oh, w // ow
+                self._blocks = (fh, fw)
+                self._w1 = np.full(fw, 1.0 / (fh * fw), _F32)
+                self._k2 = np.ascontiguousarray(np.tile(np.eye(ow, dtype=_F32), (fh, 1)))
+            else:
+                self._rows = pool_matrix(h, oh).astype(_F32)
+                self._cols_t = np.ascontiguousarray(pool_matrix(w, ow).T.astype(_F32))
         elif self.kind == "projection":
             assert self.matrix is not None
             self._m32 = np.ascontiguousarray(self.matrix, _F32)
         self.size = None if self.shape is None else math.prod(self.shape)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per sample of ``apply`` (0 for ``flatten``)."""
+        if self.kind == "avgpool":
+            assert self.shape is not None and self.out is not None
+            c, h, w = self.shape
+            oh, ow = self.out
+            if self._blocks is not None:
+                return c * h * w + c * oh * self._blocks[0] * ow * ow
+            return c * oh * h * w + c * oh * w * ow
+        if self.kind == "projection":
+            assert self.matrix is not None
+            return int(self.matrix.size)
+        return 0
 
     @property
     def width(self) -> int | None:
@@ -161,13 +195,18 @@ class InputView:
             raise AnomalyInputError(f"input has {x.size // max(n, 1)} values per sample, the detectors "
                                     f"were fitted on {self.size} ({'x'.join(map(str, self.shape or ()))})")
         if self.kind == "avgpool":
-            assert self.shape is not None
-            pooled = self._rows @ x.reshape(n, *self.shape).astype(_F32, copy=False) @ self._cols_t
+            assert self.shape is not None and self.out is not None
+            x32 = x.astype(_F32, copy=False)
+            if self._blocks is not None:  # (n, C, oh, fh, ow, fw): mean over fw, then over fh
+                rows = (x32.reshape(-1, self._blocks[1]) @ self._w1).reshape(-1, self._blocks[0] * self.out[1])
+                res: np.ndarray = (rows @ self._k2).reshape(n, -1)
+                return res
+            pooled = self._rows @ x32.reshape(n, *self.shape) @ self._cols_t
             return pooled.reshape(n, -1)
         flat = x.reshape(n, -1).astype(_F32, copy=False)
         if self.kind == "projection":
-            res: np.ndarray = flat @ self._m32
-            return res
+            proj: np.ndarray = flat @ self._m32
+            return proj
         return flat
 
     def to_meta(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -207,10 +246,33 @@ class InputView:
             raise AnomalyFormatError(f"malformed input_view ({type(e).__name__}: {e})") from None
 
 
+@dataclass(frozen=True)
+class Term:
+    """One per-row quantity of a view that detector scores are linear combinations of.
+
+    ``min``/``kth``: the smallest / k-th smallest entry of a block of the view's product
+    (``scaled``: times ``1/max(|v|, 1e-12)``, a positive per-row factor that commutes with
+    the selection); ``sumsq``: a block's squared row norm; ``col``: a one-column block;
+    ``sq``: ``|v|^2``; ``usq``: ``|v / max(|v|, 1e-12)|^2``; ``lse``/``max``: logsumexp /
+    max of ``v / temperature`` (logits)."""
+
+    kind: str
+    coef: float = 1.0
+    block: int = -1  # index into the detector's blocks (min, kth, sumsq, col)
+    k: int = 1
+    scaled: bool = False
+    temperature: float = 1.0
+
+
+POSTS = ("none", "relu", "sqrt_relu", "one_minus_exp")  # applied to sum(coef * term) + const
+
+
 @dataclass
 class Detector:
-    """One exported detector: its view, normalisation and threshold; ``columns`` and
-    ``finish`` are its maths (module docstring)."""
+    """One exported detector: its view, normalisation and threshold. Its maths is declared,
+    not coded: column ``blocks`` of the view's product (with offsets), the ``terms`` its score
+    is a linear combination of, a constant and a ``post`` map (module docstring), so every
+    detector of every view is finished by the same few vectorised operations (``_Program``)."""
 
     kinds: ClassVar[tuple[str, ...]] = ()
     name: str
@@ -220,26 +282,20 @@ class Detector:
     threshold: float
     width: int | None = None  # values per sample of the view (None = any)
 
-    def columns(self) -> np.ndarray | None:
-        """(width, k) linear part, stacked with the other detectors of the view (None: none)."""
-        return None
+    def blocks(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(width, k) float32 column blocks of the view's product, each with (k,) offsets or None."""
+        return []
 
-    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """Scores from the view ``v`` (n, width) float32, its squared row norms ``sq``
-        and ``p = v @ columns()`` (both float32): float64, higher = more anomalous."""
+    def terms(self) -> tuple[list[Term], float, str]:
+        """(terms, constant, post): score = post(sum(t.coef * t) + constant)."""
         raise NotImplementedError
 
     def raw(self, v: np.ndarray) -> np.ndarray:
         """Score per row of ``v`` (n, width), float64; higher = more anomalous."""
-        v32 = np.asarray(v).astype(_F32, copy=False)
-        cols = self.columns()
-        p = v32[:, :0] if cols is None else v32 @ cols
-        return self.finish(v32, _sq(v32), p)
-
-
-def _sq(v: np.ndarray) -> np.ndarray:
-    res: np.ndarray = np.vecdot(v, v)
-    return res
+        prog = self.__dict__.get("_program")
+        if prog is None:
+            prog = self.__dict__["_program"] = _Program([self])
+        return prog.run({self.view: np.asarray(v).astype(_F32, copy=False)})[:, 0]
 
 
 @dataclass
@@ -250,16 +306,11 @@ class Softmax(Detector):
     kind: str = "msp"
     temperature: float = 1.0
 
-    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
+    def terms(self) -> tuple[list[Term], float, str]:
         t = self.temperature
-        zz = (v / t if t != 1.0 else v).astype(np.float64)
-        lse = np.logaddexp.reduce(zz, axis=1)  # logsumexp(v / T), stable
-        res: np.ndarray
         if self.kind == "msp":  # the top class's probability is exp(max - logsumexp)
-            res = 1.0 - np.exp(zz.max(axis=1) - lse)
-        else:
-            res = -t * lse
-        return res
+            return [Term("max", 1.0, temperature=t), Term("lse", -1.0, temperature=t)], 0.0, "one_minus_exp"
+        return [Term("lse", -t, temperature=t)], 0.0, "none"
 
 
 @dataclass
@@ -268,20 +319,14 @@ class Mahalanobis(Detector):
     factor: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)  # W (D, r)
     centers: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)  # m = mu W (C, r)
 
-    def __post_init__(self) -> None:
+    def blocks(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        # |s - m_c|^2 = |s|^2 + (-2 s.m_c + |m_c|^2) with s = v W
         w = self.factor.astype(_F32)
-        # [W | -2 W m^T]: v W and -2 (v W) . m_c in the one product
-        self._cols = np.ascontiguousarray(np.concatenate([w, -2.0 * (w.astype(np.float64) @ self.centers.T).astype(_F32)], axis=1))
-        self._r = w.shape[1]
-        self._m_sq = (self.centers * self.centers).sum(axis=1)
+        cross = (-2.0 * (w.astype(np.float64) @ self.centers.T)).astype(_F32)
+        return [(w, None), (cross, (self.centers * self.centers).sum(axis=1).astype(_F32))]
 
-    def columns(self) -> np.ndarray:
-        return self._cols
-
-    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        s = p[:, : self._r]
-        res: np.ndarray = (p[:, self._r :] + self._m_sq).min(axis=1) + np.vecdot(s, s)
-        return res
+    def terms(self) -> tuple[list[Term], float, str]:
+        return [Term("sumsq", block=0), Term("min", block=1)], 0.0, "none"
 
 
 @dataclass
@@ -292,30 +337,22 @@ class Knn(Detector):
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        b = self.bank.astype(_F32)
-        self._cols = np.ascontiguousarray(-2.0 * b.T)
-        self._bank_sq = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+        if self.normalize:  # the bank is stored unit-norm; renormalised here so |b|^2 = 1 exactly
+            b = self.bank.astype(np.float64)
+            self.bank = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
 
-    def columns(self) -> np.ndarray:
-        return self._cols
+    def blocks(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        # |u - b|^2 = |u|^2 - 2 u.b + |b|^2; normalising scales a row by 1/|v| after the selection
+        b = self.bank.astype(np.float64)
+        off = None if self.normalize else np.einsum("ij,ij->i", b, b).astype(_F32)
+        return [((-2.0 * b.T).astype(_F32), off)]
 
-    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        # |u - b|^2 = |u|^2 - 2 u.b + |b|^2 with u = v / max(|v|, 1e-12) when normalizing;
-        # |u|^2 is added after the selection: it shifts a whole row and cannot change the order
-        if self.normalize:
-            inv = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
-            part = p * inv[:, None] + self._bank_sq
-            u_sq = sq * inv * inv
-        else:
-            part = p + self._bank_sq
-            u_sq = sq
-        k = self.n_neighbors
-        if k == 1:
-            kth = part.min(axis=1)
-        else:
-            kth = np.partition(part, k - 1, axis=1)[:, k - 1] if k < part.shape[1] else part.max(axis=1)
-        res: np.ndarray = np.sqrt(np.maximum(kth + u_sq, 0.0))
-        return res
+    def terms(self) -> tuple[list[Term], float, str]:
+        kind = "min" if self.n_neighbors == 1 else "kth"
+        near = Term(kind, block=0, k=self.n_neighbors, scaled=self.normalize)
+        if self.normalize:  # u = v / max(|v|, 1e-12), |b| = 1
+            return [Term("usq"), near], 1.0, "sqrt_relu"
+        return [Term("sq"), near], 0.0, "sqrt_relu"
 
 
 @dataclass
@@ -324,25 +361,30 @@ class Pca(Detector):
     center: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     components: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
 
-    def __post_init__(self) -> None:
-        # c = v - m, s = c W^T: |r|^2 = |c|^2 - 2|s|^2 + s (W W^T) s^T = |c|^2 - s (2I - G) s^T
-        w = self.components.astype(_F32)
-        m = self.center.astype(_F32)
-        self._cols = np.ascontiguousarray(np.concatenate([w.T, -2.0 * m[:, None]], axis=1))
-        w64 = w.astype(np.float64)
-        self._s0 = m.astype(np.float64) @ w64.T  # m W^T
-        self._h = 2.0 * np.eye(len(w64)) - w64 @ w64.T
-        self._m_sq = float(m.astype(np.float64) @ m.astype(np.float64))
-        self._r = len(w64)
+    def _parts(self) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Term]]:
+        # c = v - m, s = c W^T: |r|^2 = |c|^2 - 2|s|^2 + s G s^T = |c|^2 - s H s^T, H = 2I - W W^T.
+        # H = A A^T - B B^T (its eigenvalues split by sign; A = I for orthonormal rows, as PCA
+        # gives), so |r|^2 = |v|^2 + (-2 v.m + |m|^2) - |s A|^2 + |s B|^2: no second product
+        w = self.components.astype(_F32).astype(np.float64)
+        m = self.center.astype(_F32).astype(np.float64)
+        e, q = np.linalg.eigh(2.0 * np.eye(len(w)) - w @ w.T)
+        pos = e > 0
+        a, b = q[:, pos] * np.sqrt(e[pos]), q[:, ~pos] * np.sqrt(-e[~pos])
+        if not b.size and np.allclose(a @ a.T, np.eye(len(w)), atol=1e-6):
+            a = np.eye(len(w))  # orthonormal rows: s itself
+        blocks: list[tuple[np.ndarray, np.ndarray | None]] = [((-2.0 * m[:, None]).astype(_F32), np.array([m @ m], _F32))]
+        terms = [Term("sq"), Term("col", block=0)]
+        for sign, f in ((-1.0, a), (1.0, b)):
+            if f.shape[1]:
+                blocks.append(((w.T @ f).astype(_F32), (-(m @ w.T @ f)).astype(_F32)))
+                terms.append(Term("sumsq", sign, block=len(blocks) - 1))
+        return blocks, terms
 
-    def columns(self) -> np.ndarray:
-        return self._cols
+    def blocks(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        return self._parts()[0]
 
-    def finish(self, v: np.ndarray, sq: np.ndarray, p: np.ndarray) -> np.ndarray:
-        s = p[:, : self._r] - self._s0
-        c_sq = sq + p[:, self._r] + self._m_sq
-        res: np.ndarray = np.maximum(c_sq - np.vecdot(s @ self._h, s), 0.0)
-        return res
+    def terms(self) -> tuple[list[Term], float, str]:
+        return self._parts()[1], 0.0, "relu"
 
 
 def _precision_factor(precision: np.ndarray) -> np.ndarray:
@@ -407,36 +449,189 @@ def build_detector(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detec
     return det
 
 
-@dataclass
 class _ViewPlan:
-    """One view's detectors with their column blocks stacked into one float32 matrix."""
+    """One view's part of a ``_Program``: every block of its detectors stacked into one float32
+    product (ordered by the reduction that reads it) plus one offset vector, and the columns of
+    the term matrix its reductions write."""
 
-    view: str
-    dets: list[Detector]
-    matrix: np.ndarray | None = None
-    slices: list[slice] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, view: str, dets: list[tuple[int, Detector]], t0: int) -> None:
+        self.view, self.t0 = view, t0
+        self.dets = [d for _, d in dets]
         self.width = next((d.width for d in self.dets if d.width is not None), None)  # one per view (load checks)
-        blocks, at = [], 0
-        for d in self.dets:
-            c = d.columns()
-            k = 0 if c is None else c.shape[1]
-            self.slices.append(slice(at, at + k))
-            at += k
-            if c is not None:
-                blocks.append(c)
-        if blocks:
-            self.matrix = np.ascontiguousarray(np.concatenate(blocks, axis=1), _F32)
+        self.check = view == "logits"  # softmax terms can stay finite on a -inf logit: the view is checked itself
+        groups: dict[str, list[tuple[int, Term, tuple[np.ndarray, np.ndarray | None]]]] = {
+            "min_scaled": [], "min": [], "kth": [], "sumsq": [], "col": []}
+        shared: list[tuple[int, Term]] = []
+        for i, d in dets:
+            ts, _, _ = d.terms()
+            blocks = d.blocks()
+            for t in ts:
+                if t.kind in ("min", "kth", "sumsq", "col"):
+                    groups["min_scaled" if t.kind == "min" and t.scaled else t.kind].append((i, t, blocks[t.block]))
+                else:
+                    shared.append((i, t))
+        mats, offs, at = [], [], 0
+        self.coefs: list[tuple[int, int, float]] = []  # (term column, detector index, coefficient)
+        col = t0
+        spans: dict[str, tuple[int, int, list[int]]] = {}  # group -> (first product column, last, starts)
+        self.kth: list[tuple[slice, int, int, bool]] = []
+        for g, items in groups.items():
+            starts, first = [], at
+            for i, t, (m, o) in items:
+                if not m.shape[1]:
+                    raise AnomalyFormatError(f"detector '{self.dets[0].name}': an empty block of columns")
+                starts.append(at - first)
+                mats.append(m)
+                offs.append(np.zeros(m.shape[1], _F32) if o is None else o)
+                if g == "kth":
+                    self.kth.append((slice(at, at + m.shape[1]), t.k, col, t.scaled))
+                at += m.shape[1]
+                self.coefs.append((col, i, t.coef))
+                col += 1
+            spans[g] = (first, at, starts)
+        self.matrix = np.ascontiguousarray(np.concatenate(mats, axis=1), _F32) if mats else None
+        off = np.concatenate(offs).astype(_F32) if offs else np.zeros(0, _F32)
+        self.offsets = off if off.any() else None
+        # term columns: [min_scaled | min | kth | sumsq | col] then the shared ones
+        n_ms, n_m = len(groups["min_scaled"]), len(groups["min"])
+        self.t_min = slice(t0, t0 + n_ms + n_m)
+        self.t_min_scaled = slice(t0, t0 + n_ms)
+        self.p_min = slice(0, spans["min"][1])
+        self.min_starts = np.array(spans["min_scaled"][2] + [s + spans["min"][0] for s in spans["min"][2]], np.intp)
+        ss0, ss1, ss_starts = spans["sumsq"]
+        t_ss0 = t0 + n_ms + n_m + len(groups["kth"])
+        self.t_ss = slice(t_ss0, t_ss0 + len(ss_starts))
+        self.p_ss = slice(ss0, ss1)
+        self.ss_starts = np.array(ss_starts, np.intp)
+        c0, c1, _ = spans["col"]
+        self.t_col, self.p_col = slice(self.t_ss.stop, self.t_ss.stop + c1 - c0), slice(c0, c1)
+        # shared terms: one column each per distinct (kind, temperature)
+        self.sq_col = self.usq_col = None
+        self.logit_cols: dict[float, list[int | None]] = {}  # temperature -> [lse column, max column]
+        for i, t in shared:
+            if t.kind == "sq":
+                if self.sq_col is None:
+                    self.sq_col, col = col, col + 1
+                tc = self.sq_col
+            elif t.kind == "usq":
+                if self.usq_col is None:
+                    self.usq_col, col = col, col + 1
+                tc = self.usq_col
+            elif t.kind in ("lse", "max"):
+                slot = self.logit_cols.setdefault(t.temperature, [None, None])
+                j = 0 if t.kind == "lse" else 1
+                if slot[j] is None:
+                    slot[j], col = col, col + 1
+                tc = slot[j]  # type: ignore[assignment]
+            else:
+                raise AnomalyFormatError(f"unknown term {t.kind!r}")
+            self.coefs.append((tc, i, t.coef))
+        self.scaled = bool(n_ms or self.usq_col is not None or any(k[3] for k in self.kth))
+        self.t_end = col
 
-    def scores(self, v: np.ndarray, out: np.ndarray, cols: list[int]) -> None:
-        """Write each detector's score on ``v`` (n, width) float32 into ``out[:, cols[i]]``."""
-        if self.matrix is None:  # no linear part (logits detectors)
-            p, sq = v[:, :0], v[:, 0]
-        else:
-            p, sq = v @ self.matrix, _sq(v)
-        for d, sl, c in zip(self.dets, self.slices, cols):
-            out[:, c] = d.finish(v, sq, p[:, sl])
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per sample of the view's product."""
+        return 0 if self.matrix is None else int(self.matrix.size)
+
+    def run(self, v: np.ndarray, t: np.ndarray) -> None:
+        """Write this view's terms for ``v`` (n, width) float32 into ``t`` (n, terms) float64."""
+        if self.check and not math.isfinite(v.sum()):
+            raise AnomalyInputError(f"{self.view} holds NaN/Inf values")
+        if self.matrix is not None:
+            p = v @ self.matrix
+            if self.offsets is not None:
+                p += self.offsets
+            if len(self.min_starts):
+                np.minimum.reduceat(p[:, self.p_min], self.min_starts, axis=1, out=t[:, self.t_min])
+            for sl, k, c, _ in self.kth:
+                blk = p[:, sl]
+                t[:, c] = np.partition(blk, k - 1, axis=1)[:, k - 1] if k < blk.shape[1] else blk.max(axis=1)
+            if len(self.ss_starts) == 1:
+                blk = p[:, self.p_ss]
+                np.vecdot(blk, blk, out=t[:, self.t_ss.start])
+            elif len(self.ss_starts):
+                np.add.reduceat(np.square(p[:, self.p_ss]), self.ss_starts, axis=1, out=t[:, self.t_ss])
+            if self.t_col.stop > self.t_col.start:
+                t[:, self.t_col] = p[:, self.p_col]
+        if self.sq_col is not None or self.scaled:
+            sq = _sq(v)
+            if self.sq_col is not None:
+                t[:, self.sq_col] = sq
+            if self.scaled:
+                inv = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
+                if self.usq_col is not None:
+                    np.multiply(sq * inv, inv, out=t[:, self.usq_col])
+                if self.t_min_scaled.stop > self.t_min_scaled.start:
+                    t[:, self.t_min_scaled] *= inv[:, None]
+                for _, _, c, scaled in self.kth:
+                    if scaled:
+                        t[:, c] *= inv
+        for temp, (lse_col, max_col) in self.logit_cols.items():
+            zz = (v / temp if temp != 1.0 else v).astype(np.float64)
+            if lse_col is not None:
+                np.logaddexp.reduce(zz, axis=1, out=t[:, lse_col])  # logsumexp(v / T), stable
+            if max_col is not None:
+                np.max(zz, axis=1, out=t[:, max_col])
+
+
+def _sq(v: np.ndarray) -> np.ndarray:
+    res: np.ndarray = np.vecdot(v, v)
+    return res
+
+
+class _Program:
+    """Raw scores of ``dets``: per view one product and a few reductions into one term matrix
+    ``T`` (n, terms), then ``post(T @ A + c)`` for every detector at once (``Detector.terms``)."""
+
+    def __init__(self, dets: list[Detector]) -> None:
+        self.dets = dets
+        self.plans: list[_ViewPlan] = []
+        at = 0
+        for view in dict.fromkeys(d.view for d in dets):
+            plan = _ViewPlan(view, [(i, d) for i, d in enumerate(dets) if d.view == view], at)
+            self.plans.append(plan)
+            at = plan.t_end
+        self.n_terms = at
+        self.views = tuple(p.view for p in self.plans)
+        self.a = np.zeros((at, len(dets)))
+        for plan in self.plans:
+            for c, i, coef in plan.coefs:
+                self.a[c, i] += coef
+        consts, posts = zip(*((d.terms()[1], d.terms()[2]) for d in dets))
+        if not set(posts) <= set(POSTS):
+            raise AnomalyFormatError(f"unknown post map in {posts}")
+        self.c = np.array(consts) if any(consts) else None
+        p = np.array(posts)
+        self.lo = np.where(np.isin(p, ("relu", "sqrt_relu")), 0.0, -np.inf)
+        self.relu = bool(np.isfinite(self.lo).any())
+        self.sqrt_mask, self.exp_mask = p == "sqrt_relu", p == "one_minus_exp"
+        self.sqrt, self.exp = bool(self.sqrt_mask.any()), bool(self.exp_mask.any())
+
+    def run(self, views: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, len(dets)) float64 raw scores; ``views`` as ``AnomalyScorer._views`` gives them."""
+        t = np.empty((len(views[self.plans[0].view]), self.n_terms))
+        for plan in self.plans:
+            v = views[plan.view]
+            if plan.width is not None and v.shape[1] != plan.width:
+                who = next(d.name for d in plan.dets if d.width is not None)
+                raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
+            plan.run(v, t)
+        # a NaN/Inf in a view makes its terms NaN/Inf (|v|^2, and every block reduction): one check for all
+        if not math.isfinite(t.sum()):
+            bad = next((p.view for p in self.plans if not math.isfinite(t[:, p.t0 : p.t_end].sum())), "a view")
+            raise AnomalyInputError(f"{bad} holds NaN/Inf values (or values whose squares overflow float32)")
+        raw = t @ self.a
+        if self.c is not None:
+            raw += self.c
+        if self.relu:
+            np.maximum(raw, self.lo, out=raw)
+        if self.sqrt:
+            np.sqrt(raw, out=raw, where=self.sqrt_mask)
+        if self.exp:
+            np.exp(raw, out=raw, where=self.exp_mask)
+            np.subtract(1.0, raw, out=raw, where=self.exp_mask)
+        return raw
 
 
 class AnomalyScorer:
@@ -450,22 +645,17 @@ class AnomalyScorer:
         self.rule = rule
         self.input_view = input_view or InputView()
         self._fused = [d for d in dets if d.name in members]
-        self._norm_mean = np.array([d.mean for d in self._fused])
-        self._norm_std = np.array([d.std for d in self._fused])
+        # fuse_z on z = (s - mean) / std, folded into one product (mean rules) or one affine map (max)
+        self._mean = np.array([d.mean for d in self._fused])
+        self._inv_std = np.array([1.0 / d.std for d in self._fused])
+        self._weights = self._inv_std / len(self._fused)
+        self._offset = float(self._mean @ self._weights)
         self.threshold: float = _threshold(meta.get("threshold"), "threshold")
         alpha = meta.get("alpha")
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
         self.needs: frozenset[str] = frozenset(d.view for d in dets)
-        self._plans_all = self._plans(dets)
-        self._plans_fused = self._plans(self._fused)
-
-    @staticmethod
-    def _plans(dets: list[Detector]) -> list[tuple[_ViewPlan, list[int]]]:
-        out = []
-        for view in dict.fromkeys(d.view for d in dets):
-            idx = [i for i, d in enumerate(dets) if d.view == view]
-            out.append((_ViewPlan(view, [dets[i] for i in idx]), idx))
-        return out
+        self._all = _Program(dets)
+        self._program = _Program(self._fused)
 
     # ---- loading -------------------------------------------------------
     @classmethod
@@ -519,10 +709,8 @@ class AnomalyScorer:
         return d
 
     # ---- scoring -------------------------------------------------------
-    def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
-                    needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
-        """Each needed view once, as the detectors read it: (n, width) float32 (the input
-        through ``input_view``), finite, same n everywhere."""
+    def _views(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
+               needed: tuple[str, ...]) -> dict[str, np.ndarray]:
         raw = {"input": x, "logits": logits, "features": features}
         out: dict[str, np.ndarray] = {}
         n = None
@@ -531,7 +719,8 @@ class AnomalyScorer:
             if arr is None:
                 who = next((d.name for d in self.detectors if d.view == view), view)
                 raise AnomalyInputError(f"detector '{who}' needs the {view!r} array")
-            arr = np.asarray(arr)
+            if type(arr) is not np.ndarray:
+                arr = np.asarray(arr)
             if arr.ndim < 2:
                 raise AnomalyInputError(f"{view} must be batched (n, ...), got shape {arr.shape}")
             if arr.dtype.kind not in "fiub":
@@ -539,30 +728,35 @@ class AnomalyScorer:
             if n is not None and len(arr) != n:
                 raise AnomalyInputError(f"{view} has {len(arr)} samples, other arrays have {n}")
             n = len(arr)
-            # the finiteness check reads the view: average pooling and projections keep a NaN/Inf
-            # (every raw value has a positive weight, and inf * 0 is NaN), and so does a sum
-            # (a float32 overflow of the sum is refused too: such values are no valid input)
-            v = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
-            if not math.isfinite(v.sum()):
-                raise AnomalyInputError(f"{view} holds NaN/Inf values")
-            out[view] = v
+            out[view] = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
         return out
 
-    def _run(self, plans: list[tuple[_ViewPlan, list[int]]], dets: list[Detector], x: np.ndarray | None,
-             logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
-        views = self.view_arrays(x, logits, features, tuple(p.view for p, _ in plans))
-        out = np.empty((len(next(iter(views.values()))), len(dets)))
-        for plan, cols in plans:
-            v = views[plan.view]
-            if plan.width is not None and v.shape[1] != plan.width:
-                who = next(d.name for d in plan.dets if d.width is not None)
-                raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
-            plan.scores(v, out, cols)
-        return out
+    @staticmethod
+    def _non_finite(views: dict[str, np.ndarray]) -> AnomalyInputError:
+        bad = next((v for v, a in views.items() if not math.isfinite(a.sum())), None)
+        if bad is None:
+            return AnomalyInputError("the detector scores overflow: the arrays hold values far outside any valid input")
+        return AnomalyInputError(f"{bad} holds NaN/Inf values")
+
+    def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
+                    needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
+        """Each needed view once, as the detectors read it: (n, width) float32 (the input
+        through ``input_view``), finite, same n everywhere."""
+        views = self._views(x, logits, features, needed)
+        for a in views.values():
+            # average pooling and projections keep a NaN/Inf (every raw value has a positive
+            # weight, and inf * 0 is NaN), and so does a sum (a float32 overflow is refused too)
+            if not math.isfinite(a.sum()):
+                raise self._non_finite(views)
+        return views
+
+    def _run(self, prog: _Program, x: np.ndarray | None, logits: np.ndarray | None,
+             features: np.ndarray | None) -> np.ndarray:
+        return prog.run(self._views(x, logits, features, prog.views))
 
     def scores_by_detector(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> dict[str, np.ndarray]:
         """Raw score of every detector (float64, one per sample); ``x`` is the raw model input."""
-        s = self._run(self._plans_all, self.detectors, x, logits, features)
+        s = self._run(self._all, x, logits, features)
         return {d.name: s[:, i] for i, d in enumerate(self.detectors)}
 
     def fuse(self, scores: dict[str, np.ndarray]) -> np.ndarray:
@@ -572,11 +766,25 @@ class AnomalyScorer:
 
     def score(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None) -> np.ndarray:
         """Fused score per sample (float64); only the fused detectors run. Compare with ``threshold``.
-        ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit."""
-        z = self._run(self._plans_fused, self._fused, x, logits, features)
-        z -= self._norm_mean
-        z /= self._norm_std
-        return fuse_z(z, self.rule)
+        ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit or
+        hold NaN/Inf (numpy may warn about the invalid values it met before the refusal)."""
+        s = self._run(self._program, x, logits, features)
+        res: np.ndarray
+        if self.rule == "mean_pos_z":  # max(z, 0) = (max(s, mean) - mean) / std
+            res = np.maximum(s, self._mean) @ self._weights - self._offset
+        elif self.rule == "mean_z":
+            res = s @ self._weights - self._offset
+        else:
+            res = fuse_z((s - self._mean) * self._inv_std, self.rule)
+        return res
+
+    @property
+    def work(self) -> dict[str, int]:
+        """Per-sample cost of ``score`` in multiply-adds: the input view, each view's product."""
+        view = self.input_view.macs if any(p.view == "input" for p in self._program.plans) else 0
+        products = {p.view: p.macs for p in self._program.plans if p.macs}
+        return {"input_view": view, **{f"{v}_product": m for v, m in products.items()},
+                "total": view + sum(products.values())}
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
         res: np.ndarray = np.asarray(scores, dtype=np.float64) > self.threshold

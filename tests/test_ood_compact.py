@@ -37,8 +37,10 @@ def compact(digits_demo):
 
 
 def test_choose_input_view_fits_the_budget():
-    img = choose_input_view((3, 96, 96))
-    assert (img.kind, img.out, img.width) == ("avgpool", (16, 16), 768)
+    img = choose_input_view((3, 96, 96))  # GateBudget().input_values = 256: equal 12x12 bins
+    assert (img.kind, img.out, img.width) == ("avgpool", (8, 8), 192)
+    assert choose_input_view((3, 96, 96), max_values=1024).out == (16, 16)  # the previous budget
+    assert choose_input_view((3, 50, 50), max_values=256).out == (9, 9)  # equal bins (5x5) would lose over half
     assert choose_input_view((1, 8, 8)).kind == "flatten" and choose_input_view((30,)).width == 30
     odd = choose_input_view((3, 50, 37), max_values=100)
     assert odd.kind == "avgpool" and odd.width <= 100
@@ -101,16 +103,19 @@ def test_banks_and_matrices_stay_within_the_size_budget():
         "n_neighbors": 1, "normalize": None, "bank_size": 32, "max_values": budget}  # recorded in detectors.json
     assert KNNDetector(max_bank=10, max_values=budget).fit(x).bank_.shape == (10, 64)
     m = MahalanobisDetector(max_values=budget).fit(x, y)
-    assert m.rank_ == 32 and m.export()[0]["factor"].shape == (64, 32)
+    # the device multiplies by W and the 3 class cross terms: 64 * (29 + 3) = budget
+    assert m.rank_ == 29 and m.export()[0]["factor"].shape == (64, 29)
+    assert sum(b.size for b, _ in m.runtime_.blocks()) == budget
     # truncated: the leading-variance directions of the tied covariance, whitened
     cov = np.linalg.inv(m.precision_)
     var, vec = np.linalg.eigh(cov)
-    top = vec[:, np.argsort(var)[::-1][:32]] / np.sqrt(np.sort(var)[::-1][:32])
+    top = vec[:, np.argsort(var)[::-1][:29]] / np.sqrt(np.sort(var)[::-1][:29])
     t = rng.normal(size=(20, 64)) * 2
     want = (((t @ top)[:, None, :] - (m.means_ @ top)[None]) ** 2).sum(2).min(1)
     np.testing.assert_allclose(m.score_samples(t), want, rtol=1e-4, atol=1e-3)
     p = PCAReconstructionDetector(n_components=60, max_values=budget).fit(x)
-    assert p.export()[0]["components"].shape == (32, 64)
+    assert p.export()[0]["components"].shape == (31, 64)  # + the mean's column
+    assert sum(b.size for b, _ in p.runtime_.blocks()) == budget
     full = MahalanobisDetector().fit(x, y)  # 64 x 64 fits the default budget: exact, full rank
     assert full.rank_ == 64
 
@@ -119,7 +124,7 @@ def test_exported_arrays_are_float32_and_bounded(compact):
     _, _, _, scorer = compact
     with np.load(io.BytesIO(scorer.npz_bytes), allow_pickle=False) as z:
         assert all(z[k].dtype == np.float32 for k in z.files)
-        assert max(z[k].size for k in z.files) <= 2**17
+        assert max(z[k].size for k in z.files) <= 2**16  # GateBudget().matrix_values
 
 
 def _format_1(ens, meta: dict) -> tuple[bytes, dict]:

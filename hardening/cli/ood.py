@@ -33,16 +33,24 @@ def fit_ood_cmd(
                                 "[default: hardening.ood.calibration.DEFAULT_SLACK, 0.01]."),
     delta: float = typer.Option(None, "--delta", help="Allowed probability that a calibration set misses alpha + slack "
                                 "[default: DEFAULT_DELTA, 0.1]."),
+    input_values: int = typer.Option(None, "--input-values", help="Gate budget: values of the compact input view the "
+                                     "input detectors read [default: GateBudget, 256]."),
+    matrix_values: int = typer.Option(None, "--matrix-values", help="Gate budget: values of each detector's matrix in the "
+                                      "device's per-request product [default: GateBudget, 65536]."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Fit OOD detectors, fuse them and calibrate the rejection threshold (PAC conformal).
 
+    The per-request work of the gate is bounded by the budget and recorded in detectors.json.
     Exit 2 if the calibration split is too small for the guarantee at this alpha."""
+    from hardening.ood.budget import GateBudget
     from hardening.ood.pipeline import fit_ood
 
+    default = GateBudget()
+    budget = GateBudget(input_values or default.input_values, matrix_values or default.matrix_values)
     with console.status("fitting OOD detectors"):
         guarantee = {k: v for k, v in (("slack", slack), ("delta", delta)) if v is not None}
-        rep = fit_ood(model, data, out, alpha=alpha, features_tensor=features_tensor, seed=seed, **guarantee)
+        rep = fit_ood(model, data, out, alpha=alpha, features_tensor=features_tensor, seed=seed, budget=budget, **guarantee)
     if json_out:
         print_json(rep.to_dict())
         return
@@ -54,6 +62,8 @@ def fit_ood_cmd(
         f"P(FRR > {rep.alpha + rep.frr_slack:.1%}) <= {rep.frr_delta:.0%}; held-out FRR {rep.heldout_frr:.1%} "
         f"(95% CI {rep.heldout_frr_ci[0]:.1%}-{rep.heldout_frr_ci[1]:.1%}); "
         f"normalisation on {rep.n_norm} other calibration inputs; held-out FRR on {rep.n_heldout} test inputs. "
+        f"Per request the gate does {rep.budget['macs_per_request']['total']:,} multiply-adds "
+        f"(budget: {budget.input_values} input values, {budget.matrix_values} values per detector matrix). "
         f"Wrote {rep.out_dir}/detectors.npz and detectors.json",
         highlight=False,
     )

@@ -3,6 +3,7 @@
 Score convention everywhere: higher = more anomalous.
 """
 
+from hardening.ood.budget import GateBudget
 from hardening.ood.calibration import ConformalThreshold, conformal_threshold, false_rejection_rate
 from hardening.ood.detectors import (
     DETECTORS,
@@ -23,6 +24,7 @@ from hardening.ood.pipeline import FitReport, audit_ood, fit_ensemble, fit_ood, 
 from hardening.ood.views import ModelViews, compute_views
 
 __all__ = [
+    "GateBudget",
     "ConformalThreshold", "conformal_threshold", "false_rejection_rate",
     "DETECTORS", "Detector", "EnergyDetector", "InputKNNDetector", "KNNDetector", "MahalanobisDetector",
     "MSPDetector", "PCAReconstructionDetector", "default_detectors",

@@ -24,13 +24,14 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 
 from hardening.errors import DataError
+from hardening.ood.budget import GateBudget
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, conformal_threshold
 from runtime_guard import anomaly as runtime
 
-# Size budget of one detector's exported matrix (values): a bank of B rows of width D has
-# B*D, a Mahalanobis factor D*r, PCA components r*D. It bounds the batch-1 cost of the
-# gate (one float32 matrix product per view) and the bundle size whatever the model.
-MAX_MATRIX_VALUES = 2**17
+# Size budget of one detector's exported matrix (values, ``GateBudget.matrix_values``): a bank
+# of B rows of width D has B*D, a Mahalanobis factor D*r, PCA components r*D. It bounds the
+# batch-1 cost of the gate (one float32 matrix product per view) and the bundle size whatever the model.
+MAX_MATRIX_VALUES = GateBudget().matrix_values
 
 
 def _as_2d(X: np.ndarray, name: str) -> np.ndarray:
@@ -135,9 +136,10 @@ class MahalanobisDetector(Detector):
     """Min over classes of the Mahalanobis distance with one tied covariance (Lee et al. 2018).
 
     Exported as a factor ``W`` of the precision (``W W^T = P``, by the covariance's
-    eigendecomposition) and the projected class means: exact while ``D * D`` fits
+    eigendecomposition) and the projected class means: exact while ``D * (D + C)`` fits
     ``max_values``; above it (e.g. 1024-d MobileNet features) ``W`` keeps the ``r =
-    max_values // D`` directions of largest variance, recorded as ``rank_``."""
+    max_values // D - C`` directions of largest variance (the device's product holds ``W``
+    and the ``C`` class cross terms), recorded as ``rank_``."""
 
     kind = "mahalanobis"
     view = "features"
@@ -162,7 +164,8 @@ class MahalanobisDetector(Detector):
         fitted = est(assume_centered=True).fit(centred)
         self.precision_ = fitted.precision_
         d = X.shape[1]
-        self.rank_ = int(min(d, max(1, self.max_values // d)))
+        # the device's product holds W (D x r) and the class cross terms (D x C): D * (r + C) within the budget
+        self.rank_ = int(min(d, max(1, self.max_values // d - len(self.classes_))))
         var, vec = np.linalg.eigh(fitted.covariance_)
         top = np.argsort(var)[::-1][: self.rank_]
         self.factor_ = vec[:, top] / np.sqrt(np.maximum(var[top], 1e-12))
@@ -241,7 +244,7 @@ class PCAReconstructionDetector(Detector):
         X = _as_2d(X, "pca input")
         self.pca_ = PCA(n_components=self.n_components, svd_solver="full").fit(X)
         # leading components within the matrix budget (they are sorted by explained variance)
-        self.components_ = self.pca_.components_[: max(1, self.max_values // X.shape[1])]
+        self.components_ = self.pca_.components_[: max(1, self.max_values // X.shape[1] - 1)]  # + the mean's column
         self.n_features_in_ = X.shape[1]
         self._export_runtime()
         return self
@@ -255,6 +258,10 @@ DETECTORS: dict[str, type[Detector]] = {
 }
 
 
-def default_detectors() -> dict[str, Detector]:
-    """One of each kind, with the settings the docs justify."""
-    return {kind: cls() for kind, cls in DETECTORS.items()}
+def default_detectors(budget: GateBudget | None = None) -> dict[str, Detector]:
+    """One of each kind, with the settings the docs justify; matrices within ``budget``."""
+    dets = {kind: cls() for kind, cls in DETECTORS.items()}
+    for det in dets.values():
+        if "max_values" in det.get_params():
+            det.set_params(max_values=(budget or GateBudget()).matrix_values)
+    return dets

@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.exceptions import NotFittedError
 
 from hardening.errors import InputError
+from hardening.ood.budget import GateBudget
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, ConformalThreshold, conformal_threshold
 from hardening.ood.detectors import Detector, default_detectors
 from hardening.ood.views import ModelViews
@@ -45,10 +46,11 @@ class DetectorEnsemble:
     """Detectors by name; ``fused`` names the members of the fused score."""
 
     def __init__(self, detectors: dict[str, Detector] | None = None, fused: Sequence[str] | None = None,
-                 rule: str = FUSION_RULE, input_view: InputView | None = None) -> None:
+                 rule: str = FUSION_RULE, input_view: InputView | None = None, budget: GateBudget | None = None) -> None:
         self.rule = rule
         self.input_view = input_view or InputView()  # how ModelViews.input was made from raw inputs
-        self.detectors = detectors if detectors is not None else default_detectors()
+        self.budget = budget or GateBudget()  # bounds the default detectors' matrices (recorded on export)
+        self.detectors = detectors if detectors is not None else default_detectors(self.budget)
         self.fused = tuple(fused) if fused is not None else tuple(n for n in DEFAULT_FUSED if n in self.detectors)
         unknown = [n for n in self.fused if n not in self.detectors]
         if unknown or not self.fused:

@@ -60,5 +60,6 @@ def export_detectors(ensemble: DetectorEnsemble, model: dict | None = None) -> t
         "model": model or {},
     }
     data = buf.getvalue()
-    AnomalyScorer.from_bytes(data, meta)  # refuse to write what the runtime cannot read
+    scorer = AnomalyScorer.from_bytes(data, meta)  # refuse to write what the runtime cannot read
+    meta["budget"] = ensemble.budget.to_meta(scorer.work)
     return data, meta

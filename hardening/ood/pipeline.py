@@ -19,6 +19,7 @@ import onnxruntime as ort
 from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
 from hardening.intake import ModelInfo, check_fits, load_model, make_session
+from hardening.ood.budget import GateBudget
 from hardening.ood.calibration import DEFAULT_DELTA, DEFAULT_SLACK, check_alpha, false_rejection_rate, rate_interval
 from hardening.ood.ensemble import DetectorEnsemble
 from hardening.ood.evaluate import ENSEMBLE, OODAudit, family_metrics
@@ -100,6 +101,7 @@ class FitReport:
     features_output: str
     features_tensor: str | None
     out_dir: str
+    budget: dict = field(default_factory=dict)  # GateBudget and the per-request work it gave (detectors.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,14 +117,15 @@ def _load_data(data: str | Path | Dataset) -> Dataset:
 
 
 def fit_ensemble(pm: PreparedModel, ds: Dataset, alpha: float, seed: int = 0, slack: float = DEFAULT_SLACK,
-                 delta: float = DEFAULT_DELTA) -> tuple[DetectorEnsemble, FitReport, ModelViews]:
-    """Fit, normalise and calibrate on disjoint splits; also returns test-split views."""
+                 delta: float = DEFAULT_DELTA, budget: GateBudget | None = None) -> tuple[DetectorEnsemble, FitReport, ModelViews]:
+    """Fit, normalise and calibrate on disjoint splits; also returns test-split views.
+    ``budget`` bounds the detectors' matrices (the input view is ``pm``'s, see ``prepare_model``)."""
     alpha = check_alpha(alpha)
     train, cal, test = pm.views(ds.x_train), pm.views(ds.x_cal), pm.views(ds.x)
     perm = np.random.default_rng(seed).permutation(len(cal))
     half = len(cal) // 2
     norm_split, thr_split = cal.take(perm[:half]), cal.take(perm[half:])
-    ens = DetectorEnsemble(input_view=pm.input_view)
+    ens = DetectorEnsemble(input_view=pm.input_view, budget=budget)
     for det in ens.detectors.values():
         if "random_state" in det.get_params():
             det.set_params(random_state=seed)  # kNN bank subsampling
@@ -161,15 +164,19 @@ def fit_ood(
     seed: int = 0,
     slack: float = DEFAULT_SLACK,
     delta: float = DEFAULT_DELTA,
+    budget: GateBudget | None = None,
 ) -> FitReport:
     """Fit and calibrate the gate; writes ``detectors.npz`` + ``detectors.json`` to ``out_dir``.
 
-    ``data``: the ``.npz`` path or its loaded arrays (a ``Dataset``, as the full audit holds)."""
+    ``data``: the ``.npz`` path or its loaded arrays (a ``Dataset``, as the full audit holds);
+    ``budget``: the gate's per-request work (``GateBudget``; recorded in the file)."""
+    budget = budget or GateBudget()
     ds = _load_data(data)
-    pm = prepare_model(model_path, ds, features_tensor)
-    ens, report, _ = fit_ensemble(pm, ds, alpha, seed, slack, delta)
+    pm = prepare_model(model_path, ds, features_tensor, max_input_values=budget.input_values)
+    ens, report, _ = fit_ensemble(pm, ds, alpha, seed, slack, delta, budget)
     npz, meta = export_detectors(ens, model=pm.model_meta())
-    meta["fit"] = {k: v for k, v in report.to_dict().items() if k not in ("out_dir",)}
+    report.budget = meta["budget"]
+    meta["fit"] = {k: v for k, v in report.to_dict().items() if k not in ("out_dir", "budget")}
     report.out_dir = str(AnomalyScorer.from_bytes(npz, meta).save(out_dir))
     return report
 

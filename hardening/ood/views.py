@@ -15,17 +15,21 @@ import onnxruntime as ort
 from sklearn.random_projection import GaussianRandomProjection
 
 from hardening.errors import ModelError
+from hardening.ood.budget import GateBudget
 from runtime_guard.anomaly import InputView
 
-# Values per sample of the compact input view: a 3x96x96 image average-pools to 3x16x16 (768).
-MAX_INPUT_VALUES = 1024
+# Values per sample of the compact input view (``GateBudget.input_values``): a 3x96x96 image
+# average-pools to 3x8x8 (192).
+MAX_INPUT_VALUES = GateBudget().input_values
 # A projection of a flat input costs D x m per request: m is bounded by this budget too.
 MAX_PROJECTION_VALUES = 2**18
 
 
 def choose_input_view(shape: tuple[int, ...], max_values: int = MAX_INPUT_VALUES, seed: int = 0) -> InputView:
     """``flatten`` when the input has at most ``max_values`` values; an NCHW (or HW) image
-    average-pooled by the smallest factor that fits; otherwise a seeded Gaussian random
+    average-pooled by the smallest factor that fits, or by the next larger factor that
+    divides the image into equal bins when that keeps at least half the values (the device
+    pools equal bins with one gemv and one small product); otherwise a seeded Gaussian random
     projection (scikit-learn) to ``min(max_values, MAX_PROJECTION_VALUES // D)`` values."""
     shape = tuple(int(v) for v in shape)
     size = math.prod(shape)
@@ -38,6 +42,10 @@ def choose_input_view(shape: tuple[int, ...], max_values: int = MAX_INPUT_VALUES
             f += 1
         oh, ow = -(-h // f), -(-w // f)
         if c * oh * ow <= max_values:
+            even = [(a, b) for a in range(1, oh + 1) for b in range(1, ow + 1)
+                    if h % a == 0 and w % b == 0 and 2 * a * b >= oh * ow and max(a / b, b / a) <= max(oh / ow, ow / oh)]
+            if even and (oh, ow) not in even:
+                oh, ow = max(even, key=lambda ab: (ab[0] * ab[1], -abs(ab[0] - ab[1])))
             return InputView("avgpool", (c, h, w), (oh, ow))
     m = max(8, min(max_values, MAX_PROJECTION_VALUES // size))
     proj = GaussianRandomProjection(n_components=m, random_state=seed).fit(np.zeros((1, size)))
