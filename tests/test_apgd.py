@@ -89,3 +89,22 @@ def test_grouped_rows_break_the_same_points_with_fewer_rows(cnn):
         out[grouped] = ({int(i) for i in rows[wrong]}, c.rows)
     assert out[True][0] == out[False][0] and out[True][0], out  # the same points broken
     assert out[True][1] < out[False][1]  # a broken point's other targets stopped
+
+
+def test_a_second_start_goes_only_to_survivors_that_came_close(cnn, monkeypatch):
+    import attacks.apgd as apgd_module
+
+    m = cnn[0]
+    x, y = cnn_data()
+    x, y = x[:400], y[:400]
+    with torch.no_grad():
+        ok = m(torch.from_numpy(x)).argmax(1).numpy() == y
+    x, y = x[ok], y[ok]
+    out = {}
+    for restarts in (0, 1):
+        monkeypatch.setattr(apgd_module, "ADAPTIVE_RESTARTS", restarts)
+        c = Counting(m)
+        adv = apgd(c, x, y, EPS, np.inf, 100, (0.0, 1.0), loss="ce", seed=0, adaptive=True)
+        out[restarts] = (_robust(m, adv, y), c.rows)
+    assert out[1][0] < out[0][0], out  # the near misses' second start broke some
+    assert out[1][1] < 2 * out[0][1], out  # and it did not rerun every survivor
