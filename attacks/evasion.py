@@ -55,9 +55,9 @@ PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "fgsm": {},
         "pgd": {"max_iter": 10, "num_random_init": 1},
-        "apgd-ce": {"max_iter": 20, "nb_random_init": 1},
-        "apgd-dlr": {"max_iter": 20, "nb_random_init": 1},
-        "apgd-t": {"max_iter": 20, "nb_random_init": 1, "targets": 3},
+        "apgd-ce": {"max_iter": 100, "nb_random_init": 1, "adaptive": True},
+        "apgd-dlr": {"max_iter": 100, "nb_random_init": 1, "adaptive": True},
+        "apgd-t": {"max_iter": 100, "nb_random_init": 1, "targets": 3, "adaptive": True},
         "deepfool": {"max_iter": 20, "nb_grads": 3},
         "square": {"max_iter": 300, "nb_restarts": 1, "sentinel": 32},
         "hsj": {"max_iter": 3, "max_eval": 100, "init_eval": 10, "init_size": 20, "sentinel": 32},
@@ -204,13 +204,14 @@ def _craft(name, estimator, x, y, eps, norm, settings, seed):
         if name == "apgd-dlr" and nb_classes < 3:
             raise SkipAttack("the DLR loss needs at least 3 classes")
         return apgd(estimator.model, x, y, eps, norm, int(s["max_iter"]), estimator.clip_values,
-                    loss="ce" if name == "apgd-ce" else "dlr", restarts=int(s["nb_random_init"]), seed=seed)
+                    loss="ce" if name == "apgd-ce" else "dlr", restarts=int(s["nb_random_init"]), seed=seed,
+                    adaptive=bool(s.get("adaptive", False)))
     if name == "apgd-t":
         if nb_classes < 3:
             raise SkipAttack("targeting runner-up classes needs at least 3 classes (untargeted covers 2)")
         if nb_classes == 3:  # the targeted DLR loss needs 4 logits; with 3 the runner-up is the only target
             return apgd(estimator.model, x, y, eps, norm, int(s["max_iter"]), estimator.clip_values, loss="dlr",
-                        restarts=int(s["nb_random_init"]), seed=seed)
+                        restarts=int(s["nb_random_init"]), seed=seed, adaptive=bool(s.get("adaptive", False)))
         return _apgd_targeted(estimator, x, y, eps, norm, s, seed)
     if name == "deepfool":
         if not hasattr(estimator, "class_gradient"):
@@ -268,21 +269,21 @@ def _square_p_init(hw: tuple[int, ...], norm: float) -> float:
 
 
 def _apgd_targeted(estimator, x, y, eps, norm, s, seed) -> np.ndarray:
-    """APGD-T (targeted DLR) at each of the ``targets`` highest-scoring wrong classes in
-    turn, each only on the points the previous targets left (AutoAttack's APGD-T)."""
+    """APGD-T (targeted DLR) at the ``targets`` highest-scoring wrong classes (AutoAttack's
+    APGD-T runs them one after another on what the previous left). Here one batch holds a
+    row per (point, target) and a point leaves with all its rows once one row breaks it:
+    the same attacks, a third of the iterations' fixed cost for three targets."""
     logits = estimator.predict(x)
     masked = logits.copy()
     masked[np.arange(len(x)), y] = -np.inf
-    order = np.argsort(-masked, axis=1)
+    k = min(int(s["targets"]), estimator.nb_classes - 1)
+    order = np.argsort(-masked, axis=1)[:, :k]
+    rows = np.repeat(np.arange(len(x)), k)
+    cand = apgd(estimator.model, x[rows], y[rows], eps, norm, int(s["max_iter"]), estimator.clip_values,
+                loss="dlr", target=order.ravel(), restarts=int(s["nb_random_init"]), seed=seed,
+                adaptive=bool(s.get("adaptive", False)), group=rows)
+    hit = np.any(cand.reshape(len(rows), -1) != x[rows].reshape(len(rows), -1), axis=1)
     x_adv = x.copy()
-    open_ = np.ones(len(x), dtype=bool)
-    for k in range(min(int(s["targets"]), estimator.nb_classes - 1)):
-        if not open_.any():
-            break
-        idx = np.flatnonzero(open_)
-        cand = apgd(estimator.model, x[idx], y[idx], eps, norm, int(s["max_iter"]), estimator.clip_values,
-                    loss="dlr", target=order[idx, k], restarts=int(s["nb_random_init"]), seed=seed + k)
-        hit = np.any(cand.reshape(len(idx), -1) != x[idx].reshape(len(idx), -1), axis=1)
-        x_adv[idx[hit]] = cand[hit]
-        open_[idx[hit]] = False
+    for r in np.flatnonzero(hit)[::-1]:  # the first target that broke a point wins
+        x_adv[rows[r]] = cand[r]
     return x_adv

@@ -380,12 +380,12 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
     ort_fn = OrtLogits(make_session(s.path), info.input_name, info.logits_output, shape, convention=convention,
                        row_by_row=batch_dependent(s.path))
     module = _load_torch(s.torch_source, torch_cache)
-    graph = graph_route(s.path, info.input_name, info.logits_output, ort_fn, x)
+    ol = ort_fn(x)  # the session's scores on the points, computed once for every check below
+    graph = graph_route(s.path, info.input_name, info.logits_output, ort_fn, x, session_scores=ol)
     routes = Routes()
     role, agreement, src = "black-box", None, None
     if module is not None:
         src, tl = _source_scores(module, x, nb, s.name, convention)
-        ol = ort_fn(x)
         agreement = float(np.mean(tl.argmax(1) == ol.argmax(1)))
         same = same_outputs(tl, ol, convention)
         role = "white-box" if same else "compressed"
@@ -417,13 +417,13 @@ def _prepare(s, info, x, y, settings, names, clip, torch_cache) -> Prepared:
                                 "used: compressed variant attacked black-box only (score- and decision-based)", s.name))
     first = routes.first
     if first is not None:
-        routes.scale = logit_scale(torch_logits(first[1], x), y)
+        routes.scale = logit_scale(tl if src is not None and first[1] is src else torch_logits(first[1], x), y)
     grad_info: dict = {"graph": graph.to_dict(), "output_convention": convention.value, "logit_scale": routes.scale,
                        "judged_row_by_row": ort_fn.row_by_row}
     grad_findings: list[Finding] = []
     restored = None
     if first is not None:
-        ok = np.flatnonzero(ort_fn.labels(x) == y)[:GRAD_SUBSET]
+        ok = np.flatnonzero(ol.argmax(1) == y)[:GRAD_SUBSET]
         if len(ok):
             g_info, grad_findings = checks.check_gradients(first[1], x[ok], y[ok], s.name)
             grad_info.update(g_info)

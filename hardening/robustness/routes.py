@@ -61,12 +61,14 @@ class GraphRoute:
                 "verification": self.verification}
 
 
-def graph_route(path: str, input_name: str, logits_output: str, ort_fn: OrtLogits, x: np.ndarray) -> GraphRoute:
-    """Convert the ONNX file and verify the copy against the session on ``x``."""
+def graph_route(path: str, input_name: str, logits_output: str, ort_fn: OrtLogits, x: np.ndarray,
+                session_scores: np.ndarray | None = None) -> GraphRoute:
+    """Convert the ONNX file and verify the copy against the session on ``x``
+    (``session_scores``: ``ort_fn(x)`` when the caller has it already)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
         conv = convert(model, input_name, logits_output)
-        ver = verify(conv.module, ort_fn(x), x, ort_fn.convention)
+        ver = verify(conv.module, ort_fn(x) if session_scores is None else session_scores, x, ort_fn.convention)
     except ConversionError as e:
         return GraphRoute(GraphStatus.REFUSED, str(e))
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:  # torch refused a shape or dtype
