@@ -46,23 +46,27 @@ class TabularMLP(nn.Module):
 
 
 class ImageCNN(nn.Module):
-    """Small CNN for NCHW images of any channel count and size: three strided conv blocks and
-    global average pooling, so the head does not depend on H x W. The default thief for
-    image victims that are not the 1x8x8 demo (a few hundred thousand parameters at most).
-    ``stem_stride`` > 1 makes the first block strided too, for large inputs (the thief's
-    training cost then stops growing with H x W; ``attacks.extraction.stem_stride_for``)."""
+    """Small CNN for NCHW images of any channel count and size: ``blocks`` conv blocks (the
+    first with stride ``stem_stride``, the rest stride 2), then average pooling to a
+    ``grid`` x ``grid`` map, flattened, so the head does not depend on H x W. The default
+    thief for image victims that are not the 1x8x8 demo; ``attacks.extraction.image_thief_kwargs``
+    sizes it for the input (a strided stem above 95 px, blocks until the last map is at most
+    6 px a side, a 2x2 grid): with the defaults here (three blocks, global pooling) a 96x96
+    input leaves a 15 px receptive field and the layout is averaged away, which is why that
+    thief could not copy a MobileNet at 3x96x96 (issue 15). Widths double per block up to
+    ``4 * width``."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, feature_dim: int = 64,
-                 stem_stride: int = 1) -> None:
+                 stem_stride: int = 1, blocks: int = 3, grid: int = 1) -> None:
         super().__init__()
-        chans = [in_channels, width, 2 * width, 4 * width]
+        chans = [in_channels, *(width * 2 ** min(i, 2) for i in range(blocks))]
         self.blocks = nn.Sequential(*[
             nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, stride=stem_stride if i == 0 else 2, padding=1),
                           nn.BatchNorm2d(chans[i + 1]), nn.ReLU())
-            for i in range(3)
+            for i in range(blocks)
         ])
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(chans[-1], feature_dim)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.fc = nn.Linear(chans[-1] * grid * grid, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

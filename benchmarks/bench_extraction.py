@@ -5,6 +5,13 @@
 
 Prints Markdown (paste into benchmarks/results/extraction.md) and writes the JSON report and PNGs to --out.
 Builds the digits demo into --out if --demo is not given.
+
+Thief sweep (issue 15): the default thief against main a1f707f's, side by side in one run, on
+the bare model with in-distribution data at the quick profile's settings (what the self-check
+judges), per seed, with each thief's training wall time:
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_extraction.py --sweep \
+        /tmp/gate/cache/mnv3 /tmp/gate/cache/digits --budgets 50,200,500 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -91,6 +98,71 @@ def from_json(path: str):
                               "verdicts": verdicts(curves)})
 
 
+def baseline_spec(spec):
+    """The default thief of main a1f707f: ``image_cnn`` with three blocks and global pooling
+    (stem stride kept), Adam at a constant learning rate; other families unchanged but constant."""
+    import dataclasses
+
+    if spec.arch == "image_cnn":
+        kw = {k: spec.kwargs[k] for k in ("in_channels", "num_classes", "stem_stride")}
+        spec = dataclasses.replace(spec, kwargs=kw)
+    return dataclasses.replace(spec, lr_schedule="constant")
+
+
+def sweep(model_dir: Path, budgets: list[int], seeds: list[int], attacks: list[str], steps: int) -> list[dict]:
+    """Fidelity of each budget's stolen copy (bare victim, in_dist pool, one fresh thief per run)."""
+    import torch
+
+    from attacks.extraction import steal, thief_spec_for
+    from attacks.thief_data import make_pool
+    from hardening.data import load_dataset
+    from hardening.extraction_audit import _thief_data, build_victims
+    from hardening.intake import check_fits, load_model, make_session
+
+    torch.set_num_threads(1)
+    info, ds = load_model(model_dir / "model.onnx"), load_dataset(model_dir / "data.npz")
+    check_fits(info, ds)
+    src = next((p for p in (model_dir / "model.pt", model_dir / "model.ts") if p.is_file()), None)
+    bare = build_victims(["bare"], make_session(model_dir / "model.onnx"), info, ds.sample_shape)["bare"]
+    raw = bare.labels(ds.x)  # type: ignore[attr-defined]
+    new = thief_spec_for(ds.sample_shape, info.num_classes, src, train_steps=steps)
+    rows = []
+    for seed in seeds:
+        pool = make_pool("in_dist", max(budgets), ds.sample_shape, ds.value_range, _thief_data(ds, ["in_dist"])[0],
+                         seed=seed, n_actions=info.num_classes)
+        for name, spec in (("main a1f707f", baseline_spec(new)), ("this branch", new)):
+            for attack in attacks:
+                for b in budgets:
+                    bare.new_attacker(f"sweep-{seed}-{attack}-{b}")
+                    stolen = steal(bare, pool.x[:b], attack, spec, pool.actions[:b], seed=seed)
+                    rows.append({"model": model_dir.name, "shape": "x".join(map(str, ds.sample_shape)), "thief": name,
+                                 "spec": spec.to_dict(), "attack": attack, "seed": seed, "budget": b,
+                                 "fidelity": float((stolen.predict_labels(ds.x) == raw).mean()),
+                                 "seconds": round(stolen.seconds, 2)})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    """Mean (min-max over seeds) fidelity per budget and mean training seconds, per model x attack x thief."""
+    import numpy as np
+
+    budgets = sorted({r["budget"] for r in rows})
+    lines = ["| model | input | attack | thief | " + " | ".join(f"fidelity @{b}" for b in budgets)
+             + " | s per thief @max | seeds |", "|" + "---|" * (len(budgets) + 6)]
+    keys = list(dict.fromkeys((r["model"], r["shape"], r["attack"], r["thief"]) for r in rows))
+    for key in keys:
+        rs = [r for r in rows if (r["model"], r["shape"], r["attack"], r["thief"]) == key]
+        cells = []
+        for b in budgets:
+            f = np.array([r["fidelity"] for r in rs if r["budget"] == b])
+            cells.append(f"{f.mean():.3f} ({f.min():.3f}-{f.max():.3f})")
+        secs = np.mean([r["seconds"] for r in rs if r["budget"] == budgets[-1]])
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
+                     + f" | {secs:.1f} | {len({r['seed'] for r in rs})} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", help="folder with model.onnx, model.pt, data.npz (default: build the digits demo)")
@@ -102,9 +174,23 @@ def main() -> None:
     ap.add_argument("--sybil-keys", type=int, default=10)
     ap.add_argument("--out", default="extraction-bench")
     ap.add_argument("--render", help="print the Markdown of a saved extraction.json and exit")
+    ap.add_argument("--sweep", nargs="+", metavar="DIR",
+                    help="thief sweep: model folders (model.onnx, data.npz, optional model.pt/model.ts)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--train-steps", type=int, default=150, help="thief steps (sweep; 150 = the quick profile)")
     args = ap.parse_args()
     if args.render:
         print(markdown(from_json(args.render)))
+        return
+    if args.sweep:
+        t0 = time.perf_counter()
+        rows = [r for d in args.sweep for r in sweep(Path(d), [int(b) for b in args.budgets.split(",")],
+                                                     [int(s) for s in args.seeds.split(",")],
+                                                     args.attacks.split(","), args.train_steps)]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "thief_sweep.json").write_text(json.dumps(rows, indent=1))
+        print(sweep_markdown(rows))
+        print(f"\n(total {time.perf_counter() - t0:.0f} s)")
         return
 
     from attacks.thief_data import SCENARIOS
