@@ -111,6 +111,7 @@ FINE_TUNE_SECONDS = {"quick": 25.0, "thorough": 240.0}  # fine-tuning cap per pr
 # a loaded machine never cuts fine-tuning below these (MobileNetV3, channel ratio 0.3: 0.897
 # on x_cal after 1 epoch, ~0.94 after 3; float 0.953); unstructured 0.5 is back after one
 MIN_EPOCHS = {"pruned_structured": 3, "pruned_unstructured": 1}
+CHANNEL_MULTIPLE = 8  # structured: remaining channels of a reference network rounded to a multiple of 8
 GRID_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the target sparsity: what the ONNX-level path tries
 
 
@@ -160,7 +161,7 @@ def _fine_tuned(kind: str, source, info, ds, out: Path, sparsity: float, profile
 
     name = "prune_structured" if kind == "pruned_structured" else "prune_unstructured"
     caps = {name: {"ratio": sparsity, "max_seconds": FINE_TUNE_SECONDS[profile], "lr_schedule": "cosine",
-                   "min_epochs": MIN_EPOCHS[kind]}}
+                   "min_epochs": MIN_EPOCHS[kind], "round_to": CHANNEL_MULTIPLE}}
     ctx = training_context(source, ds, out, profile, seed=0, overrides=caps)
     dst, pt = out / f"{kind}.onnx", out / f"{kind}.pt"
     with training_threads(), Timer() as t:
