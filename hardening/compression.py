@@ -105,7 +105,7 @@ def _pre_processed(src: Path, tmp: Path) -> Path:
 
 
 PRUNED = ("pruned_unstructured", "pruned_structured")
-DEFAULT_CHANNEL_RATIO = 0.3  # structured; on MobileNetV3 0.5 needs ~5 fine-tuning epochs to come back, 0.3 about 2
+DEFAULT_CHANNEL_RATIO = 0.3  # structured (the CLI repeats it); MobileNetV3 at 0.5 needs ~5 epochs to come back, 0.3 ~3
 DEFAULT_MAX_DROP = 0.03  # held-out accuracy a pruned variant may lose vs float (the audit passes its policy's)
 FINE_TUNE_SECONDS = {"quick": 25.0, "thorough": 240.0}  # fine-tuning cap per pruned variant, by profile
 # a loaded machine never cuts fine-tuning below these (MobileNetV3, channel ratio 0.3: 0.897
