@@ -1,12 +1,12 @@
-"""Magnitude pruning on the ONNX graph itself, for models whose PyTorch source cannot be
-re-parametrised by ``torch.nn.utils.prune`` (TorchScript, other frameworks) or is absent.
+"""Magnitude pruning on the ONNX graph itself, for models without a PyTorch source that
+``edgeward harden`` can train (other TorchScript, other frameworks, or none).
 
-The same two recipes as the torch path, applied to the weight initializers of Conv, Gemm
-and MatMul nodes: global L1 unstructured (the smallest |w| across all layers set to zero),
-or L2 structured (whole output channels / neurons of every layer but the classifier head,
-which keeps all its classes). Like the torch path, this zeroes weights: the file keeps its
-size and dense kernels their latency; the variant shows what sparsity costs in accuracy
-and robustness.
+Two recipes on the weight initializers of Conv, Gemm and MatMul nodes: global L1
+unstructured (the smallest |w| across all layers set to zero), or L2 structured (whole
+output channels / neurons of every layer but the classifier head, which keeps all its
+classes). Nothing is fine-tuned and nothing is removed: the file keeps its size and dense
+kernels their latency, so ``hardening.compression`` picks the sparsity on held-out data
+(the largest of a small grid within the accuracy tolerance) or skips the variant.
 """
 
 from __future__ import annotations

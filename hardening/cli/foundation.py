@@ -49,21 +49,33 @@ def compress_cmd(
         "--variants",
         help="Comma-separated kinds (default: all).",
     ),
-    sparsity: float = typer.Option(0.5, help="Pruning sparsity in (0, 1)."),
+    sparsity: float = typer.Option(0.5, help="Unstructured pruning: fraction of weights zeroed, in (0, 1)."),
+    channel_ratio: float = typer.Option(0.3, help="Structured pruning: fraction of each layer's channels "
+                                        "removed, in (0, 1)."),
+    max_accuracy_drop: float = typer.Option(0.03, help="A pruned variant losing more held-out accuracy than this "
+                                            "vs float is skipped (recorded in variants.json)."),
+    profile: str = typer.Option("quick", help="Fine-tuning budget of pruned variants: quick or thorough."),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Make int8 static (QDQ), int8 dynamic and pruned variants of a float model."""
-    from hardening.compression import KINDS, compress
+    """Make int8 static (QDQ), int8 dynamic and pruned variants of a float model.
+
+    Pruned variants are fine-tuned when the PyTorch source can be trained (zoo state dict,
+    MobileNetV3/ResNet TorchScript); otherwise weights are zeroed on the ONNX graph at the
+    largest sparsity that keeps the held-out accuracy. A variant that cannot is skipped."""
+    from hardening.compression import KINDS, compress, skipped_variants
 
     wanted = KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
     with console.status("compressing"):
-        variants = compress(model, data, out, torch_source=torch_source, kinds=wanted, sparsity=sparsity)
+        variants = compress(model, data, out, torch_source=torch_source, kinds=wanted, sparsity=sparsity,
+                            channel_ratio=channel_ratio, max_accuracy_drop=max_accuracy_drop, profile=profile)
+    skipped = skipped_variants(out / "variants.json")
     if json_out:
-        print_json([v.to_dict() for v in variants])
+        print_json([v.to_dict() for v in variants] + skipped)  # the rows variants.json records
     else:
-        table("variants", ["name", "path", "size (KiB)", "recipe"], [
-            (v.name, v.path, Path(v.path).stat().st_size / 1024, v.recipe.get("tool")) for v in variants
-        ])
+        table("variants", ["name", "path", "size (KiB)", "recipe", "what"], [
+            (v.name, v.path, Path(v.path).stat().st_size / 1024, v.recipe.get("tool"), v.recipe.get("what", ""))
+            for v in variants
+        ] + [(s["name"], "-", "-", "skipped", s["skipped"]) for s in skipped])
 
 
 @handle_errors

@@ -8,37 +8,21 @@ import copy
 import torch
 from torch import nn
 
-from hardening.harden.base import Context, Result, Timer, batches, logits, pgd
-
-
-def _schedule(opt, b: dict):
-    """Per-epoch cosine decay to zero when the budget asks for it."""
-    if b.get("lr_schedule", "constant") != "cosine":
-        return None
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=b["epochs"])
+from hardening.harden.base import Context, Result, logits, pgd, train_loop
 
 
 def _fine_tune(ctx: Context, b: dict, batch_loss) -> tuple[nn.Module, float, float]:
-    """The shared loop: Adam from the float source's weights, seeded batches, optional cosine
-    decay; ``batch_loss(model, xb, yb, train_eps, g)`` crafts the adversarial points and
-    returns the loss. Returns (model in eval mode, training eps, seconds)."""
+    """Adam from the float source's weights through the shared loop (``base.train_loop``);
+    ``batch_loss(model, xb, yb, train_eps, g)`` crafts the adversarial points and returns the
+    loss. Returns (model in eval mode, training eps, seconds)."""
     torch.manual_seed(ctx.seed)
     g = torch.Generator().manual_seed(ctx.seed)
     model = copy.deepcopy(ctx.teacher).train()
     opt = torch.optim.Adam(model.parameters(), lr=b["lr"])
-    x, y = ctx.x_train, ctx.y_train
     train_eps = ctx.eps * b.get("train_eps_factor", 1.0)
-    sched = _schedule(opt, b)
-    with Timer() as t:
-        for _ in range(b["epochs"]):
-            for idx in batches(len(x), b["batch"], g):
-                loss = batch_loss(model, x[idx], y[idx], train_eps, g)
-                opt.zero_grad()  # after crafting: PGD's input gradients touch the weights' .grad
-                loss.backward()
-                opt.step()
-            if sched is not None:
-                sched.step()
-    return model.eval(), train_eps, t.seconds
+    facts = train_loop(model, opt, ctx.x_train, ctx.y_train, b, g,
+                       lambda m, xb, yb: batch_loss(m, xb, yb, train_eps, g))
+    return model, train_eps, facts.seconds
 
 
 def _recipe(ctx: Context, b: dict, train_eps: float, seconds: float, **specific) -> dict:

@@ -4,7 +4,7 @@ how a result is written (ONNX + state dict + sidecar) so the audits read it unch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "trades": {"epochs": 30, "steps": 7, "lr": 3e-3, "beta": 6.0, "train_eps_factor": 1.5, "batch": 32},
         "distill": {"epochs": 40, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
         "prune_structured": {"ratio": 0.5, "epochs": 8, "lr": 1e-3, "batch": 32},
+        "prune_unstructured": {"ratio": 0.5, "epochs": 2, "lr": 1e-3, "batch": 32},
         "adv_distill": {"epochs": 40, "steps": 5, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7,
                         "train_eps_factor": 2.0, "batch": 32},
         "qat": {"epochs": 10, "lr": 5e-4, "batch": 32, "freeze_observers_after": 7},
@@ -33,6 +34,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "trades": {"epochs": 80, "steps": 10, "lr": 3e-3, "beta": 6.0, "train_eps_factor": 1.5, "batch": 32},
         "distill": {"epochs": 120, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
         "prune_structured": {"ratio": 0.5, "epochs": 30, "lr": 1e-3, "batch": 32},
+        "prune_unstructured": {"ratio": 0.5, "epochs": 8, "lr": 1e-3, "batch": 32},
         "adv_distill": {"epochs": 120, "steps": 10, "lr": 3e-3, "temperature": 4.0, "alpha": 0.7,
                         "train_eps_factor": 2.0, "batch": 32},
         "qat": {"epochs": 30, "lr": 5e-4, "batch": 32, "freeze_observers_after": 20},
@@ -47,6 +49,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                    "train_eps_factor": 1.5, "batch": 32},
         "distill": {"epochs": 10, "lr": 2e-3, "temperature": 4.0, "alpha": 0.7, "batch": 32},
         "prune_structured": {"ratio": 0.5, "epochs": 4, "lr": 1e-3, "batch": 32},
+        "prune_unstructured": {"ratio": 0.5, "epochs": 2, "lr": 1e-3, "batch": 32},
         "adv_distill": {"epochs": 5, "steps": 3, "lr": 2e-3, "temperature": 4.0, "alpha": 0.7,
                         "train_eps_factor": 1.5, "batch": 32},
         "qat": {"epochs": 2, "lr": 2e-4, "batch": 32, "freeze_observers_after": 1},
@@ -71,6 +74,7 @@ class Context:
     out: Path
     quant_bits: str = "w4a8"  # weight/activation bits of ptq, qat and mixed
     log: list[str] = field(default_factory=list)
+    overrides: dict[str, dict] = field(default_factory=dict)  # per recipe, on top of the profile (compress's caps)
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -81,7 +85,7 @@ class Context:
         return torch.from_numpy(self.ds.y_train)
 
     def budget(self, recipe: str) -> dict:
-        return dict(PROFILES[self.profile][recipe])
+        return {**PROFILES[self.profile][recipe], **self.overrides.get(recipe, {})}
 
 
 @dataclass
@@ -114,8 +118,10 @@ def parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    return float((logits(model.eval(), torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 128) -> float:
+    model.eval()
+    pred = torch.cat([logits(model, b).argmax(1) for b in torch.from_numpy(x).split(batch)])
+    return float((pred.numpy() == y).mean())
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, clip: tuple[float, float],
@@ -136,6 +142,67 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
         adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(*clip).detach()
     model.train(was_training)
     return adv
+
+
+PROBE_STEPS = 3  # training steps timed before a time-capped loop plans its epochs
+
+
+@dataclass
+class TrainFacts:
+    """What a training loop actually did, for the recipe (a time cap may stop it early)."""
+
+    epochs_budget: int
+    epochs_planned: int
+    epochs_completed: int
+    min_epochs: int
+    steps: int
+    seconds: float
+    max_seconds: float | None
+    stopped_by: str  # "epochs" | "time budget"
+    lr_schedule: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_loop(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, b: dict,
+               g: torch.Generator, batch_loss) -> TrainFacts:
+    """The one fine-tuning loop: ``b["epochs"]`` seeded passes of ``batch_loss(model, xb, yb)``
+    (which may craft adversarial points first, so gradients are zeroed after it), optional
+    per-epoch cosine decay (``lr_schedule``). With ``max_seconds`` the first steps are timed
+    and the epochs cut to what fits (never below ``min_epochs``, default 1), the cosine decay
+    spread over those; past ``min_epochs``, a cap overrun by half stops the loop."""
+    epochs, cap = int(b["epochs"]), b.get("max_seconds")
+    floor = min(epochs, int(b.get("min_epochs", 1)))  # what a cap never cuts below
+    schedule = b.get("lr_schedule", "constant")
+    sched = _cosine(opt, epochs) if schedule == "cosine" and cap is None else None
+    planned, steps, done, stopped = epochs, 0, 0, "epochs"
+    per_epoch = -(-len(x) // int(b["batch"]))
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        if done >= planned or (cap is not None and done >= floor and time.perf_counter() - t0 > 1.5 * cap):
+            stopped = "time budget"
+            break
+        for idx in batches(len(x), b["batch"], g):
+            loss = batch_loss(model, x[idx], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if cap is not None and done == 0 and steps == min(PROBE_STEPS, per_epoch):
+                epoch_s = (time.perf_counter() - t0) / steps * per_epoch
+                planned = max(floor, min(epochs, int(cap // max(epoch_s, 1e-9))))
+                sched = _cosine(opt, planned) if schedule == "cosine" else None
+        done += 1
+        if sched is not None:
+            sched.step()
+    model.eval()
+    return TrainFacts(epochs, planned, done, floor, steps, round(time.perf_counter() - t0, 3), cap, stopped, schedule)
+
+
+def _cosine(opt: torch.optim.Optimizer, epochs: int):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
 
 
 class Timer:

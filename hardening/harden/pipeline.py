@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hardening.compression import VARIANTS_FILE, Variant, _drop_unused_opsets, _stored
-from hardening.data import load_dataset
+from hardening.data import Dataset, load_dataset
 from hardening.errors import InputError, ModelError
-from hardening.harden.base import PROFILES, Context, Timer, check_training_data, parameters
+from hardening.harden.base import PROFILES, Context, Result, Timer, check_training_data, parameters
 from hardening.harden.quantization import parse_bits
 from hardening.harden.registry import parse_recipes
-from hardening.harden.source import load_source, save_source
+from hardening.harden.source import Source, load_source, save_source
 from hardening.intake import check_fits, load_model, make_session, sha256_file
 from hardening.torch_source import export_onnx, load_torch_source
 
@@ -31,7 +32,7 @@ def onnx_accuracy(path: str | Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((out.argmax(1) == y).mean())
 
 
-def _check_source_matches(module, model_path: Path, x: np.ndarray, src: Path) -> None:
+def check_source_matches(module, model_path: Path, x: np.ndarray, src: Path) -> None:
     info = load_model(model_path)
     ort_out = make_session(model_path).run([info.logits_output], {info.input_name: x})[0]
     with torch.no_grad():
@@ -40,6 +41,47 @@ def _check_source_matches(module, model_path: Path, x: np.ndarray, src: Path) ->
     if tl.shape != ort_out.shape or not np.allclose(tl, ort_out, atol=1e-3, rtol=1e-3):
         raise ModelError(f"{src}: the PyTorch source's logits differ from {model_path.name}; harden starts from "
                          "the source's weights, so it must be the model's own source")
+
+
+def training_context(source: Source, ds: Dataset, out: Path, profile: str, seed: int, eps: float | None = None,
+                     quant_bits: str = "w4a8", overrides: dict | None = None) -> Context:
+    """What a recipe runs on: the source's eager module, the data and its range, the L-inf
+    budget (``DEFAULT_EPS_FRACTION`` of the range unless given) and the profile's budgets."""
+    lo = float(min(a.min() for a in (ds.x, ds.x_train)))
+    hi = float(max(a.max() for a in (ds.x, ds.x_train)))
+    eps_v = DEFAULT_EPS_FRACTION * (hi - lo) if eps is None else float(eps)
+    if not 0 < eps_v <= hi - lo:
+        raise InputError(f"--eps {eps_v:g} must be in (0, {hi - lo:g}] (the data range)")
+    return Context(teacher=source.module, arch=source.arch, kwargs=dict(source.kwargs), ds=ds, clip=(lo, hi),
+                   eps=eps_v, seed=seed, profile=profile, out=out, quant_bits=quant_bits,
+                   overrides=dict(overrides or {}))
+
+
+@contextmanager
+def training_threads():
+    """One thread while recipes train: same reduction order, so a seed gives the same weights
+    on any machine (the figures in docs/harden.md and the tests), and no contention on these
+    small models. Torch's global RNG and thread count are restored after."""
+    torch_state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        torch.set_num_threads(threads)
+
+
+def export_result(res: Result, pt_path: Path, onnx_path: Path, sample: torch.Tensor, input_name: str,
+                  x_check: np.ndarray) -> str:
+    """Write a trained result as its own PyTorch source and an ONNX graph, check both (intake;
+    the source reloads with weights_only=True and gives the graph's logits); the source format."""
+    source_format = save_source(res.model, pt_path, res.arch, res.kwargs, sample)
+    export_onnx(res.model, sample, onnx_path, input_name=input_name)
+    load_model(onnx_path)
+    check = load_torch_source(pt_path)
+    check_source_matches(check, onnx_path, x_check, pt_path)
+    return source_format
 
 
 def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Path, recipes: str,
@@ -57,16 +99,10 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
     check_fits(info, ds)
     check_training_data(ds)
     teacher = source.module
-    _check_source_matches(teacher, model_path, ds.x[:64], src)
-    lo = float(min(a.min() for a in (ds.x, ds.x_train)))
-    hi = float(max(a.max() for a in (ds.x, ds.x_train)))
-    eps_v = DEFAULT_EPS_FRACTION * (hi - lo) if eps is None else float(eps)
-    if not 0 < eps_v <= hi - lo:
-        raise InputError(f"--eps {eps_v:g} must be in (0, {hi - lo:g}] (the data range)")
+    check_source_matches(teacher, model_path, ds.x[:64], src)
     out = Path(out_dir)
+    ctx = training_context(source, ds, out, profile, seed, eps=eps, quant_bits=quant_bits)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(teacher=teacher, arch=source.arch, kwargs=dict(source.kwargs), ds=ds, clip=(lo, hi),
-                  eps=eps_v, seed=seed, profile=profile, out=out, quant_bits=quant_bits)
 
     float_onnx, float_pt = out / "float.onnx", out / "float.pt"
     sample = torch.from_numpy(ds.x[:2])
@@ -85,12 +121,7 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
                          "parameters": parameters(teacher), "accuracy": float_acc,
                          "size_bytes": float_onnx.stat().st_size},
                         sha256_file(float_onnx), str(float_pt))]
-    torch_state = torch.get_rng_state()
-    threads = torch.get_num_threads()
-    # One thread: same reduction order, so a seed gives the same weights on any machine (the
-    # figures in docs/harden.md and the tests), and no contention on these small models.
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
+    with training_threads():
         for r in chosen:
             if progress:
                 progress(r.name)
@@ -108,12 +139,8 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
                 continue
             with Timer() as t:
                 res = r.run(ctx)
-            source_format = save_source(res.model, pt_path, res.arch, res.kwargs, sample)
             exported = out / f"{r.name}.float.onnx" if r.post else onnx_path
-            export_onnx(res.model, sample, exported, input_name=info.input_name)
-            load_model(exported)  # every variant passes intake itself
-            check = load_torch_source(pt_path)  # and its source reloads with weights_only=True
-            _check_source_matches(check, exported, ds.x[:64], pt_path)
+            source_format = export_result(res, pt_path, exported, sample, info.input_name, ds.x[:64])
             extra: dict = {}
             if r.post:  # e.g. QAT: the trained float graph becomes QDQ; its source is the float latent weights
                 extra = r.post(ctx, res, exported, onnx_path)
@@ -128,8 +155,5 @@ def harden(model_path: str | Path, torch_source: str | Path, data_path: str | Pa
                       "torch_threads": TRAIN_THREADS, "seconds": t.seconds}
             variants.append(Variant(r.name, str(onnx_path), r.name, "float", recipe, sha256_file(onnx_path),
                                     str(pt_path)))
-    finally:
-        torch.set_rng_state(torch_state)
-        torch.set_num_threads(threads)
     (out / VARIANTS_FILE).write_text(json.dumps([_stored(v, out) for v in variants], indent=2))
     return variants

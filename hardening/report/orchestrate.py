@@ -148,7 +148,7 @@ def run_full_audit(
         for v in ctx.variants:
             v.torch_source = v.torch_source or str(torch_source)
     ctx.summary = {v.name: S.empty_variant(v.kind) for v in ctx.variants}
-    ctx.findings = _admission_findings(ctx.variants)
+    ctx.findings = _admission_findings(ctx.variants) + _skipped_findings(ctx, variants_file)
     ctx.results = {a: None for a in AREAS}
     ctx.settings = {"sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ps.items()}}
     for area in AREAS:
@@ -179,7 +179,8 @@ def _compress(ctx: AuditContext, kinds) -> None:
     from hardening.compression import KINDS, compress
 
     ctx.variants = compress(ctx.model, ctx.data, ctx.out / "variants", torch_source=ctx.torch_source,
-                            kinds=kinds or KINDS)
+                            kinds=kinds or KINDS, profile=ctx.profile,
+                            max_accuracy_drop=ctx.policy.accuracy.max_drop_vs_float)
 
 
 def _finish(ctx: AuditContext, model, data, torch_source, variants_file, areas, command, allow_skipped,
@@ -278,6 +279,15 @@ def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
 def report_digest(path: str | Path) -> str:
     """SHA-256 of the report.json bytes, as recorded in bundle manifests."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _skipped_findings(ctx: AuditContext, variants_file) -> list[dict]:
+    """Variants compression left out (a pruned variant that lost too much accuracy): say why."""
+    from hardening.compression import VARIANTS_FILE, skipped_variants
+
+    path = Path(variants_file) if variants_file is not None else ctx.out / "variants" / VARIANTS_FILE
+    return [{"severity": "warning", "area": "compression", "variant": r["name"], "code": "VARIANT_SKIPPED",
+             "message": r["skipped"]} for r in skipped_variants(path)]
 
 
 def _admission_findings(variants) -> list[dict]:
