@@ -67,18 +67,21 @@ class AuditContext:
 
     @contextmanager
     def stage(self, stage: str, variant: str | None = None) -> Iterator[dict]:
-        """Measure a stage (wall time, peak RSS of this process) into ``provenance.stages``.
+        """Measure a stage (wall time, peak RSS of this process and of its children) into
+        ``provenance.stages``.
 
         Yields the record; a runner whose work ran as shards elsewhere raises its
         ``peak_rss_mb`` to the largest shard's (``shard_peak``)."""
-        from hardening.executor.usage import measure
+        from hardening.executor.usage import measure, release_memory
 
         rec: dict = {"stage": stage, "variant": variant, "seconds": 0.0, "peak_rss_mb": 0.0}
         with measure() as used:
             yield rec
-        rec["seconds"] = round(used.seconds, 3)
-        rec["peak_rss_mb"] = max(used.peak_rss_mb, rec["peak_rss_mb"])
+        elsewhere = rec["peak_rss_mb"]
+        rec.update(used.record())
+        rec["peak_rss_mb"] = max(used.peak_rss_mb, elsewhere)
         self.stages.append(rec)
+        release_memory()  # what the stage left behind must not count against the next one
 
 
 def shard_peak(results: Any) -> float:
