@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 
 from hardening.executor.usage import measure, release_memory
 
@@ -112,3 +113,34 @@ def test_robustness_releases_a_variant_before_building_the_next(digits_demo, tmp
     assert [v.name for v in rep.variants] == ["model", "model-1"]
     assert seen_while_second_ran == [False], "the first variant's routes were still alive during the second's"
     assert alive["model-1"]() is None  # and the last one once the audit returned
+
+
+@pytest.mark.slow
+def test_quick_audit_of_a_mobilenet_at_96px_stays_under_2_gb(tmp_path):
+    """Issue 15's budget: the one-command quick review of a MobileNetV3-small at 3x96x96
+    (TorchScript source, every variant and area) peaks under 2 GB in its largest process,
+    and the report's stage records say the same as the kernel (within sampling)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hardening.reference_models import build_reference
+
+    ref = build_reference("mobilenet_v3_small", tmp_path / "ref", size=96, epochs=2)
+    out = tmp_path / "review"
+    cmd = [sys.executable, "-m", "hardening", "audit", str(ref.model_path), "--data", str(ref.data_path),
+           "--torch-source", str(ref.torchscript_path), "--out", str(out)]
+    log = tmp_path / "audit.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # like /usr/bin/time: the tree's largest process
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode in (0, 1), log.read_text()[-2000:]
+    peak_mb = usage.ru_maxrss / 1024  # the largest process of the tree (KiB on Linux)
+    assert peak_mb < 2048, f"peak RSS {peak_mb:.0f} MB"
+    stages = json.loads((out / "report.json").read_text())["provenance"]["stages"]
+    assert max(s["peak_rss_mb"] for s in stages) <= peak_mb + 50
+    assert all(s["tree_peak_rss_mb"] >= s["peak_rss_mb"] for s in stages)
+    prof = [s for s in stages if s["stage"] == "profiling"]
+    assert prof and all(s["children_peak_rss_mb"] and s["children_peak_rss_mb"] > 100 for s in prof)

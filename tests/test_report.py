@@ -245,7 +245,7 @@ def test_provenance_records_time_and_memory_of_every_stage(audit):
     for s in stages:
         assert s["seconds"] >= 0
         assert s["peak_rss_mb"] > 50, s  # this process, numpy and onnxruntime loaded
-        assert s["peak_rss_mb"] >= s["self_peak_rss_mb"] and s["tree_peak_rss_mb"] >= s["peak_rss_mb"], s
+        assert s["peak_rss_mb"] >= s["self_peak_rss_mb"] > 50 and s["tree_peak_rss_mb"] >= s["peak_rss_mb"], s
         if s["stage"] == "profiling":  # measured in a fresh child process: its peak is in the record
             child = next(p for p in rep["results"]["profiling"]["variants"] if p["name"] == s["variant"])
             assert s["children_peak_rss_mb"] >= child["process_peak_rss_mb"] > 50, s

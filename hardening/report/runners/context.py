@@ -84,6 +84,15 @@ class AuditContext:
         release_memory()  # what the stage left behind must not count against the next one
 
 
+def share_record(ctx: AuditContext, stage: str, variant: str, shards: list) -> dict:
+    """A variant's share of a sharded stage: its shards' compute seconds and their largest peak
+    (each shard measured in the process that ran it: this one in-process, a worker otherwise)."""
+    peak = shard_peak(shards)
+    secs = sum(float((r.where if hasattr(r, "where") else r).get("seconds") or 0) for r in shards)
+    return {"stage": stage, "variant": variant, "seconds": round(secs, 3), "peak_rss_mb": peak,
+            "self_peak_rss_mb": None if ctx.remote else peak, "children_peak_rss_mb": None, "tree_peak_rss_mb": peak}
+
+
 def shard_peak(results: Any) -> float:
     """Largest peak RSS over shard results (``ShardResult`` or provenance dicts); 0 when unknown."""
     peaks = [(r.where if hasattr(r, "where") else r).get("peak_rss_mb") or 0.0 for r in results]

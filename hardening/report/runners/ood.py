@@ -14,7 +14,7 @@ import numpy as np
 from hardening.executor import Shard, ShardStore, run_shards
 from hardening.intake import sha256_file
 from hardening.report import summary as S
-from hardening.report.runners.context import AuditContext, shard_peak
+from hardening.report.runners.context import AuditContext, shard_peak, share_record
 
 if TYPE_CHECKING:
     from hardening.ood import OODAudit
@@ -80,9 +80,7 @@ def run(ctx: AuditContext) -> None:
         ctx.artifacts["detectors"][v.name] = os.path.relpath(ctx.detectors[v.name], ctx.out)
         ctx.artifacts["roc_plots"][v.name] = d["plots"]
         S.add_ood(ctx.summary, v.name, d)
-        ctx.stages.append({"stage": AREA, "variant": v.name,
-                           "seconds": round(sum(float(r.where.get("seconds") or 0) for r in mine), 3),
-                           "peak_rss_mb": shard_peak(mine)})
+        ctx.stages.append(share_record(ctx, AREA, v.name, mine))
         ctx.steps.step(AREA, f"{v.name} done")
 
 
