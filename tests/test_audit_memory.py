@@ -145,3 +145,21 @@ def test_quick_audit_of_a_mobilenet_at_96px_stays_under_2_gb(tmp_path):
     assert all(s["tree_peak_rss_mb"] >= s["peak_rss_mb"] for s in stages)
     prof = [s for s in stages if s["stage"] == "profiling"]
     assert prof and all(s["children_peak_rss_mb"] and s["children_peak_rss_mb"] > 100 for s in prof)
+
+
+def test_frozen_survivors_keep_collections_cheap_and_still_free_new_cycles():
+    from hardening.executor.usage import frozen_survivors
+
+    with frozen_survivors():
+        release_memory()
+        assert gc.get_freeze_count() > 0  # what survived is out of later collections' way
+        node = _Node(np.ones(4))
+        ref = weakref.ref(node)
+        del node
+        gc.disable()
+        try:
+            release_memory()  # garbage made after the freeze is collected as before
+        finally:
+            gc.enable()
+        assert ref() is None
+    assert gc.get_freeze_count() == 0  # everything back in the collector's reach afterwards
