@@ -93,6 +93,7 @@ class VariantProfile:
     cpu_ms_per_inference: float
     energy_mj_per_inference: float | None
     energy_source: str
+    process_peak_rss_mb: float = 0.0  # the measuring child's whole peak (VmHWM), interpreter included
     budget_checks: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -187,6 +188,7 @@ def _measure(path: str, x: np.ndarray, threads: int, runs: int, big_batch: int) 
         "latency": [(b, s) for b, s, _, _ in lat],
         "cpu_ms_per_inference": lat[0][2] * 1e3,
         "energy_uj_per_inference": lat[0][3],
+        "process_peak_rss_mb": _status_kb("VmHWM") / 1024,
     }
 
 
@@ -211,7 +213,8 @@ def profile_variants(
     big_batch: int = 32,
     progress=None,
 ) -> ProfileReport:
-    """Profile every variant on the same data in one run; the first float variant is the reference."""
+    """Profile every variant on the same data in one run; the first float variant is the reference.
+    ``progress(name)`` after each variant."""
     if runs < 10:
         raise InputError(f"runs must be at least 10, got {runs}")
     budgets = budgets or Budgets()
@@ -245,6 +248,7 @@ def profile_variants(
             cpu_ms_per_inference=r["cpu_ms_per_inference"],
             energy_mj_per_inference=None if energy is None else energy / 1e3,
             energy_source=energy_src,
+            process_peak_rss_mb=round(r["process_peak_rss_mb"], 1),
         )
         p.budget_checks = _check(p, budgets)
         profiles.append(p)

@@ -42,7 +42,7 @@ class Shard:
         for k in sorted(self.arrays):
             a = np.ascontiguousarray(self.arrays[k])
             h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
-            h.update(a.tobytes())
+            h.update(a.reshape(-1).view(np.uint8))  # the bytes, without a copy of the array
         return f"{self.kind}-{h.hexdigest()[:20]}"
 
 
@@ -82,10 +82,12 @@ class InProcessExecutor:
         return 1
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[Shard, dict, dict, dict]]:
+        from hardening.executor.usage import release_memory
         from hardening.executor.work import run_one
 
         for s in shards:
             meta, arrays, where = run_one(s.kind, s.meta, s.arrays, s.local)
+            release_memory(collect=False)  # the next shard starts from the pages this one freed
             yield s, meta, arrays, where
 
     def close(self) -> None:

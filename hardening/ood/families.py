@@ -94,6 +94,13 @@ def fgsm_family(torch_source: str, ds: Dataset, eps: float, num_classes: int) ->
     return FastGradientMethod(clf, eps=eps * (hi - lo)).generate(ds.x, y=ds.y).astype(np.float32)
 
 
+def checked_adversarial(ds: Dataset, adversarial: np.ndarray) -> np.ndarray:
+    """An adversarial family of the data's sample shape, as float32."""
+    if tuple(adversarial.shape[1:]) != ds.sample_shape:
+        raise DataError(f"adversarial array has sample shape {adversarial.shape[1:]}, data has {ds.sample_shape}")
+    return adversarial.astype(np.float32, copy=False)
+
+
 def build_families(
     ds: Dataset,
     *,
@@ -110,9 +117,7 @@ def build_families(
     for name, arr in synthetic_families(ds, n=n, seed=seed).items():
         fams.setdefault(name, arr)
     if adversarial is not None:
-        if tuple(adversarial.shape[1:]) != ds.sample_shape:
-            raise DataError(f"adversarial array has sample shape {adversarial.shape[1:]}, data has {ds.sample_shape}")
-        fams[adversarial_name] = adversarial.astype(np.float32)
+        fams[adversarial_name] = checked_adversarial(ds, adversarial)
     if torch_source is not None:
         if not 0 < adv_eps <= 1:
             raise DataError(f"--adv-eps must be in (0, 1] (fraction of the value range), got {adv_eps}")

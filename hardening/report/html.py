@@ -67,11 +67,12 @@ def _stages(report: dict) -> str:
         return ""
     ex = prov.get("executor") or {}
     rows = [[_td(_e(r["stage"])), _td(_e(r["variant"] or "all")), _td(f"{r['seconds']:.1f}", True),
-             _td(_e(r["peak_rss_mb"]), True)] for r in stages]
+             _td(_e(r["peak_rss_mb"]), True), _td(_e(r.get("tree_peak_rss_mb")), True)] for r in stages]
     note = (f"<p class='meta'>Executor {_e(ex.get('name'))} ({_e(ex.get('workers'))} worker(s)). A variant's share of "
             "a sharded stage is its shards' compute time, so under parallel workers the shares can add up to more "
-            "than the stage's wall time; peak RSS is the largest of the processes that did the work.</p>")
-    return note + _table(["stage", "variant", "seconds", "peak RSS (MB)"], rows)
+            "than the stage's wall time; peak RSS is the largest single process that did the work (this one, a "
+            "child or a worker), and the tree's is this process and its children together.</p>")
+    return note + _table(["stage", "variant", "seconds", "peak RSS (MB)", "with children (MB)"], rows)
 
 
 def _findings(report: dict) -> str:

@@ -113,6 +113,17 @@ def run_full_audit(
     (robustness, extraction, OOD) run; their finished shards are checkpointed in ``out_dir``
     and ``resume`` reuses them.
     """
+    from hardening.executor.usage import frozen_survivors
+
+    with frozen_survivors():
+        return _run_full_audit(model, data, out_dir, torch_source=torch_source, variants_file=variants_file,
+                               kinds=kinds, policy=policy, profile=profile, seed=seed, areas=areas, sizes=sizes,
+                               progress=progress, command=command, allow_skipped=allow_skipped, executor=executor,
+                               resume=resume)
+
+
+def _run_full_audit(model, data, out_dir, *, torch_source, variants_file, kinds, policy, profile, seed, areas, sizes,
+                    progress, command, allow_skipped, executor, resume) -> AuditOutputs:
     from hardening.executor import InProcessExecutor
 
     t_all = time.perf_counter()

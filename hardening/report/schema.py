@@ -14,7 +14,7 @@ from pathlib import Path
 from hardening.errors import InputError
 
 SCHEMA_NAME = "edgeward.report"
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 
 

@@ -51,6 +51,7 @@ from attacks.onnx_torch import final_activation
 from attacks.outputs import OutputConvention
 from hardening.data import Dataset, load_dataset
 from hardening.errors import DataError, InputError, ModelError
+from hardening.executor.usage import release_memory
 from hardening.intake import check_fits, load_model, make_session
 from hardening.robustness import checks
 from hardening.robustness import eps_grid as grids
@@ -236,20 +237,24 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
     findings: list[Finding] = []
     results: list[VariantResult] = []
     torch_cache: dict = {}
-    prepared = {s.name: _prepare(s, infos[s.name], x, y, settings, names, clip, torch_cache) for s in specs}
+    prepared: dict[str, Prepared] = {}
+
+    def prepare(s) -> Prepared:
+        if s.name not in prepared:
+            prepared[s.name] = _prepare(s, infos[s.name], x, y, settings, names, clip, torch_cache)
+        return prepared[s.name]
+
     if eps_grid is None:  # probe the first variant a gradient route reaches (the float model, usually)
-        probe = next((prepared[s.name] for s in specs if prepared[s.name].routes.first is not None),
-                     prepared[specs[0].name])
+        probe = next((p for p in map(prepare, specs) if p.routes.first is not None), None) or prepare(specs[0])
         if progress:
             progress("choosing the epsilon grid (minimal-perturbation probe)", 0, 1)
         choice = grids.choose(probe.target, x, y, norm_v, norm_key, tuple(ds.sample_shape), probe.settings, seed)
         eps_grid = _check_eps(choice.eps, norm_key, clip, dim)
         choice.eps = eps_grid
+        del probe
     else:
         choice = grids.given(eps_grid)
-    local = {"prepared": prepared, "progress": _no_done(progress)} if in_process else None
     size = sh.DEFAULT_SHARD_POINTS if shard_points is None else shard_points
-    plan = sh.plan(specs, x, y, eps_grid, norm_key, profile, names, clip, seed, self_checks, size, local)
     store = ShardStore(checkpoint_dir) if checkpoint_dir is not None else None
     t_shards = time.perf_counter()
 
@@ -257,19 +262,35 @@ def _run(models, dataset, torch_source, profile, eps, norm, n, seed, attacks, pr
         if progress and not in_process:  # in-process shards report each attack themselves
             progress(f"shards {what}", done, total)
 
-    done = run_shards(executor, plan, store, resume, shard_progress)
+    # In this process one variant at a time: its routes (ONNX session, torch graph copy, ART
+    # estimators) are built, attacked, merged and released before the next variant's are
+    # built, so memory holds one variant's, not every variant's. Workers get every shard at once.
+    plan: list = []
+    done: dict = {}
+    for group in ([[s] for s in specs] if in_process else [specs]):
+        mine_prepared = {s.name: prepare(s) for s in group}
+        local = {"prepared": mine_prepared, "progress": _no_done(progress)} if in_process else None
+        gplan = sh.plan(group, x, y, eps_grid, norm_key, profile, names, clip, seed, self_checks, size, local)
+        gdone = run_shards(executor, gplan, store, resume, shard_progress)
+        plan += gplan
+        done.update(gdone)
+        for s in group:
+            mine = [gdone[p.id] for p in gplan if p.meta["variant"]["name"] == s.name]
+            points = [(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-points"]
+            sc = next((sh.self_check_from(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-selfcheck"),
+                      None)
+            out = sh.merge_points(points, len(x))
+            v, f = _finish(s, prepared[s.name], pick, x, y, out, eps_grid, norm_v, clip, sc, time.perf_counter(), seed)
+            v.seconds = round(sum(float(r.where.get("seconds") or 0) for r in mine), 3)
+            if progress:
+                progress(f"{s.name} done", 1, 1)
+            results.append(v)
+            findings.extend(f)
+            del prepared[s.name]
+        mine_prepared.clear()  # the shards' ``local`` holds these too: drop them with the variant
+        del gplan, gdone, local
+        release_memory()
     wall = time.perf_counter() - t_shards
-    for s in specs:
-        mine = [done[p.id] for p in plan if p.meta["variant"]["name"] == s.name]
-        points = [(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-points"]
-        sc = next((sh.self_check_from(r.meta, r.arrays) for r in mine if r.shard.kind == "robustness-selfcheck"), None)
-        out = sh.merge_points(points, len(x))
-        v, f = _finish(s, prepared[s.name], pick, x, y, out, eps_grid, norm_v, clip, sc, time.perf_counter(), seed)
-        v.seconds = round(sum(float(r.where.get("seconds") or 0) for r in mine), 3)
-        if progress:
-            progress(f"{s.name} done", 1, 1)
-        results.append(v)
-        findings.extend(f)
     execution = {"executor": executor.name, "workers": executor.workers(), "shard_points": size,
                  "shards_wall_s": round(wall, 3), "resumed": sum(r.resumed for r in done.values()),
                  "shards": [done[p.id].provenance() for p in plan]}

@@ -67,18 +67,30 @@ class AuditContext:
 
     @contextmanager
     def stage(self, stage: str, variant: str | None = None) -> Iterator[dict]:
-        """Measure a stage (wall time, peak RSS of this process) into ``provenance.stages``.
+        """Measure a stage (wall time, peak RSS of this process and of its children) into
+        ``provenance.stages``.
 
         Yields the record; a runner whose work ran as shards elsewhere raises its
         ``peak_rss_mb`` to the largest shard's (``shard_peak``)."""
-        from hardening.executor.usage import measure
+        from hardening.executor.usage import measure, release_memory
 
         rec: dict = {"stage": stage, "variant": variant, "seconds": 0.0, "peak_rss_mb": 0.0}
         with measure() as used:
             yield rec
-        rec["seconds"] = round(used.seconds, 3)
-        rec["peak_rss_mb"] = max(used.peak_rss_mb, rec["peak_rss_mb"])
+        elsewhere = rec["peak_rss_mb"]
+        rec.update(used.record())
+        rec["peak_rss_mb"] = max(used.peak_rss_mb, elsewhere)
         self.stages.append(rec)
+        release_memory()  # what the stage left behind must not count against the next one
+
+
+def share_record(ctx: AuditContext, stage: str, variant: str, shards: list) -> dict:
+    """A variant's share of a sharded stage: its shards' compute seconds and their largest peak
+    (each shard measured in the process that ran it: this one in-process, a worker otherwise)."""
+    peak = shard_peak(shards)
+    secs = sum(float((r.where if hasattr(r, "where") else r).get("seconds") or 0) for r in shards)
+    return {"stage": stage, "variant": variant, "seconds": round(secs, 3), "peak_rss_mb": peak,
+            "self_peak_rss_mb": None if ctx.remote else peak, "children_peak_rss_mb": None, "tree_peak_rss_mb": peak}
 
 
 def shard_peak(results: Any) -> float:

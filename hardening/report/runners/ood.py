@@ -14,7 +14,7 @@ import numpy as np
 from hardening.executor import Shard, ShardStore, run_shards
 from hardening.intake import sha256_file
 from hardening.report import summary as S
-from hardening.report.runners.context import AuditContext, shard_peak
+from hardening.report.runners.context import AuditContext, shard_peak, share_record
 
 if TYPE_CHECKING:
     from hardening.ood import OODAudit
@@ -41,16 +41,26 @@ def fit(ctx: AuditContext) -> None:
         ctx.detectors[v.name] = det_dir
 
 
-def _families(ctx: AuditContext, v) -> dict[str, np.ndarray]:
-    from hardening.intake import load_model
-    from hardening.ood.families import build_families
+def _families(ctx: AuditContext, v, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The variant's families: the ``shared`` ones (the same arrays for every variant) plus,
+    last, the adversarial examples of the attacker who knew this variant's gate."""
+    from hardening.ood.families import checked_adversarial
 
     adaptive = ctx.adaptive.get(v.name)
     adv = max(adaptive.adversarial_examples.items()) if adaptive is not None else None
-    info = load_model(v.path)
+    if adv is None or not len(adv[1]):
+        return dict(shared)
+    return {**shared, f"{S.ADAPTIVE_FAMILY}{adv[0]:g}": checked_adversarial(ctx.ds, adv[1])}
+
+
+def _shared_families(ctx: AuditContext) -> dict[str, np.ndarray]:
+    """The families every variant is scored on, built once: they depend on the data and the
+    seed only, so one copy serves every variant (not one copy per variant held at once)."""
+    from hardening.intake import load_model
+    from hardening.ood.families import build_families
+
+    info = load_model(ctx.variants[0].path)
     return build_families(ctx.ds, num_classes=info.num_classes or int(ctx.ds.y.max()) + 1,
-                          adversarial=adv[1] if adv is not None and len(adv[1]) else None,
-                          adversarial_name=f"{S.ADAPTIVE_FAMILY}{adv[0]:g}" if adv is not None else "adversarial",
                           n=ctx.sizes["ood_synthetic"], seed=ctx.seed)
 
 
@@ -70,17 +80,16 @@ def run(ctx: AuditContext) -> None:
         ctx.artifacts["detectors"][v.name] = os.path.relpath(ctx.detectors[v.name], ctx.out)
         ctx.artifacts["roc_plots"][v.name] = d["plots"]
         S.add_ood(ctx.summary, v.name, d)
-        ctx.stages.append({"stage": AREA, "variant": v.name,
-                           "seconds": round(sum(float(r.where.get("seconds") or 0) for r in mine), 3),
-                           "peak_rss_mb": shard_peak(mine)})
+        ctx.stages.append(share_record(ctx, AREA, v.name, mine))
         ctx.steps.step(AREA, f"{v.name} done")
 
 
 def _score_families(ctx: AuditContext) -> tuple[dict[str, list[Shard]], dict]:
     """Build each variant's families, one shard per family; run them (checkpointed) on the executor."""
     plan: dict[str, list[Shard]] = {}
+    shared = _shared_families(ctx)
     for v in ctx.variants:
-        fams = _families(ctx, v)
+        fams = _families(ctx, v, shared)
         det = ctx.detectors[v.name].resolve()
         # the digests make a refitted gate or a changed model a different shard (never a stale --resume)
         common = {"model": str(Path(v.path).resolve()), "model_sha256": sha256_file(v.path),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from hardening.report import summary as S
 from hardening.report.runners.context import AuditContext
 
@@ -11,22 +9,28 @@ AREA = "profiling"
 
 
 def run(ctx: AuditContext) -> None:
+    from hardening.executor.usage import measure
     from hardening.profiling import Budgets, profile_variants
 
     b, pol, steps = ctx.policy.budgets, ctx.policy, ctx.steps
     budgets = Budgets(b.max_latency_p95_ms, b.max_memory_mb, b.max_size_kb, pol.accuracy.min_clean, b.max_cold_start_ms)
     ctx.settings[AREA] = {"threads": 1, "runs": ctx.sizes["profiling_runs"], "big_batch": 32}
-    last = [time.perf_counter()]
+    records: dict[str, dict] = {}
 
-    def done(name: str) -> None:
-        # each variant is measured in a fresh child process: its memory is the profile's own
-        # figure (memory_by_batch), so the stage records time only
-        now = time.perf_counter()
-        ctx.stages.append({"stage": AREA, "variant": name, "seconds": round(now - last[0], 3), "peak_rss_mb": None})
-        last[0] = now
-        steps.step(AREA, f"profiled {name}")
+    meter = measure()
+    with meter:
+        def done(name: str) -> None:
+            # each variant is measured in a fresh child process; this process waits meanwhile
+            records[name] = {"stage": AREA, "variant": name, **meter.split().record()}
+            ctx.stages.append(records[name])
+            steps.step(AREA, f"profiled {name}")
 
-    rep = profile_variants(ctx.variants, ctx.ds, budgets, threads=1, runs=ctx.sizes["profiling_runs"], big_batch=32,
-                           progress=done)
+        rep = profile_variants(ctx.variants, ctx.ds, budgets, threads=1, runs=ctx.sizes["profiling_runs"],
+                               big_batch=32, progress=done)
+    for p in rep.variants:  # the child's exact peak (its VmHWM), which sampling may have missed
+        rec = records[p.name]
+        rec["children_peak_rss_mb"] = round(max(rec["children_peak_rss_mb"] or 0.0, p.process_peak_rss_mb), 1)
+        rec["peak_rss_mb"] = max(rec["peak_rss_mb"], rec["children_peak_rss_mb"])
+        rec["tree_peak_rss_mb"] = round(max(rec["tree_peak_rss_mb"], rec["self_peak_rss_mb"] + rec["children_peak_rss_mb"]), 1)
     ctx.results[AREA] = rep.to_dict()
     S.add_profiling(ctx.summary, ctx.results[AREA])

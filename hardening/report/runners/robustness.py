@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hardening.report import summary as S
-from hardening.report.runners.context import AuditContext, shard_peak
+from hardening.report.runners.context import AuditContext, shard_peak, share_record
 
 AREA = "robustness"
 
@@ -31,5 +31,4 @@ def run(ctx: AuditContext) -> None:
     S.add_robustness(ctx.summary, ctx.results[AREA])
     for v in ctx.variants:  # the variants ran together: each one's share is its shards' compute
         mine = [s for s in rep.execution.get("shards", []) if s["label"].startswith(f"{v.name} ")]
-        ctx.stages.append({"stage": AREA, "variant": v.name, "seconds": round(sum(s["seconds"] or 0 for s in mine), 3),
-                           "peak_rss_mb": shard_peak(mine)})
+        ctx.stages.append(share_record(ctx, AREA, v.name, mine))
