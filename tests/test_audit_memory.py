@@ -117,6 +117,7 @@ def test_robustness_releases_a_variant_before_building_the_next(digits_demo, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the review itself: 4-6 min idle, far longer on a shared machine
 def test_quick_audit_of_a_mobilenet_at_96px_stays_under_2_gb(tmp_path):
     """Issue 15's budget: the one-command quick review of a MobileNetV3-small at 3x96x96
     (TorchScript source, every variant and area) peaks under 2 GB in its largest process,
