@@ -69,9 +69,12 @@ def test_measure_counts_a_child_process_that_did_the_work():
     assert used.self_peak_rss_mb < before + 100, (before, used)  # the parent only waited
     assert used.peak_rss_mb == max(used.self_peak_rss_mb, used.children_peak_rss_mb)
     assert used.tree_peak_rss_mb >= used.self_peak_rss_mb + 300 - 20, used
+    # other tests' long-lived children (servers, ray workers) are descendants of this process too
+    others = max((c.memory_info().rss for c in psutil.Process().children(recursive=True)), default=0) / MB
     with measure() as idle:  # only helpers a spawn leaves (multiprocessing's resource tracker), if any
         time.sleep(0.3)
-    assert (idle.children_peak_rss_mb or 0) < 50 and idle.peak_rss_mb == idle.self_peak_rss_mb, idle
+    assert (idle.children_peak_rss_mb or 0) < others + 50, (others, idle)
+    assert idle.peak_rss_mb == max(idle.self_peak_rss_mb, idle.children_peak_rss_mb or 0), idle
 
 
 def test_measure_split_gives_each_period_its_own_figures():
