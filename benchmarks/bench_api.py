@@ -188,10 +188,11 @@ def variants(rate: str) -> dict[str, tuple[dict, list[str], str]]:
     }
 
 
-def _environ(body: bytes, key: str | None) -> dict:
+def environ(body: bytes, key: str | None, path: str = "/v1/predict") -> dict:
+    """A WSGI environ for one JSON POST to ``path`` (``key``: its bearer API key)."""
     import io
 
-    env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/predict", "SCRIPT_NAME": "", "QUERY_STRING": "",
+    env = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
            "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
@@ -235,7 +236,7 @@ def in_process_cpu(model: Path, bundles: dict[str, Path], work: Path, body: byte
             for i in range(n // 10 + n):
                 if i == n // 10:
                     t0 = time.process_time()
-                b"".join(app(_environ(body, who[i % len(who)]), start_response))
+                b"".join(app(environ(body, who[i % len(who)]), start_response))
             samples[name].append(1e3 * (time.process_time() - t0) / n)
     return {name: statistics.median(v) for name, v in samples.items()}
 

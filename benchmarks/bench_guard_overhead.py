@@ -31,7 +31,7 @@ from runtime_guard.config import AnomalyGateConfig, ExtractionMonitorConfig, Gua
 from runtime_guard.guard import GuardedModel
 from runtime_guard.verdict import Decision, Verdict
 
-ACCEPTED = Verdict(Decision.ACCEPTED)
+ACCEPTED = Verdict(Decision.ACCEPTED)  # not verdict.ACCEPTED: older trees under comparison lack it
 
 
 def _msp_scorer(threshold: float) -> AnomalyScorer:

@@ -19,7 +19,6 @@ one after_request hook, each doing the same work (start time, request id, three 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from bench_api import environ  # this script's folder: the same request for every tree
 
 
 def bare_app(model_path: str) -> Any:
@@ -54,18 +55,6 @@ def bare_app(model_path: str) -> Any:
         return jsonify(labels=logits.argmax(axis=1).tolist(), scores=(z / z.sum(axis=1, keepdims=True)).tolist())
 
     return app
-
-
-def environ(body: bytes, key: str | None, path: str = "/v1/predict") -> dict[str, Any]:
-    env = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
-           "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
-           "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
-           "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-           "wsgi.input_terminated": True, "CONTENT_TYPE": "application/json",
-           "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "127.0.0.1:8080"}
-    if key is not None:
-        env["HTTP_AUTHORIZATION"] = "Bearer " + key
-    return env
 
 
 def _ok(status: str, headers: list[Any], exc_info: object = None) -> None:

@@ -117,5 +117,8 @@ def test_rate_limit_reset_is_a_delay_everywhere(api_env, tmp_path):
         assert 0 <= reset <= 60
     refused = answers[2]
     assert refused.headers["X-RateLimit-Reset"] == refused.headers["RateLimit-Reset"]
-    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # one limiter figure behind both: the oldest of the two hits made just now leaves the window in ~60 s
+    wait = int(refused.headers["Retry-After"])
+    assert wait == max(1, int(refused.headers["RateLimit-Reset"])), refused.headers
+    assert 50 <= wait <= 60, wait
     assert refused.json["error"]
