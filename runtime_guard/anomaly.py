@@ -47,6 +47,10 @@ float32 product with every block stacked and one offset addition, one reduction 
 kind into a term matrix ``T``, then ``post(T @ A + c)`` for all detectors at once and one
 finiteness check on ``T`` (a NaN/Inf in a view makes its ``|v|^2`` and block reductions
 NaN/Inf; the logits, whose softmax terms stay finite on a -inf, are checked themselves).
+``_Program`` lays it out and ``gate_graph.GateGraph`` runs it as one small onnxruntime graph
+built on the device from these declarations (one ``InferenceSession.run`` per call: the
+numpy version paid a dispatch per operation, ~10 us more per request on the demo and on a
+3x96x96 MobileNet, BENCHMARKS.md "Gate as one graph").
 The fused score folds the z-normalisation into one product (``mean_z``, ``mean_pos_z``:
 ``max(z, 0) = (max(s, mean) - mean) / std``). ``Detector.raw`` runs the same program for
 one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
@@ -69,6 +73,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import LoadError, RequestError
+from .gate_graph import Fusion, GateGraph
 
 FORMAT = "edgeward-ood/2"
 FORMATS = ("edgeward-ood/1", FORMAT)  # /1: no input_view (flatten), float64 arrays, Mahalanobis as precision
@@ -534,58 +539,17 @@ class _ViewPlan:
         """Multiply-adds per sample of the view's product."""
         return 0 if self.matrix is None else int(self.matrix.size)
 
-    def run(self, v: np.ndarray, t: np.ndarray) -> None:
-        """Write this view's terms for ``v`` (n, width) float32 into ``t`` (n, terms) float64."""
-        if self.check and not math.isfinite(v.sum()):
-            raise AnomalyInputError(f"{self.view} holds NaN/Inf values")
-        if self.matrix is not None:
-            p = v @ self.matrix
-            if self.offsets is not None:
-                p += self.offsets
-            if len(self.min_starts):
-                np.minimum.reduceat(p[:, self.p_min], self.min_starts, axis=1, out=t[:, self.t_min])
-            for sl, k, c, _ in self.kth:
-                blk = p[:, sl]
-                t[:, c] = np.partition(blk, k - 1, axis=1)[:, k - 1] if k < blk.shape[1] else blk.max(axis=1)
-            if len(self.ss_starts) == 1:
-                blk = p[:, self.p_ss]
-                np.vecdot(blk, blk, out=t[:, self.t_ss.start])
-            elif len(self.ss_starts):
-                np.add.reduceat(np.square(p[:, self.p_ss]), self.ss_starts, axis=1, out=t[:, self.t_ss])
-            if self.t_col.stop > self.t_col.start:
-                t[:, self.t_col] = p[:, self.p_col]
-        if self.sq_col is not None or self.scaled:
-            sq = _sq(v)
-            if self.sq_col is not None:
-                t[:, self.sq_col] = sq
-            if self.scaled:
-                inv = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
-                if self.usq_col is not None:
-                    np.multiply(sq * inv, inv, out=t[:, self.usq_col])
-                if self.t_min_scaled.stop > self.t_min_scaled.start:
-                    t[:, self.t_min_scaled] *= inv[:, None]
-                for _, _, c, scaled in self.kth:
-                    if scaled:
-                        t[:, c] *= inv
-        for temp, (lse_col, max_col) in self.logit_cols.items():
-            zz = (v / temp if temp != 1.0 else v).astype(np.float64)
-            if lse_col is not None:
-                np.logaddexp.reduce(zz, axis=1, out=t[:, lse_col])  # logsumexp(v / T), stable
-            if max_col is not None:
-                np.max(zz, axis=1, out=t[:, max_col])
-
-
-def _sq(v: np.ndarray) -> np.ndarray:
-    res: np.ndarray = np.vecdot(v, v)
-    return res
-
 
 class _Program:
     """Raw scores of ``dets``: per view one product and a few reductions into one term matrix
-    ``T`` (n, terms), then ``post(T @ A + c)`` for every detector at once (``Detector.terms``)."""
+    ``T`` (n, terms), then ``post(T @ A + c)`` for every detector at once (``Detector.terms``),
+    or with ``fusion`` the fused score. Laid out here, run as one onnxruntime graph
+    (``gate_graph.GateGraph``), the one scoring path."""
 
-    def __init__(self, dets: list[Detector]) -> None:
+    def __init__(self, dets: list[Detector], fusion: Fusion | None = None) -> None:
         self.dets = dets
+        self.fusion = fusion
+        self._graph: GateGraph | None = None
         self.plans: list[_ViewPlan] = []
         at = 0
         for view in dict.fromkeys(d.view for d in dets):
@@ -609,29 +573,22 @@ class _Program:
         self.sqrt, self.exp = bool(self.sqrt_mask.any()), bool(self.exp_mask.any())
 
     def run(self, views: dict[str, np.ndarray]) -> np.ndarray:
-        """(n, len(dets)) float64 raw scores; ``views`` as ``AnomalyScorer._views`` gives them."""
-        t = np.empty((len(views[self.plans[0].view]), self.n_terms))
+        """(n, len(dets)) float64 raw scores, or (n,) fused with ``fusion``; ``views`` as
+        ``AnomalyScorer._views`` gives them ((n, width) float32)."""
         for plan in self.plans:
             v = views[plan.view]
             if plan.width is not None and v.shape[1] != plan.width:
                 who = next(d.name for d in plan.dets if d.width is not None)
                 raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
-            plan.run(v, t)
-        # a NaN/Inf in a view makes its terms NaN/Inf (|v|^2, and every block reduction): one check for all
-        if not math.isfinite(t.sum()):
-            bad = next((p.view for p in self.plans if not math.isfinite(t[:, p.t0 : p.t_end].sum())), "a view")
+        if self._graph is None:
+            self._graph = GateGraph(self, self.fusion)
+        scores, check = self._graph.run({p.view: views[p.view] for p in self.plans})
+        # a NaN/Inf in a view makes the term matrix NaN/Inf (|v|^2, every block reduction): one check for all
+        if not math.isfinite(check):
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = next((p.view for p in self.plans if not np.isfinite(np.square(views[p.view])).all()), "a view")
             raise AnomalyInputError(f"{bad} holds NaN/Inf values (or values whose squares overflow float32)")
-        raw = t @ self.a
-        if self.c is not None:
-            raw += self.c
-        if self.relu:
-            np.maximum(raw, self.lo, out=raw)
-        if self.sqrt:
-            np.sqrt(raw, out=raw, where=self.sqrt_mask)
-        if self.exp:
-            np.exp(raw, out=raw, where=self.exp_mask)
-            np.subtract(1.0, raw, out=raw, where=self.exp_mask)
-        return raw
+        return scores
 
 
 class AnomalyScorer:
@@ -655,7 +612,7 @@ class AnomalyScorer:
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
         self.needs: frozenset[str] = frozenset(d.view for d in dets)
         self._all = _Program(dets)
-        self._program = _Program(self._fused)
+        self._program = _Program(self._fused, Fusion(rule, self._mean, self._weights, self._inv_std, self._offset))
 
     # ---- loading -------------------------------------------------------
     @classmethod
@@ -768,15 +725,7 @@ class AnomalyScorer:
         """Fused score per sample (float64); only the fused detectors run. Compare with ``threshold``.
         ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit or
         hold NaN/Inf (numpy may warn about the invalid values it met before the refusal)."""
-        s = self._run(self._program, x, logits, features)
-        res: np.ndarray
-        if self.rule == "mean_pos_z":  # max(z, 0) = (max(s, mean) - mean) / std
-            res = np.maximum(s, self._mean) @ self._weights - self._offset
-        elif self.rule == "mean_z":
-            res = s @ self._weights - self._offset
-        else:
-            res = fuse_z((s - self._mean) * self._inv_std, self.rule)
-        return res
+        return self._run(self._program, x, logits, features)
 
     @property
     def work(self) -> dict[str, int]:

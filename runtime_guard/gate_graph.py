@@ -1,0 +1,222 @@
+"""The anomaly gate's scoring program as one small ONNX graph, run by onnxruntime.
+
+A request's gate work is a few dozen small products and reductions; as numpy calls each
+paid a Python dispatch, so the gate cost several times its multiply-adds. As one graph the
+whole program (every view's product, every reduction, the term matrix, the posts and the
+fusion) is one ``InferenceSession.run`` over onnxruntime's kernels. The graph is built on the
+device from the declared detectors (``anomaly._Program``) and never shipped, so the signed
+``detectors.npz``/``detectors.json`` stay the only definition of the maths; the compact input
+view stays ``InputView.apply`` (the same numbers the detectors were fitted on)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from .anomaly import _Program, _ViewPlan
+
+__all__ = ["Fusion", "GateGraph"]
+
+OPSET = 17
+_F, _D = TensorProto.FLOAT, TensorProto.DOUBLE
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The fused score folded into the graph: ``rule`` with the members' means, weights
+    (``1 / (k * std)``), inverse stds and the constant offset (``AnomalyScorer``)."""
+
+    rule: str
+    mean: np.ndarray
+    weights: np.ndarray
+    inv_std: np.ndarray
+    offset: float
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value: Any, dtype: Any, hint: str = "c") -> str:
+        n = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), n))
+        return n
+
+    def op(self, op: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs: Any) -> Any:
+        outs = [self.name(hint or op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _plan_terms(b: _Builder, plan: _ViewPlan, v: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]], str | None]:
+    """This view's part of T as (first term column, (n, c) tensor) pieces, float32 and
+    float64 (logit terms), and the tensor whose sum must be finite when the view itself is
+    checked (logits)."""
+    pieces: list[tuple[int, str]] = []
+    f32: list[tuple[int, str]] = []
+    sq = inv = None
+    if plan.sq_col is not None or plan.scaled:
+        sq = b.op("ReduceSumSquare", [v], axes=[1], keepdims=1)
+        if plan.scaled:
+            inv = b.op("Reciprocal", [b.op("Max", [b.op("Sqrt", [sq]), b.const([1e-12], np.float32)])])
+    if plan.matrix is not None:
+        p = b.op("MatMul", [v, b.const(plan.matrix, np.float32, "blocks")], "product")
+        if plan.offsets is not None:
+            p = b.op("Add", [p, b.const(plan.offsets, np.float32, "offsets")])
+        # segments of the product in column order: min blocks, kth blocks, sumsq blocks, the col block
+        segs: list[tuple[str, int, int, Any]] = []
+        m_bounds = list(plan.min_starts) + [plan.p_min.stop]
+        for i in range(len(plan.min_starts)):
+            segs.append(("min", int(m_bounds[i]), int(m_bounds[i + 1]), plan.t_min.start + i))
+        for sl, k, c, scaled in plan.kth:
+            segs.append(("kth", sl.start, sl.stop, (c, k, scaled)))
+        s_bounds = [plan.p_ss.start + int(s) for s in plan.ss_starts] + [plan.p_ss.stop]
+        for i in range(len(plan.ss_starts)):
+            segs.append(("sumsq", s_bounds[i], s_bounds[i + 1], plan.t_ss.start + i))
+        if plan.p_col.stop > plan.p_col.start:
+            segs.append(("col", plan.p_col.start, plan.p_col.stop, plan.t_col.start))
+        segs.sort(key=lambda s: s[1])
+        sizes = [s[2] - s[1] for s in segs]
+        parts = [p] if len(segs) == 1 else b.op("Split", [p, b.const(sizes, np.int64, "sizes")], n_out=len(segs), axis=1)
+        for (kind, lo, hi, info), seg in zip(segs, parts):
+            if kind == "min":
+                t = b.op("ReduceMin", [seg], axes=[1], keepdims=1)
+                if info < plan.t_min_scaled.stop:
+                    t = b.op("Mul", [t, inv])  # type: ignore[list-item]
+                f32.append((info, t))
+            elif kind == "kth":
+                c, k, scaled = info
+                if k < hi - lo:
+                    vals = b.op("TopK", [seg, b.const([k], np.int64, "k")], n_out=2, axis=1, largest=0, sorted=1)[0]
+                    t = b.op("Slice", [vals, b.const([k - 1], np.int64), b.const([k], np.int64), b.const([1], np.int64)])
+                else:
+                    t = b.op("ReduceMax", [seg], axes=[1], keepdims=1)
+                f32.append((c, b.op("Mul", [t, inv]) if scaled else t))  # type: ignore[list-item]
+            elif kind == "sumsq":
+                f32.append((info, b.op("ReduceSumSquare", [seg], axes=[1], keepdims=1)))
+            else:
+                f32.append((info, seg))
+    if plan.sq_col is not None:
+        f32.append((plan.sq_col, sq))  # type: ignore[arg-type]
+    if plan.usq_col is not None:
+        f32.append((plan.usq_col, b.op("Mul", [b.op("Mul", [sq, inv]), inv])))  # type: ignore[list-item]
+    check = None
+    if plan.logit_cols:
+        vd = b.op("Cast", [v], to=_D)
+        check = vd if plan.check else None
+        for temp, (lse_col, max_col) in plan.logit_cols.items():
+            zz = vd if temp == 1.0 else b.op("Div", [vd, b.const([temp], np.float64)])
+            if lse_col is not None:
+                pieces.append((lse_col, b.op("ReduceLogSumExp", [zz], axes=[1], keepdims=1)))
+            if max_col is not None:
+                pieces.append((max_col, b.op("ReduceMax", [zz], axes=[1], keepdims=1)))
+    elif plan.check:
+        check = v
+    return f32, pieces, check
+
+
+class GateGraph:
+    """One onnxruntime session computing a ``_Program``'s raw scores, or with ``fusion`` the
+    fused score.
+
+    Inputs: one (n, width) float32 tensor per view the program reads (the input already
+    through ``InputView.apply``). Outputs: ``scores``, (n, k) float64 raw scores or (n,) fused,
+    and ``check``, the sum of the term matrix (and of a checked view): not finite when a view
+    held NaN/Inf. The session is made on first use in each process (onnxruntime sessions do
+    not survive a fork).
+    """
+
+    def __init__(self, prog: _Program, fusion: Fusion | None = None) -> None:
+        b = _Builder()
+        inputs, f32, f64, checks = [], [], [], []
+        self.views = prog.views
+        for plan in prog.plans:
+            inputs.append(helper.make_tensor_value_info(plan.view, _F, ["n", plan.width or "w"]))
+            got32, got64, check = _plan_terms(b, plan, plan.view)
+            f32 += got32
+            f64 += got64
+            if check is not None:
+                checks.append(b.op("Cast", [b.op("ReduceSum", [check], keepdims=0)], to=_D))
+        # T's columns in the order built (float32 terms, one cast, then the float64 ones);
+        # A's rows permuted to match, so no per-term cast or reordering runs per request
+        order, parts = [], []
+        for group, cast in ((f32, True), (f64, False)):
+            if not group:
+                continue
+            names = [t for _, t in group]
+            block = names[0] if len(names) == 1 else b.op("Concat", names, axis=1)
+            parts.append(b.op("Cast", [block], to=_D) if cast else block)
+            order += [c for c, _ in group]
+        t = parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=1)
+        checks.append(b.op("ReduceSum", [t], keepdims=0))
+        check = checks[0]
+        for c in checks[1:]:
+            check = b.op("Add", [check, c])
+        a_rows = _rows(order, f32 + f64, prog.n_terms)
+        raw = b.op("MatMul", [t, b.const(prog.a[a_rows], np.float64, "A")])
+        if prog.c is not None:
+            raw = b.op("Add", [raw, b.const(prog.c, np.float64)])
+        if prog.relu:
+            raw = b.op("Max", [raw, b.const(prog.lo, np.float64, "lo")])
+        if prog.sqrt:
+            raw = b.op("Where", [b.const(prog.sqrt_mask, np.bool_), b.op("Sqrt", [raw]), raw])
+        if prog.exp:
+            one_minus = b.op("Sub", [b.const(1.0, np.float64), b.op("Exp", [raw])])
+            raw = b.op("Where", [b.const(prog.exp_mask, np.bool_), one_minus, raw])
+        out = raw
+        if fusion is not None:
+            if fusion.rule == "max_z":
+                z = b.op("Mul", [b.op("Sub", [raw, b.const(fusion.mean, np.float64)]), b.const(fusion.inv_std, np.float64)])
+                out = b.op("ReduceMax", [z], axes=[1], keepdims=0)
+            else:
+                if fusion.rule == "mean_pos_z":  # max(z, 0) = (max(s, mean) - mean) / std
+                    raw = b.op("Max", [raw, b.const(fusion.mean, np.float64, "mean")])
+                out = b.op("Sub", [b.op("MatMul", [raw, b.const(fusion.weights, np.float64, "w")]),
+                                   b.const(fusion.offset, np.float64)])
+        b.nodes.append(helper.make_node("Identity", [out], ["scores"]))
+        b.nodes.append(helper.make_node("Identity", [check], ["check"]))
+        outputs = [helper.make_tensor_value_info("scores", _D, None), helper.make_tensor_value_info("check", _D, [])]
+        graph = helper.make_graph(b.nodes, "edgeward_gate", inputs, outputs, b.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeward")
+        model.ir_version = 8
+        self.model_bytes = model.SerializeToString()
+        self._session: ort.InferenceSession | None = None
+        self._pid = -1
+
+    def run(self, views: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """(scores, check) for the (n, width) float32 views."""
+        if self._pid != os.getpid():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            self._session = ort.InferenceSession(self.model_bytes, opts, providers=["CPUExecutionProvider"])
+            self._pid = os.getpid()
+        assert self._session is not None
+        scores, check = self._session.run(_OUT, views)
+        return scores, float(check)
+
+
+_OUT = ["scores", "check"]
+
+
+def _rows(order: list[int], pieces: list[tuple[int, str]], n_terms: int) -> list[int]:
+    """Rows of A in T's built column order (a piece may span several term columns)."""
+    starts = sorted(c for c, _ in pieces) + [n_terms]  # the pieces tile T's columns
+    widths = {c: starts[i + 1] - c for i, c in enumerate(starts[:-1])}
+    rows: list[int] = []
+    for c in order:
+        rows += list(range(c, c + widths[c]))
+    return rows
