@@ -55,8 +55,9 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), n))
         return n
 
-    def op(self, op: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs: Any) -> Any:
-        outs = [self.name(hint or op.lower()) for _ in range(n_out)]
+    def op(self, op: str, inputs: list[str], hint: str | None = None, n_out: int = 1, out: str | None = None,
+           **attrs: Any) -> Any:
+        outs = [out] if out is not None else [self.name(hint or op.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op, inputs, outs, **attrs))
         return outs[0] if n_out == 1 else outs
 
@@ -124,7 +125,7 @@ def _plan_terms(b: _Builder, plan: _ViewPlan, v: str) -> tuple[list[tuple[int, s
             if max_col is not None:
                 pieces.append((max_col, b.op("ReduceMax", [zz], axes=[1], keepdims=1)))
     elif plan.check:
-        check = v
+        check = b.op("Cast", [v], to=_D)
     return f32, pieces, check
 
 
@@ -149,7 +150,7 @@ class GateGraph:
             f32 += got32
             f64 += got64
             if check is not None:
-                checks.append(b.op("Cast", [b.op("ReduceSum", [check], keepdims=0)], to=_D))
+                checks.append(b.op("ReduceSum", [check], keepdims=0))
         # T's columns in the order built (float32 terms, one cast, then the float64 ones);
         # A's rows permuted to match, so no per-term cast or reordering runs per request
         order, parts = [], []
@@ -161,10 +162,10 @@ class GateGraph:
             parts.append(b.op("Cast", [block], to=_D) if cast else block)
             order += [c for c, _ in group]
         t = parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=1)
-        checks.append(b.op("ReduceSum", [t], keepdims=0))
-        check = checks[0]
-        for c in checks[1:]:
-            check = b.op("Add", [check, c])
+        if checks:
+            b.op("Sum", [b.op("ReduceSum", [t], keepdims=0), *checks], out="check")
+        else:
+            b.op("ReduceSum", [t], keepdims=0, out="check")
         a_rows = _rows(order, f32 + f64, prog.n_terms)
         raw = b.op("MatMul", [t, b.const(prog.a[a_rows], np.float64, "A")])
         if prog.c is not None:
@@ -176,19 +177,18 @@ class GateGraph:
         if prog.exp:
             one_minus = b.op("Sub", [b.const(1.0, np.float64), b.op("Exp", [raw])])
             raw = b.op("Where", [b.const(prog.exp_mask, np.bool_), one_minus, raw])
-        out = raw
-        if fusion is not None:
-            if fusion.rule == "max_z":
-                z = b.op("Mul", [b.op("Sub", [raw, b.const(fusion.mean, np.float64)]), b.const(fusion.inv_std, np.float64)])
-                out = b.op("ReduceMax", [z], axes=[1], keepdims=0)
-            else:
-                if fusion.rule == "mean_pos_z":  # max(z, 0) = (max(s, mean) - mean) / std
-                    raw = b.op("Max", [raw, b.const(fusion.mean, np.float64, "mean")])
-                out = b.op("Sub", [b.op("MatMul", [raw, b.const(fusion.weights, np.float64, "w")]),
-                                   b.const(fusion.offset, np.float64)])
-        b.nodes.append(helper.make_node("Identity", [out], ["scores"]))
-        b.nodes.append(helper.make_node("Identity", [check], ["check"]))
-        outputs = [helper.make_tensor_value_info("scores", _D, None), helper.make_tensor_value_info("check", _D, [])]
+        if fusion is None:
+            b.op("Identity", [raw], out="scores")
+        elif fusion.rule == "max_z":
+            z = b.op("Mul", [b.op("Sub", [raw, b.const(fusion.mean, np.float64)]), b.const(fusion.inv_std, np.float64)])
+            b.op("ReduceMax", [z], axes=[1], keepdims=0, out="scores")
+        else:
+            if fusion.rule == "mean_pos_z":  # max(z, 0) = (max(s, mean) - mean) / std
+                raw = b.op("Max", [raw, b.const(fusion.mean, np.float64, "mean")])
+            w = b.const(fusion.weights[:, None], np.float64, "w")
+            fused = b.op("Gemm", [raw, w, b.const([-fusion.offset], np.float64)])
+            b.op("Reshape", [fused, b.const([-1], np.int64)], out="scores")
+        outputs = [helper.make_tensor_value_info("scores", _D, ["n"] if fusion is not None else ["n", len(prog.dets)]), helper.make_tensor_value_info("check", _D, [])]
         graph = helper.make_graph(b.nodes, "edgeward_gate", inputs, outputs, b.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeward")
         model.ir_version = 8
