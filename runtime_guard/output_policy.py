@@ -75,7 +75,7 @@ def _misinformation(logits: np.ndarray) -> np.ndarray:
     """A plausible-looking but wrong distribution: softmax of the negated logits
     puts most mass on the classes the model believes least (stands in for
     Kariyappa & Qureshi's trained misinformation network, which we cannot
-    ship in a numpy-only runtime)."""
+    ship in a runtime without torch)."""
     return softmax(-logits)
 
 
