@@ -11,6 +11,7 @@ README's install command rather than run (this venv is that install, from the lo
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import shlex
@@ -176,6 +177,37 @@ def _github_expr(cmd: str) -> str:
     return re.sub(r"\$\{\{\s*github\.run_number\s*\}\}", "7", cmd)
 
 
+# Both CI snippets review with the same `edgeward audit` command on the same job folder; the
+# second to run copies the first's output instead of repeating a one-minute audit. Keyed by
+# the command's words, the EDGEWARD_* environment and the digest of every file in the job
+# folder, so any difference between the snippets runs the command again.
+_REVIEWS: dict[tuple[str, str, str], tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def _folder_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _run_step(cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    one_line = cmd.replace("\\\n", " ").strip()
+    words = shlex.split(one_line)
+    if words[:2] != ["edgeward", "audit"] or "--out" not in words or "\n" in one_line:
+        return _run(cmd, cwd, env)
+    out = words[words.index("--out") + 1]
+    key = (" ".join(words), repr(sorted((k, v) for k, v in env.items() if k.startswith("EDGEWARD_"))),
+           _folder_digest(cwd))
+    hit = _REVIEWS.get(key)
+    if hit is not None and hit[0].is_dir() and not (cwd / out).exists():
+        shutil.copytree(hit[0], cwd / out)
+        return hit[1]
+    r = _run(cmd, cwd, env)
+    _REVIEWS[key] = (cwd / out, r)
+    return r
+
+
 def _run_script(lines: list[str], cwd: Path, env: dict[str, str]) -> None:
     for cmd in lines:
         if cmd.strip().startswith("pip install"):
@@ -183,7 +215,7 @@ def _run_script(lines: list[str], cwd: Path, env: dict[str, str]) -> None:
             continue
         first = cmd.split()[:2]
         allowed = {0, 1} if first == ["edgeward", "gate"] else {0}  # a gate may find a regression
-        _check(cmd, _run(cmd, cwd, env), allowed)
+        _check(cmd, _run_step(cmd, cwd, env), allowed)
 
 
 def _carry(paths: list[str], src: Path, dst: Path) -> None:
