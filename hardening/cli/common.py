@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -26,6 +28,47 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 INTERNAL_ERROR = 3
+
+
+Update = Callable[[str, str, int, "int | None"], None]  # (task key, description, done, total)
+
+
+@contextmanager
+def progress_display(title: str, *, transient: bool = True, disable: bool = False) -> Iterator[Update]:
+    """Progress of a long command on stderr: a rich bar per task on a terminal; elsewhere (CI
+    logs, pipes) one plain line per task whenever its count moves, at most one a second per
+    task, so a minutes-long audit is not silent until it ends. Yields ``update(key,
+    description, done, total)``."""
+    if disable:
+        yield lambda key, desc, done, total: None
+        return
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=transient) as bar:
+            tasks: dict[str, Any] = {}
+
+            def update(key: str, desc: str, done: int, total: int | None) -> None:
+                if key not in tasks:
+                    tasks[key] = bar.add_task(desc, total=total)
+                bar.update(tasks[key], description=desc, completed=done, total=total)
+
+            yield update
+        return
+    t0 = time.monotonic()
+    last: dict[str, tuple[int, str, float]] = {}
+
+    def log(key: str, desc: str, done: int, total: int | None) -> None:
+        now, head = time.monotonic(), (desc.split() or [""])[0]  # a new stage always shows
+        seen = last.get(key)
+        if seen is not None and seen[1] == head and (seen[0] == done or (now - seen[2] < 1.0 and done != total)):
+            return
+        last[key] = (done, head, now)
+        count = f"{done}/{total}" if total else str(done)
+        console.print(f"{title} [{now - t0:6.0f} s] {count} {escape(desc)}", highlight=False, soft_wrap=True)
+
+    yield log
 
 
 class Settings:

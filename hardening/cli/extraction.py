@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from hardening.cli.common import JSON_OPT, console, dumps, handle_errors, print_json, table
+from hardening.cli.common import JSON_OPT, console, dumps, handle_errors, print_json, progress_display, table
 from hardening.errors import CheckFailed, InputError
 
 
@@ -149,8 +149,6 @@ def audit_extraction_cmd(
     """Steal the model with ART extraction attacks per scenario x defence x budget; report fidelity,
     queries to 90/95% fidelity, time to steal under the rate limit, and what each defence costs honest users.
     Exits 1 if the self-check (undefended model must be stealable) fails: then the harness is broken."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from attacks.thief_data import DEFAULT_SCENARIOS
     from hardening.executor import make_executor, parse_executor
     from hardening.extraction_audit import QUICK_BUDGETS, VICTIMS, run_extraction_audit
@@ -174,12 +172,10 @@ def audit_extraction_cmd(
         plot_dir=out,
         monitor=read_monitor_config(monitor_config),
     )
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("extraction audit", total=None)
+    with progress_display("extraction", disable=json_out and not console.is_terminal) as update:
 
         def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=label)
+            update("extraction", label, done, total)
 
         sharded = executor != "in-process" or resume or out is not None
         runner = make_executor(executor, workers) if sharded else None

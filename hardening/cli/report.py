@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from hardening.cli.common import JSON_OPT, console, handle_errors, out, print_json, table
+from hardening.cli.common import JSON_OPT, handle_errors, out, print_json, progress_display, table
 
 
 def register(app: typer.Typer, audit: typer.Typer) -> None:
@@ -48,8 +48,6 @@ def audit_full(
     Exit 0 if every policy check passed, 1 if any failed (or was skipped, without
     --allow-skipped), 2 on bad input.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from hardening.errors import InputError
     from hardening.executor import make_executor, parse_executor
     from hardening.report import load_policy, run_full_audit
@@ -63,14 +61,10 @@ def audit_full(
     kind_t = tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else None
     area_t = tuple(a.strip() for a in areas.split(",") if a.strip())
     command = "edgeward " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with Progress(
-        TextColumn("[bold]{task.fields[stage]:<11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, transient=False,
-    ) as bar:
-        task = bar.add_task("starting", total=None, stage="audit")
+    with progress_display("audit", transient=False) as update:
 
         def progress(stage: str, msg: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=msg[:70], stage=stage)
+            update("audit", f"{stage:<11} {msg[:70]}", done, total)
 
         runner = make_executor(executor, workers)
         try:

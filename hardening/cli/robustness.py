@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from hardening.cli.common import JSON_OPT, console, dumps, handle_errors, out, print_json, table
+from hardening.cli.common import JSON_OPT, console, dumps, handle_errors, out, print_json, progress_display, table
 from hardening.errors import CheckFailed, InputError
 
 
@@ -78,8 +78,6 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
         Attacks run cheap to expensive on the points still classified correctly; a point is
         robust only if every attack failed. Self-checks flag broken attacks and gradient masking.
         """
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from hardening.executor import make_executor, parse_executor
         from hardening.robustness import run_robustness_audit
 
@@ -103,17 +101,10 @@ def register(app: typer.Typer, audit: typer.Typer) -> None:
             if len(specs) != 1:
                 raise InputError(f"--detectors/--guarded attack one model; give exactly one model, not {len(specs)}")
         names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True, disable=json_out and not console.is_terminal,
-        ) as bar:
-            tasks: dict[str, int] = {}
+        with progress_display("robustness", disable=json_out and not console.is_terminal) as update:
 
             def progress(desc: str, done: int, total: int) -> None:
-                key = desc.split(" ", 1)[0]
-                if key not in tasks:
-                    tasks[key] = bar.add_task(desc, total=total)
-                bar.update(tasks[key], description=desc, completed=done, total=total)
+                update(desc.split(" ", 1)[0], desc, done, total)  # one task per model
 
             try:
                 report = run_robustness_audit(
