@@ -460,7 +460,7 @@ class _ViewPlan:
     the term matrix its reductions write."""
 
     def __init__(self, view: str, dets: list[tuple[int, Detector]], t0: int) -> None:
-        self.view, self.t0 = view, t0
+        self.view = view
         self.dets = [d for _, d in dets]
         self.width = next((d.width for d in self.dets if d.width is not None), None)  # one per view (load checks)
         self.check = view == "logits"  # softmax terms can stay finite on a -inf logit: the view is checked itself
@@ -582,7 +582,7 @@ class _Program:
                 raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
         if self._graph is None:
             self._graph = GateGraph(self, self.fusion)
-        scores, check = self._graph.run({p.view: views[p.view] for p in self.plans})
+        scores, check = self._graph.run(views)
         # a NaN/Inf in a view makes the term matrix NaN/Inf (|v|^2, every block reduction): one check for all
         if not math.isfinite(check):
             with np.errstate(over="ignore", invalid="ignore"):
@@ -602,17 +602,16 @@ class AnomalyScorer:
         self.rule = rule
         self.input_view = input_view or InputView()
         self._fused = [d for d in dets if d.name in members]
-        # fuse_z on z = (s - mean) / std, folded into one product (mean rules) or one affine map (max)
-        self._mean = np.array([d.mean for d in self._fused])
-        self._inv_std = np.array([1.0 / d.std for d in self._fused])
-        self._weights = self._inv_std / len(self._fused)
-        self._offset = float(self._mean @ self._weights)
         self.threshold: float = _threshold(meta.get("threshold"), "threshold")
         alpha = meta.get("alpha")
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
         self.needs: frozenset[str] = frozenset(d.view for d in dets)
         self._all = _Program(dets)
-        self._program = _Program(self._fused, Fusion(rule, self._mean, self._weights, self._inv_std, self._offset))
+        # fuse_z on z = (s - mean) / std, folded into one product (mean rules) or one affine map (max)
+        mean = np.array([d.mean for d in self._fused])
+        inv_std = np.array([1.0 / d.std for d in self._fused])
+        weights = inv_std / len(self._fused)
+        self._program = _Program(self._fused, Fusion(rule, mean, weights, inv_std, float(mean @ weights)))
 
     # ---- loading -------------------------------------------------------
     @classmethod

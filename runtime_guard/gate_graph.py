@@ -137,13 +137,12 @@ class GateGraph:
     through ``InputView.apply``). Outputs: ``scores``, (n, k) float64 raw scores or (n,) fused,
     and ``check``, the sum of the term matrix (and of a checked view): not finite when a view
     held NaN/Inf. The session is made on first use in each process (onnxruntime sessions do
-    not survive a fork).
+    not survive a fork, so a child makes its own).
     """
 
     def __init__(self, prog: _Program, fusion: Fusion | None = None) -> None:
         b = _Builder()
         inputs, f32, f64, checks = [], [], [], []
-        self.views = prog.views
         for plan in prog.plans:
             inputs.append(helper.make_tensor_value_info(plan.view, _F, ["n", plan.width or "w"]))
             got32, got64, check = _plan_terms(b, plan, plan.view)
@@ -194,22 +193,31 @@ class GateGraph:
         model.ir_version = 8
         self.model_bytes = model.SerializeToString()
         self._session: ort.InferenceSession | None = None
-        self._pid = -1
+        self._built_in = -1  # the _forks count the session was made under
 
     def run(self, views: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
         """(scores, check) for the (n, width) float32 views."""
-        if self._pid != os.getpid():
+        if self._built_in != _forks:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
             self._session = ort.InferenceSession(self.model_bytes, opts, providers=["CPUExecutionProvider"])
-            self._pid = os.getpid()
+            self._built_in = _forks
         assert self._session is not None
         scores, check = self._session.run(_OUT, views)
         return scores, float(check)
 
 
 _OUT = ["scores", "check"]
+_forks = 0  # forks into this process: a session made before one is remade in the child
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 def _rows(order: list[int], pieces: list[tuple[int, str]], n_terms: int) -> list[int]:
