@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime_guard.anomaly import AnomalyScorer, Detector, InputView, Knn, Mahalanobis, Pca, Softmax, pool_matrix
+from runtime_guard.anomaly import AnomalyScorer, Detector, InputView, Knn, Mahalanobis, Pca, Softmax
+from runtime_guard.gate_graph import pool_matrix
 
 FUSION_RULES = ("mean_z", "mean_pos_z", "max_z")  # runtime_guard.anomaly.fuse_z
 

@@ -39,7 +39,7 @@ def _run(path: str, ood: str | None, model_dir: str, n: int) -> dict[str, float]
     return {"bare_p50_us": row["bare_p50_us"], "added_p50_us": row["added_p50_us"],
             "added_cpu_p50_us": row["added_cpu_p50_us"], "added_pct_of_bare": 100 * row["added_p50_us"] / row["bare_p50_us"],
             "gate_score_p50_us": out["components_p50_us"][GATE],
-            "in_context_gate_us": out["components_p50_us"]["in context: fitted gate score + verdict"],
+            "in_context_gate_us": out["components_p50_us"]["in context: fitted gate, score + verdict"],
             "in_context_other_stages_us": out["components_p50_us"]["in context: all guard stages but the gate"]}
 
 

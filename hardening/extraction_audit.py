@@ -330,7 +330,8 @@ def build_victims(
             cfg = dataclasses.replace(cfg, rate_limit=RateLimitConfig(per_client=None, global_limit=None))
             if name == "gate":
                 cfg = dataclasses.replace(cfg, extraction=dataclasses.replace(cfg.extraction, enabled=False))
-            gm = GuardedModel(session, cfg, anomaly=scorer if cfg.anomaly.action != "off" else None)
+            # the model's bytes, not the session: a gated guard runs its gate inside its own session
+            gm = GuardedModel(Path(info.path).read_bytes(), cfg, anomaly=scorer if cfg.anomaly.action != "off" else None)
             out[name] = GuardedVictim(gm, info.num_classes, sample_shape)
             out[name].name = name
         else:

@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 from .config import GuardConfigError
 from .errors import ModelRejected
 
-__all__ = ["AdmissionLimits", "admit_model", "load_session", "load_session_streamed", "open_session",
+__all__ = ["AdmissionLimits", "Extension", "admit_model", "load_session", "load_session_streamed", "open_session",
            "session_options"]
 
 ORT_MEM_ADDR_MARKER = b"_ORT_MEM_ADDR_"
@@ -485,8 +485,14 @@ def _weights_in_place(admitted: _Admitted) -> tuple[bytes, list[str], list[ort.O
     return skeleton.SerializeToString(), names, values
 
 
+Extension = Callable[[onnx.ModelProto], bytes]
+"""Given the admitted model (large weights without data), the serialized ``ModelProto`` part
+to append to it: protobuf parses concatenated messages as one, so its nodes, initializers
+and outputs join the model's graph (``anomaly.AnomalyScorer.extension``: the gate)."""
+
+
 def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intra_op_threads: int = 1,
-                 inter_op_threads: int = 1) -> ort.InferenceSession:
+                 inter_op_threads: int = 1, extend: Extension | None = None) -> ort.InferenceSession:
     """Admission checks, then a locked-down CPU session: the one way the runtime loads a model.
 
     Large weights are not parsed out of the protobuf a second time: onnxruntime gets the
@@ -496,16 +502,18 @@ def load_session(model_bytes: bytes, limits: AdmissionLimits | None = None, intr
     plaintext as soon as the session exists (``GuardedModel.load`` does): peak memory is
     the plaintext plus onnxruntime's copy, steady state onnxruntime's copy alone
     (benchmarks/bench_bundle_memory.py). Models under ``limits.strip_min_model_bytes`` go
-    to onnxruntime as plain bytes, which is faster at that size.
+    to onnxruntime as plain bytes, which is faster at that size. ``extend`` adds a part to the
+    admitted model (``Extension``), after every admission check.
     """
     admitted = _admit(model_bytes, limits or AdmissionLimits())
+    extra = b"" if extend is None else extend(admitted.skeleton)
     in_place = _weights_in_place(admitted)
     if in_place is None:
-        return open_session(admitted.model_bytes, intra_op_threads, inter_op_threads)
+        return open_session(admitted.model_bytes + extra, intra_op_threads, inter_op_threads)
     skeleton, names, values = in_place
     so = session_options(intra_op_threads, inter_op_threads)
     so.add_external_initializers(names, values)
-    return _session(skeleton, so)
+    return _session(skeleton + extra, so)
 
 
 _FD_DIR = "/proc/self/fd"
@@ -514,7 +522,7 @@ _FD_DIR = "/proc/self/fd"
 def load_session_streamed(take_model: Callable[[], bytes],
                           stream_model: Callable[[Callable[[memoryview], object]], None],
                           limits: AdmissionLimits | None = None, intra_op_threads: int = 1,
-                          inter_op_threads: int = 1) -> ort.InferenceSession:
+                          inter_op_threads: int = 1, extend: Extension | None = None) -> ort.InferenceSession:
     """Like ``load_session``, but the plaintext is freed before onnxruntime reads the model.
 
     ``take_model()`` hands over the only reference to the decrypted bytes; they are admitted
@@ -525,14 +533,16 @@ def load_session_streamed(take_model: Callable[[], bytes],
     and onnxruntime's own load of the model, not their sum (benchmarks/bench_bundle_memory.py).
     A failure of the stream (tampering in between) is raised instead of any session built from
     it. Small models (under ``limits.strip_min_model_bytes``), and systems without
-    ``/proc/self/fd``, load from memory as ``load_session`` does.
+    ``/proc/self/fd``, load from memory as ``load_session`` does. ``extend``'s part is
+    streamed after the model.
     """
     limits = limits or AdmissionLimits()
     model = take_model()
     if len(model) < limits.strip_min_model_bytes or not os.path.isdir(_FD_DIR):
-        return load_session(model, limits, intra_op_threads, inter_op_threads)
-    _admit(model, limits)  # raises ModelRejected; keeps no reference
-    del model
+        return load_session(model, limits, intra_op_threads, inter_op_threads, extend)
+    admitted = _admit(model, limits)  # raises ModelRejected
+    extra = b"" if extend is None else extend(admitted.skeleton)
+    del model, admitted
     so = session_options(intra_op_threads, inter_op_threads)
     failed: list[BaseException] = []
     r, w = os.pipe()
@@ -543,6 +553,7 @@ def load_session_streamed(take_model: Callable[[], bytes],
                 piece = piece[os.write(w, piece):]
         try:
             stream_model(write)
+            write(memoryview(extra))
         except BrokenPipeError:  # onnxruntime stopped reading: its own error is raised
             pass
         except BaseException as exc:  # surfaced below, on the loading thread

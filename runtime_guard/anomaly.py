@@ -14,8 +14,8 @@ differentiable copy of the gate mirrors these formulas):
   fixed at fit time and recorded in ``detectors.json`` (``input_view``), so the gate's cost
   scales with the model, not with the input: ``flatten`` (the raw values, inputs of at most
   ``max_values``), ``avgpool`` (an NCHW image average-pooled to ``out`` = (h, w) over
-  adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``),
-  (equal bins, ``H % h == W % w == 0``: one gemv and one small product), or ``projection``
+  adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``;
+  equal bins, ``H % h == W % w == 0``, are one ``AveragePool``), or ``projection``
   (``x @ matrix``, a fitted random projection of a flat input). Files of
   format ``edgeward-ood/1`` have no ``input_view``: ``flatten``.
 * Detector scores ``s`` on one view ``v`` (a row; views: input, logits, features):
@@ -47,10 +47,11 @@ float32 product with every block stacked and one offset addition, one reduction 
 kind into a term matrix ``T``, then ``post(T @ A + c)`` for all detectors at once and one
 finiteness check on ``T`` (a NaN/Inf in a view makes its ``|v|^2`` and block reductions
 NaN/Inf; the logits, whose softmax terms stay finite on a -inf, are checked themselves).
-``_Program`` lays it out and ``gate_graph.GateGraph`` runs it as one small onnxruntime graph
-built on the device from these declarations (one ``InferenceSession.run`` per call; the
-numpy executor paid a dispatch per operation: 8 us more on the demo, 4 us on a 3x96x96
-MobileNet, BENCHMARKS.md "Gate as one onnxruntime graph").
+``_Program`` lays it out and ``gate_graph`` emits it as onnxruntime nodes built on the device
+from these declarations, the compact input view included: ``GateGraph`` runs them alone
+(audits, fitting: ``score``), and the guard appends them to the model's own graph
+(``AnomalyScorer.extension``), so a request is one ``InferenceSession.run`` for model and
+gate (BENCHMARKS.md "The gate inside the model's session").
 The fused score folds the z-normalisation into one product (``mean_z``, ``mean_pos_z``:
 ``max(z, 0) = (max(s, mean) - mean) / std``). ``Detector.raw`` runs the same program for
 one detector; the guard, the audits, ``hardening.ood``'s fitted detectors
@@ -73,7 +74,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import LoadError, RequestError
-from .gate_graph import Fusion, GateGraph
+from .gate_graph import Fusion, GateGraph, ViewGraph, gate_extension
 
 FORMAT = "edgeward-ood/2"
 FORMATS = ("edgeward-ood/1", FORMAT)  # /1: no input_view (flatten), float64 arrays, Mahalanobis as precision
@@ -83,7 +84,7 @@ FUSION_RULES = ("mean_z", "mean_pos_z", "max_z")
 INPUT_VIEWS = ("flatten", "avgpool", "projection")
 
 __all__ = ["AnomalyScorer", "AnomalyFormatError", "AnomalyInputError", "FORMAT", "FORMATS", "FUSION_RULES",
-           "Detector", "InputView", "build_detector", "fuse_z", "pool_matrix"]
+           "Detector", "InputView", "build_detector", "fuse_z", "non_finite"]
 
 _F32 = np.float32
 
@@ -113,15 +114,6 @@ def fuse_z(z: np.ndarray, rule: str) -> np.ndarray:
     return res
 
 
-def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) averaging matrix over adaptive bins ``floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out)``."""
-    m = np.zeros((n_out, n_in), np.float64)
-    for i in range(n_out):
-        lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
-        m[i, lo:hi] = 1.0 / (hi - lo)
-    return m
-
-
 def _need(arrays: dict[str, np.ndarray], name: str, key: str, ndim: int) -> np.ndarray:
     arr = arrays.get(f"{name}__{key}")
     if arr is None:
@@ -149,23 +141,10 @@ class InputView:
     matrix: np.ndarray | None = field(default=None, repr=False)  # projection: (D, m)
 
     def __post_init__(self) -> None:
-        self._blocks: tuple[int, int] | None = None
-        if self.kind == "avgpool":
-            assert self.shape is not None and self.out is not None
-            _, h, w = self.shape
-            (oh, ow) = self.out
-            if h % oh == 0 and w % ow == 0:  # equal bins: sum each row's fw-blocks (one gemv), then fh rows (one gemm)
-                fh, fw = h // oh, w // ow
-                self._blocks = (fh, fw)
-                self._w1 = np.full(fw, 1.0 / (fh * fw), _F32)
-                self._k2 = np.ascontiguousarray(np.tile(np.eye(ow, dtype=_F32), (fh, 1)))
-            else:
-                self._rows = pool_matrix(h, oh).astype(_F32)
-                self._cols_t = np.ascontiguousarray(pool_matrix(w, ow).T.astype(_F32))
-        elif self.kind == "projection":
-            assert self.matrix is not None
-            self._m32 = np.ascontiguousarray(self.matrix, _F32)
+        if self.matrix is not None:
+            self.matrix = np.ascontiguousarray(self.matrix, _F32)
         self.size = None if self.shape is None else math.prod(self.shape)
+        self._graph: ViewGraph | None = None
 
     @property
     def macs(self) -> int:
@@ -174,9 +153,9 @@ class InputView:
             assert self.shape is not None and self.out is not None
             c, h, w = self.shape
             oh, ow = self.out
-            if self._blocks is not None:
-                return c * h * w + c * oh * self._blocks[0] * ow * ow
-            return c * oh * h * w + c * oh * w * ow
+            if h % oh == 0 and w % ow == 0:  # one pooling: an addition per value
+                return c * h * w
+            return c * h * w * ow + c * oh * h * ow  # two products
         if self.kind == "projection":
             assert self.matrix is not None
             return int(self.matrix.size)
@@ -192,27 +171,33 @@ class InputView:
             return int(self.matrix.shape[1])
         return self.size
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """(n, width) float32 view of raw inputs ``x`` (n, ...); raises ``AnomalyInputError``
-        when the per-sample size is not the fitted one."""
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """Raw inputs ``x`` (n, ...) as the float32 array the view's nodes read (``dims``); raises
+        ``AnomalyInputError`` when the per-sample size is not the fitted one."""
         n = len(x)
         if self.size is not None and x.size != n * self.size:
-            raise AnomalyInputError(f"input has {x.size // max(n, 1)} values per sample, the detectors "
-                                    f"were fitted on {self.size} ({'x'.join(map(str, self.shape or ()))})")
+            self.check_size(x.size // max(n, 1))
+        return x.reshape(n, *(self.shape or ()) if self.kind == "avgpool" else (-1,)).astype(_F32, copy=False)
+
+    @property
+    def dims(self) -> list[Any]:
+        """Per-sample dims of ``raw``'s arrays: (C, H, W) for ``avgpool``, else (values,)."""
         if self.kind == "avgpool":
-            assert self.shape is not None and self.out is not None
-            x32 = x.astype(_F32, copy=False)
-            if self._blocks is not None:  # (n, C, oh, fh, ow, fw): mean over fw, then over fh
-                rows = (x32.reshape(-1, self._blocks[1]) @ self._w1).reshape(-1, self._blocks[0] * self.out[1])
-                res: np.ndarray = (rows @ self._k2).reshape(n, -1)
-                return res
-            pooled = self._rows @ x32.reshape(n, *self.shape) @ self._cols_t
-            return pooled.reshape(n, -1)
-        flat = x.reshape(n, -1).astype(_F32, copy=False)
-        if self.kind == "projection":
-            proj: np.ndarray = flat @ self._m32
-            return proj
-        return flat
+            return list(self.shape or ())
+        return [self.size or "d"]
+
+    def check_size(self, size: int) -> None:
+        """Refuse raw inputs of ``size`` values per sample when the view was fitted on another size."""
+        if self.size is not None and size != self.size:
+            raise AnomalyInputError(f"input has {size} values per sample, the detectors "
+                                    f"were fitted on {self.size} ({'x'.join(map(str, self.shape or ()))})")
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(n, width) float32 view of raw inputs ``x`` (n, ...), computed by the same nodes the
+        gate runs (``gate_graph.ViewGraph``)."""
+        if self._graph is None:
+            self._graph = ViewGraph(self)
+        return self._graph(self.raw(np.asarray(x)))
 
     def to_meta(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(``input_view`` entry of ``detectors.json``, its npz arrays)."""
@@ -546,9 +531,10 @@ class _Program:
     or with ``fusion`` the fused score. Laid out here, run as one onnxruntime graph
     (``gate_graph.GateGraph``), the one scoring path."""
 
-    def __init__(self, dets: list[Detector], fusion: Fusion | None = None) -> None:
+    def __init__(self, dets: list[Detector], fusion: Fusion | None = None, input_view: InputView | None = None) -> None:
         self.dets = dets
         self.fusion = fusion
+        self.input_view = input_view or InputView()
         self._graph: GateGraph | None = None
         self.plans: list[_ViewPlan] = []
         at = 0
@@ -572,23 +558,45 @@ class _Program:
         self.sqrt_mask, self.exp_mask = p == "sqrt_relu", p == "one_minus_exp"
         self.sqrt, self.exp = bool(self.sqrt_mask.any()), bool(self.exp_mask.any())
 
-    def run(self, views: dict[str, np.ndarray]) -> np.ndarray:
-        """(n, len(dets)) float64 raw scores, or (n,) fused with ``fusion``; ``views`` as
-        ``AnomalyScorer._views`` gives them ((n, width) float32)."""
+    def check_widths(self, sizes: dict[str, int | None]) -> None:
+        """Refuse (``AnomalyInputError``) views of ``sizes`` values per sample (raw input; None:
+        unknown) that do not fit: the input against ``input_view``, each view against its detectors."""
         for plan in self.plans:
-            v = views[plan.view]
-            if plan.width is not None and v.shape[1] != plan.width:
+            got = sizes.get(plan.view)
+            if got is None:
+                continue
+            if plan.view == "input":
+                self.input_view.check_size(got)
+                got = self.input_view.width or got
+            if plan.width is not None and got != plan.width:
                 who = next(d.name for d in plan.dets if d.width is not None)
-                raise AnomalyInputError(f"detector '{who}': {plan.view} has {v.shape[1]} values per sample, expected {plan.width}")
+                raise AnomalyInputError(f"detector '{who}': {plan.view} has {got} values per sample, expected {plan.width}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, len(dets)) float64 raw scores, or (n,) fused with ``fusion``; ``feeds`` as
+        ``AnomalyScorer._views`` gives them (float32; the input raw, (n, ...))."""
+        self.check_widths({v: a[0].size if len(a) else None for v, a in feeds.items()})
         if self._graph is None:
             self._graph = GateGraph(self, self.fusion)
-        scores, check = self._graph.run(views)
-        # a NaN/Inf in a view makes the term matrix NaN/Inf (|v|^2, every block reduction): one check for all
+        scores, check = self._graph.score(feeds)
         if not math.isfinite(check):
-            with np.errstate(over="ignore", invalid="ignore"):
-                bad = next((p.view for p in self.plans if not np.isfinite(np.square(views[p.view])).all()), "a view")
-            raise AnomalyInputError(f"{bad} holds NaN/Inf values (or values whose squares overflow float32)")
+            raise non_finite(feeds)
         return scores
+
+    def extension(self, model: Any, tensors: dict[str, str]) -> bytes:
+        """This program as a part of the user's ``model`` (``gate_graph.gate_extension``)."""
+        return gate_extension(self, self.fusion, model, tensors)
+
+
+def non_finite(feeds: dict[str, np.ndarray] | None = None) -> AnomalyInputError:
+    """The refusal of a non-finite check: a NaN/Inf in a view makes the term matrix NaN/Inf
+    (|v|^2, every block reduction), so one check covers all; named by view when known."""
+    bad = None
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = next((v for v, a in (feeds or {}).items() if not np.isfinite(np.square(a)).all()), None)
+    if bad is None:
+        return AnomalyInputError("the gate's views hold NaN/Inf values (or values whose squares overflow float32)")
+    return AnomalyInputError(f"{bad} holds NaN/Inf values (or values whose squares overflow float32)")
 
 
 class AnomalyScorer:
@@ -606,12 +614,12 @@ class AnomalyScorer:
         alpha = meta.get("alpha")
         self.alpha: float = float(alpha) if isinstance(alpha, (int, float)) else float("nan")
         self.needs: frozenset[str] = frozenset(d.view for d in dets)
-        self._all = _Program(dets)
+        self._all = _Program(dets, None, self.input_view)
         # fuse_z on z = (s - mean) / std, folded into one product (mean rules) or one affine map (max)
         mean = np.array([d.mean for d in self._fused])
         inv_std = np.array([1.0 / d.std for d in self._fused])
         weights = inv_std / len(self._fused)
-        self._program = _Program(self._fused, Fusion(rule, mean, weights, inv_std, float(mean @ weights)))
+        self._program = _Program(self._fused, Fusion(rule, mean, weights, inv_std, float(mean @ weights)), self.input_view)
 
     # ---- loading -------------------------------------------------------
     @classmethod
@@ -684,26 +692,21 @@ class AnomalyScorer:
             if n is not None and len(arr) != n:
                 raise AnomalyInputError(f"{view} has {len(arr)} samples, other arrays have {n}")
             n = len(arr)
-            out[view] = self.input_view.apply(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
+            out[view] = self.input_view.raw(arr) if view == "input" else arr.reshape(n, -1).astype(_F32, copy=False)
         return out
-
-    @staticmethod
-    def _non_finite(views: dict[str, np.ndarray]) -> AnomalyInputError:
-        bad = next((v for v, a in views.items() if not math.isfinite(a.sum())), None)
-        if bad is None:
-            return AnomalyInputError("the detector scores overflow: the arrays hold values far outside any valid input")
-        return AnomalyInputError(f"{bad} holds NaN/Inf values")
 
     def view_arrays(self, x: np.ndarray | None, logits: np.ndarray | None, features: np.ndarray | None,
                     needed: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
         """Each needed view once, as the detectors read it: (n, width) float32 (the input
         through ``input_view``), finite, same n everywhere."""
         views = self._views(x, logits, features, needed)
+        if "input" in views:
+            views["input"] = self.input_view.apply(views["input"])
         for a in views.values():
             # average pooling and projections keep a NaN/Inf (every raw value has a positive
             # weight, and inf * 0 is NaN), and so does a sum (a float32 overflow is refused too)
             if not math.isfinite(a.sum()):
-                raise self._non_finite(views)
+                raise non_finite(views)
         return views
 
     def _run(self, prog: _Program, x: np.ndarray | None, logits: np.ndarray | None,
@@ -725,6 +728,17 @@ class AnomalyScorer:
         ``x`` is the raw model input. Raises ``AnomalyInputError`` when the arrays do not fit or
         hold NaN/Inf (numpy may warn about the invalid values it met before the refusal)."""
         return self._run(self._program, x, logits, features)
+
+    def check_widths(self, sizes: dict[str, int | None]) -> None:
+        """``_Program.check_widths`` for the fused score's views."""
+        self._program.check_widths(sizes)
+
+    def extension(self, model: Any, tensors: dict[str, str]) -> bytes:
+        """The fused score as a part appended to the user's ``model`` (an ``onnx.ModelProto``,
+        weights optional), reading each view from the model tensor ``tensors[view]``: the
+        guard's one session then runs model and gate together (``gate_graph.gate_extension``;
+        outputs ``gate_graph.GATE_OUTPUTS``)."""
+        return self._program.extension(model, tensors)
 
     @property
     def work(self) -> dict[str, int]:

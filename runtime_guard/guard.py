@@ -1,7 +1,8 @@
 """GuardedModel: one ``predict`` call that runs every runtime defence in order.
 
-rate limit -> sanitizer -> onnxruntime -> anomaly gate -> output policy ->
-extraction monitor -> telemetry. Cheap refusals come first so abusive traffic
+rate limit -> sanitizer -> onnxruntime (the model and the anomaly gate in one run: the
+gate's nodes are appended to the admitted model, ``AnomalyScorer.extension``) -> output
+policy -> extraction monitor -> telemetry. Cheap refusals come first so abusive traffic
 costs the device as little as possible; the model runs on exactly the array the
 sanitizer returned, so valid inputs give bit-identical logits to a bare
 ``InferenceSession.run``.
@@ -19,6 +20,7 @@ import numpy as np
 from .config import GuardConfig
 from .errors import InvalidClientId, ModelRejected, PartsMismatch
 from .extraction_monitor import ExtractionMonitor, MonitorState
+from .gate_graph import GATE_OUTPUTS
 from .golden import GoldenSet, read_golden
 from .output_policy import OutputPolicy
 from .ratelimit import RateLimiter, RateLimitStatus
@@ -27,9 +29,12 @@ from .telemetry import Telemetry
 from .verdict import ACCEPTED, Decision, Reason, Stage, Verdict
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import onnx
     import onnxruntime as ort
 
-    from .admission import AdmissionLimits
+    from .admission import AdmissionLimits, Extension
     from .anomaly import AnomalyScorer
     from .deadline import Deadline
 
@@ -89,17 +94,10 @@ class PredictionResult:
         }
 
 
-def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None, int]:
-    """(logits, features, classes) from the session's outputs, same convention as
-    release-time intake: an output named "features" (else the second output) is
-    features, the other first output is logits, shaped [N, C] with a fixed C.
-
-    A signed model can still have any outputs at all (a scalar, only
-    ``features``); each such shape is refused here as ``ModelRejected`` with
-    check ``outputs`` rather than failing later as an IndexError.
-    """
-    outs = session.get_outputs()
-    names = [o.name for o in outs]
+def _roles(names: list[str]) -> tuple[str, str | None]:
+    """(logits, features) among a model's output names, same convention as release-time
+    intake: an output named "features" (else the second output) is features, the other
+    first output is logits."""
     if not names:
         raise ModelRejected("model has no outputs", check="outputs")
     feats = "features" if "features" in names else (names[1] if len(names) > 1 else None)
@@ -107,6 +105,24 @@ def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None, int]:
     if logits is None:
         raise ModelRejected("model has no logits output (its only output is 'features')",
                             check="outputs")
+    return logits, feats
+
+
+def _one_input(n: int) -> None:
+    if n != 1:
+        raise ModelRejected(f"model must have exactly one input, has {n}", check="inputs")
+
+
+def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None, int]:
+    """(logits, features, classes) from the session's model outputs (``_roles``), the logits
+    shaped [N, C] with a fixed C; the gate's own outputs are not the model's.
+
+    A signed model can still have any outputs at all (a scalar, only
+    ``features``); each such shape is refused here as ``ModelRejected`` with
+    check ``outputs`` rather than failing later as an IndexError.
+    """
+    outs = [o for o in session.get_outputs() if o.name not in GATE_OUTPUTS]
+    logits, feats = _roles([o.name for o in outs])
     shape = dict((o.name, o.shape) for o in outs)[logits]
     if not isinstance(shape, (list, tuple)) or len(shape) != 2:
         raise ModelRejected(f"logits output {logits!r} must be [N, C], has shape {shape}",
@@ -120,14 +136,16 @@ def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None, int]:
 class GuardedModel:
     """An ONNX classifier wrapped in the runtime defences of a ``GuardConfig``.
 
-    ``model`` is an ``onnxruntime.InferenceSession`` or ONNX bytes (bytes go
-    through admission checks first). ``storage_uri`` picks the rate-limit
+    ``model`` is ONNX bytes (they go through admission checks first), a loader that
+    makes the session given an admission ``Extension`` (``load``'s streamed bundle), or, for
+    a guard without an anomaly gate, an ``onnxruntime.InferenceSession``: a gate runs inside
+    the model's own session, so a gated guard makes it. ``storage_uri`` picks the rate-limit
     storage (``memory://`` or e.g. ``redis://127.0.0.1:6379``).
     """
 
     def __init__(
         self,
-        model: "ort.InferenceSession | bytes",
+        model: "ort.InferenceSession | bytes | Callable[[Extension | None], ort.InferenceSession]",
         config: GuardConfig | None = None,
         anomaly: "AnomalyScorer | None" = None,
         storage_uri: str = "memory://",
@@ -139,14 +157,22 @@ class GuardedModel:
         self.config = config = config or GuardConfig()
         self.manifest: dict[str, Any] | None = None  # set by load()
         self.golden: GoldenSet | None = None  # the bundle's signed golden smoke set, set by load()
+        if config.anomaly.action != "off" and anomaly is None:
+            raise PartsMismatch(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
+        gate = anomaly if config.anomaly.action != "off" else None
         if isinstance(model, (bytes, bytearray, memoryview)):
             from .admission import load_session
 
-            model = load_session(bytes(model), admission_limits, threads, 1)
+            data = bytes(model)
+            model = lambda extend: load_session(data, admission_limits, threads, 1, extend)  # noqa: E731
+        if callable(model):
+            model = model(self._gate_part(gate))
+        elif gate is not None:
+            raise PartsMismatch("a gated guard runs its gate inside the model's own onnxruntime session, "
+                                "so it loads the model itself: pass the model bytes, not a session")
         self.session = model
         inputs = model.get_inputs()
-        if len(inputs) != 1:
-            raise ModelRejected(f"model must have exactly one input, has {len(inputs)}", check="inputs")
+        _one_input(len(inputs))
         if not isinstance(inputs[0].shape, (list, tuple)) or len(inputs[0].shape) < 1:
             raise ModelRejected("model input must have a batch dimension", check="inputs")
         self.input_name = inputs[0].name
@@ -154,18 +180,16 @@ class GuardedModel:
         self.logits_name, self.features_name, n_classes = _outputs(model)
         self.num_classes = n_classes
 
-        if config.anomaly.action != "off" and anomaly is None:
-            raise PartsMismatch(f"anomaly.action={config.anomaly.action!r} needs an AnomalyScorer (or set action 'off')")
-        self.anomaly = anomaly if config.anomaly.action != "off" else None
-        needs = self.anomaly.needs if self.anomaly is not None else frozenset()
+        self.anomaly = gate
         self._run_names: list[str] = [self.logits_name]
         # The PRADA monitor may take its distances on the penultimate features instead of the inputs.
         self._monitor_features = config.extraction.enabled and config.extraction.space == "features"
-        if "features" in needs or self._monitor_features:
+        if self._monitor_features:
             if self.features_name is None:
-                who = "the anomaly detectors need" if "features" in needs else "extraction.space='features' needs"
-                raise PartsMismatch(f"{who} a 'features' output the model does not have")
+                raise PartsMismatch("extraction.space='features' needs a 'features' output the model does not have")
             self._run_names.append(self.features_name)
+        if gate is not None:
+            self._run_names += GATE_OUTPUTS
 
         self.sanitizer = Sanitizer(config.input, model_shape)
         self.limiter = RateLimiter(config.rate_limit, storage_uri)
@@ -176,6 +200,34 @@ class GuardedModel:
         self._gate_reject = config.anomaly.action == "reject"
         self._throttle = config.extraction.enabled and config.extraction.action == "throttle"
         self.smoke_test(deadline)  # a model/detector mismatch fails here, not on the first request
+
+    @staticmethod
+    def _gate_part(gate: "AnomalyScorer | None") -> "Extension | None":
+        """The admission ``Extension`` that puts ``gate`` into the model's graph (None without
+        one): it reads the model's input, logits and features tensors, after checking that the
+        detectors were fitted for tensors of these widths."""
+        if gate is None:
+            return None
+
+        def extend(model: "onnx.ModelProto") -> bytes:
+            from .anomaly import AnomalyInputError
+
+            g = model.graph
+            weights = {t.name for t in g.initializer}
+            inputs = [i for i in g.input if i.name not in weights]
+            _one_input(len(inputs))
+            outputs = {o.name: o for o in g.output}
+            logits, feats = _roles(list(outputs))
+            if "features" in gate.needs and feats is None:
+                raise PartsMismatch("the anomaly detectors need a 'features' output the model does not have")
+            values = {"input": inputs[0], "logits": outputs[logits], "features": outputs.get(feats or "")}
+            try:
+                gate.check_widths({v: _sample_size(values[v]) for v in gate.needs})
+            except AnomalyInputError as exc:
+                raise PartsMismatch(f"the detectors do not fit this model: {exc}") from None
+            return gate.extension(model, {v: values[v].name for v in gate.needs})
+
+        return extend
 
     @classmethod
     def load(
@@ -218,9 +270,11 @@ class GuardedModel:
         from .admission import load_session_streamed
 
         # The plaintext is admitted and freed before onnxruntime streams the model in again.
-        session = load_session_streamed(opened.take_model, opened.stream_model, admission_limits, threads, 1)
+        def stream(extend: "Extension | None") -> "ort.InferenceSession":
+            return load_session_streamed(opened.take_model, opened.stream_model, admission_limits, threads, 1, extend)
+
         guard = cls(
-            session, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads,
+            stream, config, scorer, storage_uri, admission_limits=admission_limits, threads=threads,
             deadline=deadline,
         )
         guard.manifest = opened.manifest
@@ -251,13 +305,9 @@ class GuardedModel:
                                 check="smoke-run") from None
         if outs[0].shape != (1, self.num_classes) or not np.isfinite(outs[0]).all():
             raise PartsMismatch("smoke test failed: model output is not finite [1, C] logits")
-        if self.anomaly is not None:
-            from .anomaly import AnomalyInputError
-
-            try:
-                self.anomaly.score(x, outs[0], outs[1] if len(outs) > 1 else None)
-            except AnomalyInputError as exc:  # detectors fitted for another model: a load-time failure
-                raise PartsMismatch(f"the detectors do not fit this model: {exc}") from None
+        if self.anomaly is not None and (outs[-2].shape != (1,) or not math.isfinite(outs[-1])):
+            raise PartsMismatch("the detectors do not fit this model: the gate's score of the smoke sample "
+                                f"is {outs[-2].tolist()} (check {float(outs[-1])})")
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -292,7 +342,11 @@ class GuardedModel:
         ood_scores = ood = None
         any_ood = False
         if self.anomaly is not None:
-            ood_scores = self.anomaly.score(arr, logits, outs[1] if len(outs) > 1 else None)
+            ood_scores = outs[-2]
+            if not math.isfinite(outs[-1]):  # a view the sanitizer does not see (features) overflowed
+                from .anomaly import non_finite
+
+                raise non_finite()
             ood = ood_scores > self.anomaly.threshold
             any_ood = bool(ood.any())
             if any_ood:
@@ -336,3 +390,13 @@ class GuardedModel:
         snap["extraction_monitor"] = self.monitor.snapshot() if self.monitor is not None else None
         snap["output_policy"] = self.config.output.policy
         return snap
+
+
+def _sample_size(value: "onnx.ValueInfoProto | None") -> int | None:
+    """Values per sample of a model tensor with a fixed sample shape (None: unknown)."""
+    if value is None or not value.type.HasField("tensor_type"):
+        return None
+    dims = value.type.tensor_type.shape.dim[1:]
+    if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
+        return None
+    return int(math.prod(d.dim_value for d in dims))

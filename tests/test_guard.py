@@ -72,7 +72,7 @@ def digits(digits_demo):
 
 
 def _guard(digits, **sections) -> GuardedModel:
-    sess, _, npz, meta, _ = digits
+    sess, _, npz, meta, model_bytes = digits
     sections.setdefault("rate_limit", NO_LIMIT)
     sections.setdefault("extraction", NO_MONITOR)
     sections.setdefault("input", InputSchema(value_range=(0.0, 1.0)))
@@ -81,7 +81,7 @@ def _guard(digits, **sections) -> GuardedModel:
         sections["anomaly"] = AnomalyGateConfig(action=gate.action, detector_meta=meta)
     cfg = GuardConfig(**sections)
     scorer = AnomalyScorer.from_bytes(npz, cfg.anomaly.detector_meta) if cfg.anomaly.action != "off" else None
-    return GuardedModel(sess, cfg, scorer)
+    return GuardedModel(model_bytes if scorer is not None else sess, cfg, scorer)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -136,7 +136,9 @@ def test_constructor_refuses_inconsistent_parts(digits):
         "detectors": [{"name": "knn", "kind": "input_knn", "view": "input", "norm": {"mean": 0, "std": 1}}],
     }
     with pytest.raises(ValueError, match="expected 30"):
-        GuardedModel(sess, GuardConfig(anomaly=AnomalyGateConfig(action="flag")), AnomalyScorer.from_bytes(wrong.getvalue(), meta))
+        GuardedModel(digits[4], GuardConfig(anomaly=AnomalyGateConfig(action="flag")), AnomalyScorer.from_bytes(wrong.getvalue(), meta))
+    with pytest.raises(ValueError, match="pass the model bytes"):  # the gate runs inside the guard's own session
+        GuardedModel(sess, GuardConfig(anomaly=AnomalyGateConfig(action="flag")), AnomalyScorer.from_bytes(digits[2], digits[3]))
     guard = GuardedModel(sess, GuardConfig())
     for bad in ("", 7, None, "x" * 300):
         with pytest.raises(ValueError, match="client_id"):

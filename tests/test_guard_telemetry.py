@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_drift_alerts_on_ood_traffic_not_on_test_traffic(digits_demo):
             reference_class_counts=tuple(int(c) for c in ref_cls),
         ),
     )
-    guard = GuardedModel(sess, GuardConfig.from_dict(cfg.to_dict()), scorer)
+    guard = GuardedModel(Path(digits_demo.model_path).read_bytes(), GuardConfig.from_dict(cfg.to_dict()), scorer)
     for x in data["x"]:
         guard.predict(x, "c")
     calm = guard.snapshot()
