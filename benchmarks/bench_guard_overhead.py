@@ -247,22 +247,29 @@ def _components(g: GuardedModel, xs: list[np.ndarray], n: int) -> dict[str, floa
 
 def _in_context(g: GuardedModel, bare: object, xs: list[np.ndarray], n: int) -> dict[str, float]:
     """The target guard's stages timed one after another inside each request, in
-    ``predict``'s order, with a bare run first as in the end-to-end rows: what each
-    stage costs with caches as a real request leaves them (alone they look cheaper).
-    A tree whose gate runs inside the guard's session (its outputs among the run's) times
-    the gate in "guarded session.run"; the gate row is then only the verdict."""
+    ``predict``'s order, request after request as on a device: what each stage costs with
+    caches as the model's run leaves them (alone they look cheaper). The bare run is timed in
+    blocks of its own between blocks of requests (interleaved call by call with the guard's
+    session, the two would evict each other's weights). A tree whose gate runs inside the guard's session (its outputs among
+    the run's) times the gate in "guarded session.run"; its share is that run's excess over
+    the bare one, plus the verdict."""
     clock = time.perf_counter_ns
     feeds = [{g.input_name: x} for x in xs]
     in_run = any(n.startswith("edgeward_gate/") for n in g._run_names)
-    names = ["bare session.run", "rate limit", "sanitizer",
-             "guarded session.run" + (" (model + gate)" if in_run else ""), "finite check + argmax",
-             "fitted gate " + ("verdict" if in_run else "score + verdict"), "output policy", "telemetry"]
+    names = ["rate limit", "sanitizer", "guarded session.run" + (" (model + gate)" if in_run else ""),
+             "finite check + argmax", "fitted gate " + ("verdict" if in_run else "score + verdict"),
+             "output policy", "telemetry"]
+    bare_ts: list[int] = []
     ts: list[list[int]] = [[] for _ in names]
-    for i in range(n):
+    for i in range(n + 200):
         j = i % len(xs)
+        if i % BLOCK == 0:  # a block of bare runs before each block of requests (frequency drift)
+            for k in range(BLOCK):
+                t0 = clock()
+                bare.run(None, feeds[(j + k) % len(xs)])  # type: ignore[attr-defined]
+                if i >= 200:
+                    bare_ts.append(clock() - t0)
         t = [clock()]
-        bare.run(None, feeds[j])  # type: ignore[attr-defined]
-        t.append(clock())
         g._limit("ctx-%d" % (i // 500))
         t.append(clock())
         arr = g.sanitizer(xs[j])
@@ -279,11 +286,12 @@ def _in_context(g: GuardedModel, bare: object, xs: list[np.ndarray], n: int) -> 
         t.append(clock())
         g.telemetry.record(ACCEPTED, 1e-4, raw, score)
         t.append(clock())
-        for k in range(len(names)):
-            ts[k].append(t[k + 1] - t[k])
-    out = {f"in context: {k}": round(_pct(v, 50), 1) for k, v in zip(names, ts)}
-    # the gate's share either way: inside the run, the guarded run's excess over the bare one
-    gate = out[f"in context: {names[5]}"] + (out[f"in context: {names[3]}"] - out["in context: bare session.run"]
+        if i >= 200:  # the first 200: warm-up
+            for k in range(len(names)):
+                ts[k].append(t[k + 1] - t[k])
+    out = {"in context: bare session.run": round(_pct(bare_ts, 50), 1)}
+    out.update({f"in context: {k}": round(_pct(v, 50), 1) for k, v in zip(names, ts)})
+    gate = out[f"in context: {names[4]}"] + (out[f"in context: {names[2]}"] - out["in context: bare session.run"]
                                               if in_run else 0.0)
     out["in context: fitted gate, score + verdict"] = round(gate, 1)
     out["in context: all guard stages but the gate"] = round(sum(

@@ -14,8 +14,8 @@ differentiable copy of the gate mirrors these formulas):
   fixed at fit time and recorded in ``detectors.json`` (``input_view``), so the gate's cost
   scales with the model, not with the input: ``flatten`` (the raw values, inputs of at most
   ``max_values``), ``avgpool`` (an NCHW image average-pooled to ``out`` = (h, w) over
-  adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``;
-  equal bins, ``H % h == W % w == 0``, are one ``AveragePool``), or ``projection``
+  adaptive bins, rows ``floor(i*H/h) .. ceil((i+1)*H/h)``, torch's ``AdaptiveAvgPool2d``,
+  as two small products ``rows @ x @ cols^T``), or ``projection``
   (``x @ matrix``, a fitted random projection of a flat input). Files of
   format ``edgeward-ood/1`` have no ``input_view``: ``flatten``.
 * Detector scores ``s`` on one view ``v`` (a row; views: input, logits, features):
@@ -153,9 +153,7 @@ class InputView:
             assert self.shape is not None and self.out is not None
             c, h, w = self.shape
             oh, ow = self.out
-            if h % oh == 0 and w % ow == 0:  # one pooling: an addition per value
-                return c * h * w
-            return c * h * w * ow + c * oh * h * ow  # two products
+            return c * h * w * ow + c * oh * h * ow  # rows @ x @ cols^T
         if self.kind == "projection":
             assert self.matrix is not None
             return int(self.matrix.size)

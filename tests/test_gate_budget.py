@@ -156,7 +156,7 @@ def test_fit_respects_and_records_the_budget(digits_demo, tmp_path):
     assert (rec["input_values"], rec["matrix_values"]) == (16, 2**11)
     assert rec["macs_per_request"] == sc.work and sc.work["total"] == sum(v for k, v in sc.work.items() if k != "total")
     assert sc.work["total"] <= sc.input_view.macs + 4 * 2**11  # four detectors with a product
-    assert sc.work["input_view"] == sc.input_view.macs == 64  # one 2x2 average pooling: an addition per value
+    assert sc.work["input_view"] == sc.input_view.macs == 8 * 8 * 4 + 4 * 8 * 4  # rows @ x @ cols^T
 
 
 def test_default_budget_cuts_nothing_on_the_demo_and_old_files_load(digits_demo, tmp_path):
