@@ -328,11 +328,11 @@ def gate_extension(prog: _Program, fusion: Fusion | None, model: onnx.ModelProto
         t = tensors[view]
         kind = values.get(t)
         t = t if kind is None or kind.elem_type == _F else b.op("Cast", [t], to=_F)
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim] if kind is not None else []
         if view == "input":
-            shape = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim] if kind is not None else []
             feeds[view] = _view_nodes(b, prog.input_view, t, shape[1:] == prog.input_view.dims)
-        else:
-            feeds[view] = t
+        else:  # (n, C, 1, 1) features read as (n, C), as the standalone gate reshapes them
+            feeds[view] = t if len(shape) == 2 else b.op("Flatten", [t], axis=1)
     _gate_nodes(b, prog, fusion, feeds)
     part = onnx.ModelProto()
     part.graph.node.extend(b.nodes)

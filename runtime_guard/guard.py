@@ -113,17 +113,17 @@ def _one_input(n: int) -> None:
         raise ModelRejected(f"model must have exactly one input, has {n}", check="inputs")
 
 
-def _outputs(session: "ort.InferenceSession") -> tuple[str, str | None, int]:
-    """(logits, features, classes) from the session's model outputs (``_roles``), the logits
-    shaped [N, C] with a fixed C; the gate's own outputs are not the model's.
+def _outputs(outputs: "list[tuple[str, Any]]") -> tuple[str, str | None, int]:
+    """(logits, features, classes) from a model's (name, shape) outputs (``_roles``), the
+    logits shaped [N, C] with a fixed C; the gate's own outputs are not the model's.
 
     A signed model can still have any outputs at all (a scalar, only
     ``features``); each such shape is refused here as ``ModelRejected`` with
     check ``outputs`` rather than failing later as an IndexError.
     """
-    outs = [o for o in session.get_outputs() if o.name not in GATE_OUTPUTS]
-    logits, feats = _roles([o.name for o in outs])
-    shape = dict((o.name, o.shape) for o in outs)[logits]
+    outs = [(name, shape) for name, shape in outputs if name not in GATE_OUTPUTS]
+    logits, feats = _roles([name for name, _ in outs])
+    shape = dict(outs)[logits]
     if not isinstance(shape, (list, tuple)) or len(shape) != 2:
         raise ModelRejected(f"logits output {logits!r} must be [N, C], has shape {shape}",
                             check="outputs")
@@ -177,7 +177,7 @@ class GuardedModel:
             raise ModelRejected("model input must have a batch dimension", check="inputs")
         self.input_name = inputs[0].name
         model_shape = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape[1:]]
-        self.logits_name, self.features_name, n_classes = _outputs(model)
+        self.logits_name, self.features_name, n_classes = _outputs([(o.name, o.shape) for o in model.get_outputs()])
         self.num_classes = n_classes
 
         self.anomaly = gate
@@ -217,7 +217,7 @@ class GuardedModel:
             inputs = [i for i in g.input if i.name not in weights]
             _one_input(len(inputs))
             outputs = {o.name: o for o in g.output}
-            logits, feats = _roles(list(outputs))
+            logits, feats, _ = _outputs([(o.name, _dims(o)) for o in g.output])
             if "features" in gate.needs and feats is None:
                 raise PartsMismatch("the anomaly detectors need a 'features' output the model does not have")
             values = {"input": inputs[0], "logits": outputs[logits], "features": outputs.get(feats or "")}
@@ -392,11 +392,18 @@ class GuardedModel:
         return snap
 
 
+def _dims(value: "onnx.ValueInfoProto") -> list[int | str | None] | None:
+    """A model tensor's shape as onnxruntime reports it (None: no shape declared)."""
+    t = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
 def _sample_size(value: "onnx.ValueInfoProto | None") -> int | None:
     """Values per sample of a model tensor with a fixed sample shape (None: unknown)."""
-    if value is None or not value.type.HasField("tensor_type"):
+    dims = None if value is None else _dims(value)
+    sample = [d for d in (dims or [])[1:] if isinstance(d, int)]
+    if dims is None or len(sample) != len(dims) - 1:
         return None
-    dims = value.type.tensor_type.shape.dim[1:]
-    if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
-        return None
-    return int(math.prod(d.dim_value for d in dims))
+    return math.prod(sample)

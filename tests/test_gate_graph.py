@@ -65,22 +65,27 @@ VIEWS = {  # input_view spec -> width
 }
 
 
-def _net(opset: int, hidden: int = 16) -> bytes:
+def _net(opset: int, hidden: int = 16, image_features: bool = False) -> bytes:
     """Not an edgeward model: input 'pixels' (batch, 2, 6, 6), outputs 'class_scores' and
-    'features', at ``opset``."""
+    'features' ((batch, 12), or (batch, 12, 1, 1) as a pooled conv head gives), at ``opset``."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(opset)
     ws = {"w0": rng.standard_normal((72, hidden)) / 8, "w1": rng.standard_normal((hidden, D_F)) / 4,
           "w2": rng.standard_normal((D_F, C))}
     nodes = [helper.make_node("Flatten", ["pixels"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w0"], ["h"]),
-             helper.make_node("Relu", ["h"], ["hr"]), helper.make_node("MatMul", ["hr", "w1"], ["features"]),
-             helper.make_node("MatMul", ["features", "w2"], ["class_scores"])]
+             helper.make_node("Relu", ["h"], ["hr"]), helper.make_node("MatMul", ["hr", "w1"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["class_scores"])]
+    if image_features:
+        ws["axes"] = np.array([2, 3])
+        nodes.append(helper.make_node("Unsqueeze", ["f", "axes"], ["features"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["f"], ["features"]))
     graph = helper.make_graph(
         nodes, "foreign", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *SHAPE])],
         [helper.make_tensor_value_info("class_scores", TensorProto.FLOAT, ["batch", C]),
-         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", D_F])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in ws.items()])
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", D_F] + [1, 1] * image_features)],
+        [numpy_helper.from_array(v.astype(np.float32) if v.dtype.kind == "f" else v, k) for k, v in ws.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -145,6 +150,15 @@ def test_the_gate_inside_the_model_scores_as_the_standalone_gate_and_leaves_the_
     # a view the sanitizer does not see overflowing (features of huge, valid-range-free inputs) is refused
     with pytest.raises(ValueError, match="NaN/Inf"):
         guard.predict(np.full((1, *SHAPE), 3e37, np.float32), "c")
+
+
+def test_pooled_conv_features_are_read_flat():
+    model, scorer = _net(18, image_features=True), _gate("avgpool_equal_bins")
+    x = np.random.default_rng(3).random((4, *SHAPE), dtype=np.float32)
+    logits, feats = _bare(model, x)
+    assert feats.shape == (4, D_F, 1, 1)
+    np.testing.assert_allclose(_guard(model, scorer).predict(x, "c").ood_scores, scorer.score(x, logits, feats),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_every_load_path_carries_the_gate(tmp_path):
