@@ -82,8 +82,8 @@ def _view_nodes(b: _Builder, view: Any, x: str, image: bool = False) -> str:
         c, h, w = view.shape
         oh, ow = view.out
         img = x if image else b.op("Reshape", [x, b.const([-1, c, h, w], np.int64, "shape")])
-        # rows @ img @ cols^T: equal bins too (onnxruntime's AveragePool took 13.4 us at
-        # 3x96x96 -> 8x8, these two products 10.8; BENCHMARKS.md "The gate inside the model")
+        # rows @ img @ cols^T for equal bins too: one formulation, and no slower than
+        # onnxruntime's AveragePool (benchmarks/bench_view_pooling.py)
         cols = b.op("MatMul", [img, b.const(pool_matrix(w, ow).T, np.float32, "cols")])
         pooled = b.op("MatMul", [b.const(pool_matrix(h, oh), np.float32, "rows"), cols])
         out: str = b.op("Flatten", [pooled], axis=1)
