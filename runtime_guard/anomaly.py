@@ -175,7 +175,8 @@ class InputView:
         n = len(x)
         if self.size is not None and x.size != n * self.size:
             self.check_size(x.size // max(n, 1))
-        return x.reshape(n, *(self.shape or ()) if self.kind == "avgpool" else (-1,)).astype(_F32, copy=False)
+        dims = tuple(self.shape or ()) if self.kind == "avgpool" else (-1,)
+        return x.reshape(n, *dims).astype(_F32, copy=False)
 
     @property
     def dims(self) -> list[Any]:
@@ -589,7 +590,6 @@ class _Program:
 def non_finite(feeds: dict[str, np.ndarray] | None = None) -> AnomalyInputError:
     """The refusal of a non-finite check: a NaN/Inf in a view makes the term matrix NaN/Inf
     (|v|^2, every block reduction), so one check covers all; named by view when known."""
-    bad = None
     with np.errstate(over="ignore", invalid="ignore"):
         bad = next((v for v, a in (feeds or {}).items() if not np.isfinite(np.square(a)).all()), None)
     if bad is None:

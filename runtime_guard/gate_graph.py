@@ -28,6 +28,8 @@ __all__ = ["Fusion", "GATE_OUTPUTS", "GateGraph", "ViewGraph", "gate_extension",
 
 OPSET = 17
 _F, _D = TensorProto.FLOAT, TensorProto.DOUBLE
+GATE_PREFIX = "edgeward_gate/"  # every name of the gate's part of a user's model
+GATE_OUTPUTS = (GATE_PREFIX + "scores", GATE_PREFIX + "check")
 
 
 @dataclass(frozen=True)
@@ -272,8 +274,8 @@ class GateGraph(_Session):
     fused score.
 
     Inputs: the views the program reads, ``input`` as the raw model input shaped
-    (n, *input_view.dims) (the program's ``input_view`` is applied in the graph), ``logits``/``features`` as (n, width)
-    float32. Outputs: ``scores``, (n, k) float64 raw scores or (n,) fused, and ``check``, the
+    (n, *input_view.dims) (the program's ``input_view`` is applied in the graph),
+    ``logits``/``features`` as (n, width) float32. Outputs: ``scores``, (n, k) float64 raw scores or (n,) fused, and ``check``, the
     sum of the term matrix (and of a checked view): not finite when a view held NaN/Inf.
     """
 
@@ -304,10 +306,6 @@ def _count_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_count_fork)
-
-
-GATE_PREFIX = "edgeward_gate/"
-GATE_OUTPUTS = (GATE_PREFIX + "scores", GATE_PREFIX + "check")
 
 
 def gate_extension(prog: _Program, fusion: Fusion | None, model: onnx.ModelProto, tensors: dict[str, str]) -> bytes:
