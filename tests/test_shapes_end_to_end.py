@@ -159,7 +159,11 @@ def test_realistic_flow_small(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "bench_realistic", Path(__file__).resolve().parent.parent / "benchmarks" / "bench_realistic.py")
     bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.modules[spec.name] = bench  # its dataclasses resolve their annotations through sys.modules
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
     stages = bench.run_flow("mobilenet_3x32x32", Path(ref.model_path), Path(ref.data_path),
                             Path(ref.torchscript_path), tmp_path / "flow", log=None)
     assert [s.name for s in stages] == ["audit_torchscript", "keygen", "package", "verify", "serve",
