@@ -582,10 +582,6 @@ class _Program:
             raise non_finite(feeds)
         return scores
 
-    def extension(self, model: Any, tensors: dict[str, str]) -> bytes:
-        """This program as a part of the user's ``model`` (``gate_graph.gate_extension``)."""
-        return gate_extension(self, self.fusion, model, tensors)
-
 
 def non_finite(feeds: dict[str, np.ndarray] | None = None) -> AnomalyInputError:
     """The refusal of a non-finite check: a NaN/Inf in a view makes the term matrix NaN/Inf
@@ -736,7 +732,7 @@ class AnomalyScorer:
         weights optional), reading each view from the model tensor ``tensors[view]``: the
         guard's one session then runs model and gate together (``gate_graph.gate_extension``;
         outputs ``gate_graph.GATE_OUTPUTS``)."""
-        return self._program.extension(model, tensors)
+        return gate_extension(self._program, self._program.fusion, model, tensors)
 
     @property
     def work(self) -> dict[str, int]:

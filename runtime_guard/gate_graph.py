@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 if TYPE_CHECKING:
     from .anomaly import _Program, _ViewPlan
 
-__all__ = ["Fusion", "GATE_OUTPUTS", "GateGraph", "ViewGraph", "gate_extension", "pool_matrix"]
+__all__ = ["Fusion", "GATE_OUTPUTS", "GateGraph", "ViewGraph", "gate_extension", "pool_matrix", "tensor_dims"]
 
 OPSET = 17
 _F, _D = TensorProto.FLOAT, TensorProto.DOUBLE
@@ -320,13 +320,14 @@ def gate_extension(prog: _Program, fusion: Fusion | None, model: onnx.ModelProto
     (a streamed load streams this after the model)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     b = _Builder(opset, GATE_PREFIX)
-    values = {v.name: v.type.tensor_type for v in (*model.graph.input, *model.graph.output)}
+    values = {v.name: v for v in (*model.graph.input, *model.graph.output)}
     feeds = {}
     for view in prog.views:  # a float16/double tensor is read as float32, as the standalone gate reads it
         t = tensors[view]
-        kind = values.get(t)
-        t = t if kind is None or kind.elem_type == _F else b.op("Cast", [t], to=_F)
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim] if kind is not None else []
+        value = values.get(t)
+        elem = _F if value is None else value.type.tensor_type.elem_type
+        t = t if elem == _F else b.op("Cast", [t], to=_F)
+        shape = (tensor_dims(value) if value is not None else None) or []
         if view == "input":
             feeds[view] = _view_nodes(b, prog.input_view, t, shape[1:] == prog.input_view.dims)
         else:  # (n, C, 1, 1) features read as (n, C), as the standalone gate reshapes them
@@ -338,6 +339,14 @@ def gate_extension(prog: _Program, fusion: Fusion | None, model: onnx.ModelProto
     part.graph.output.extend(_outputs(b, prog, fusion))
     data: bytes = part.SerializeToString()
     return data
+
+
+def tensor_dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """A model tensor's shape as onnxruntime reports it (None: no shape declared)."""
+    t = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
 
 
 def _rows(order: list[int], pieces: list[tuple[int, str]], n_terms: int) -> list[int]:

@@ -20,7 +20,7 @@ import numpy as np
 from .config import GuardConfig
 from .errors import InvalidClientId, ModelRejected, PartsMismatch
 from .extraction_monitor import ExtractionMonitor, MonitorState
-from .gate_graph import GATE_OUTPUTS
+from .gate_graph import GATE_OUTPUTS, tensor_dims
 from .golden import GoldenSet, read_golden
 from .output_policy import OutputPolicy
 from .ratelimit import RateLimiter, RateLimitStatus
@@ -217,7 +217,7 @@ class GuardedModel:
             inputs = [i for i in g.input if i.name not in weights]
             _one_input(len(inputs))
             outputs = {o.name: o for o in g.output}
-            logits, feats, _ = _outputs([(o.name, _dims(o)) for o in g.output])
+            logits, feats, _ = _outputs([(o.name, tensor_dims(o)) for o in g.output])
             if "features" in gate.needs and feats is None:
                 raise PartsMismatch("the anomaly detectors need a 'features' output the model does not have")
             values = {"input": inputs[0], "logits": outputs[logits], "features": outputs.get(feats or "")}
@@ -392,17 +392,9 @@ class GuardedModel:
         return snap
 
 
-def _dims(value: "onnx.ValueInfoProto") -> list[int | str | None] | None:
-    """A model tensor's shape as onnxruntime reports it (None: no shape declared)."""
-    t = value.type.tensor_type
-    if not value.type.HasField("tensor_type") or not t.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-
-
 def _sample_size(value: "onnx.ValueInfoProto | None") -> int | None:
     """Values per sample of a model tensor with a fixed sample shape (None: unknown)."""
-    dims = None if value is None else _dims(value)
+    dims = None if value is None else tensor_dims(value)
     sample = [d for d in (dims or [])[1:] if isinstance(d, int)]
     if dims is None or len(sample) != len(dims) - 1:
         return None
